@@ -1,0 +1,203 @@
+"""`portllm` command line: a thin layer over the library API.
+
+Exit codes: 0 success (check: compatible), 1 check: compatible with warnings,
+2 check: incompatible, 3 any error (printed as one line), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from .errors import PortLLMError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Portable model patches: carry LoRA fine-tunes onto evolved base LLMs without training.")
+out = Console()
+err = Console(stderr=True)
+
+SPEC_HELP = "model directory, hub id, .gguf file, or embedded name (smollm2-135m, gemma3-270m)"
+_LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
+_VERDICT_STYLE = {"compatible": "bold green", "compatible with warnings": "bold yellow", "incompatible": "bold red"}
+
+
+def _json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@app.command("export-base")
+def export_base_cmd(spec: str = typer.Argument(..., help=SPEC_HELP),
+                    out_dir: Path = typer.Argument(..., help="directory to write"),
+                    overwrite: bool = typer.Option(False, help="replace OUT_DIR if it exists")) -> None:
+    """Write any base as a plain safetensors model directory (config + tokenizer)."""
+    from .models import export_base, fingerprint
+
+    path = export_base(spec, out_dir, overwrite=overwrite)
+    out.print(f"[green]exported[/green] {spec} -> {path}  ({fingerprint(path)})")
+
+
+@app.command("fingerprint")
+def fingerprint_cmd(spec: str = typer.Argument(..., help=SPEC_HELP)) -> None:
+    """Print the content fingerprint of a base (identifies which base a patch was made on)."""
+    from .models import fingerprint
+
+    print(fingerprint(spec))
+
+
+@app.command("import-adapter")
+def import_adapter_cmd(adapter_dir: Path = typer.Argument(..., help="PEFT LoRA adapter directory"),
+                       base: str = typer.Option(..., "--base", help=f"the base it was trained on: {SPEC_HELP}"),
+                       out_path: Path = typer.Option(..., "--out", help="patch directory to write"),
+                       task: Optional[str] = typer.Option(None, help="task the adapter was trained for"),
+                       overwrite: bool = typer.Option(False, help="replace --out if it exists")) -> None:
+    """Turn an existing PEFT LoRA adapter into a portllm patch stamped with its base."""
+    from .patch import import_adapter
+
+    p = import_adapter(adapter_dir, base, out_path, task=task, overwrite=overwrite)
+    out.print(f"[green]patch written[/green] {out_path}: {len(p.modules)} modules, {p.n_params:,} parameters, "
+              f"base {p.source['fingerprint']}")
+
+
+@app.command("inspect")
+def inspect_cmd(patch_dir: Path = typer.Argument(..., help="patch (or plain PEFT adapter) directory"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Show a patch's modules, ranks, size, per-layer update norms, provenance and lineage."""
+    from .patch import Patch, describe
+
+    d = describe(Patch.load(patch_dir, require_manifest=False))
+    if as_json:
+        _json(d)
+        return
+    man = d["manifest"] or {}
+    base = man.get("base", {})
+    lines = [
+        f"[bold]{patch_dir}[/bold]",
+        f"task: {man.get('task') or '-'}    created: {man.get('created', '-')}    tool: {man.get('tool_version', '-')}",
+        f"modules: {d['n_modules']} ({', '.join(d['target_types'])})    rank: {', '.join(map(str, d['ranks']))}    "
+        f"parameters: {d['n_params']:,}    ||ΔW|| total: {d['total_delta_norm']:.4f}",
+        f"base: {base.get('name', '- (plain adapter, no manifest)')}  {base.get('fingerprint', '')}  "
+        f"{base.get('architecture') or ''} L={base.get('num_layers')} d={base.get('hidden_size')} V={base.get('vocab_size')}",
+    ]
+    if d["replaced"]:
+        lines.append("replaced tensors: " + ", ".join(f"{k} {v}" for k, v in d["replaced"].items()))
+    out.print(Panel("\n".join(lines), title="patch"))
+    out.print(_norm_table(d["modules"]))
+    if man.get("lineage"):
+        t = Table(title="lineage")
+        for c in ("#", "event", "time", "base", "fingerprint", "details"):
+            t.add_column(c)
+        for i, e in enumerate(man["lineage"]):
+            details = ", ".join(f"{k}={v}" for k, v in e.items() if k in ("mode", "scale", "forced") and v not in (None, False))
+            t.add_row(str(i), e.get("event", "?"), e.get("time", ""), str(e.get("base", {}).get("name")),
+                      str(e.get("base", {}).get("fingerprint")), details)
+        out.print(t)
+
+
+def _norm_table(mods: list[dict[str, Any]]) -> Table:
+    """Layers as rows, module types as columns, ||ΔW||_F in the cells."""
+    grid: dict[str, dict[str, float]] = {}
+    types: list[str] = []
+    for m in mods:
+        match = re.search(r"layers\.(\d+)\.", m["module"])
+        row = match.group(1) if match else m["module"].rsplit(".", 1)[0]
+        kind = m["module"].rsplit(".", 1)[-1]
+        if kind not in types:
+            types.append(kind)
+        grid.setdefault(row, {})[kind] = m["delta_norm"]
+    t = Table(title="per-layer update norm ||ΔW||_F = ||(α/r)·B·A||")
+    t.add_column("layer", justify="right")
+    for k in types:
+        t.add_column(k, justify="right")
+    for row, cells in grid.items():
+        t.add_row(row, *[f"{cells[k]:.4f}" if k in cells else "-" for k in types])
+    return t
+
+
+@app.command("check")
+def check_cmd(patch_dir: Path = typer.Argument(..., help="patch directory"),
+              base: str = typer.Option(..., "--base", help=f"target base: {SPEC_HELP}"),
+              old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on, to measure drift"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Will the patch fit BASE? Exit 0 compatible, 1 with warnings, 2 incompatible."""
+    from .check import check
+
+    rep = check(patch_dir, base, old)
+    if as_json:
+        _json(rep.to_dict())
+        raise typer.Exit(rep.exit_code)
+    t = Table(title=f"check {patch_dir} -> {base}")
+    t.add_column("", width=5)
+    t.add_column("topic")
+    t.add_column("finding")
+    for f in rep.findings:
+        t.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", f.topic, f.detail)
+    out.print(t)
+    if rep.drift:
+        from .check import drift_summary
+
+        d = Table(title=f"drift under the patch (--from {old}), mean per layer type")
+        for c in ("type", "n", "rel drift ||W'-W||/||W||", "cos(drift, ΔW)", "drift in patch subspace", "||ΔW||/||drift||"):
+            d.add_column(c, justify="right")
+        for k, v in drift_summary(rep.drift).items():
+            d.add_row(k, str(v["n"]), f"{v['rel_drift']:.4%}", f"{v['cos']:+.4f}", f"{v['overlap']:.4f}", f"{v['patch_to_drift']:.3f}")
+        out.print(d)
+    out.print(f"verdict: [{_VERDICT_STYLE[rep.verdict]}]{rep.verdict}[/]  ({rep.source_fingerprint} -> {rep.target_fingerprint})")
+    raise typer.Exit(rep.exit_code)
+
+
+@app.command("port")
+def port_cmd(patch_dir: Path = typer.Argument(..., help="patch directory"),
+             base: str = typer.Option(..., "--base", help=f"the evolved base: {SPEC_HELP}"),
+             out_path: Path = typer.Option(..., "--out", help="directory to write"),
+             scale: float = typer.Option(1.0, "--scale", help="multiply the update by this λ"),
+             as_adapter: bool = typer.Option(False, "--as-adapter", help="write a re-stamped patch instead of a merged model"),
+             force: bool = typer.Option(False, "--force", help="port an incompatible patch when shapes still fit"),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+             as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
+    """Carry a patch onto an evolved base with no training: write BASE + λ·ΔW (or a re-stamped adapter)."""
+    from .port import port
+
+    res = port(patch_dir, base, out_path, scale=scale, as_adapter=as_adapter, force=force, overwrite=overwrite,
+               progress=not as_json and err.is_terminal)
+    if as_json:
+        _json(res.to_dict())
+        return
+    for f in res.report.findings:
+        if f.level in ("warn", "error"):
+            err.print(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/] {f.topic}: {f.detail}")
+    what = "adapter for" if res.mode == "adapter" else "model"
+    out.print(f"[green]ported[/green] {what} {base} -> {res.out}  ({res.applied} matrices updated"
+              + (f", {res.replaced} replaced" if res.replaced else "") + f", λ={scale:g}, "
+              f"{res.usage.wall_s:.1f} s, peak RSS {res.usage.peak_rss_mb:.0f} MB)")
+
+
+def main() -> None:
+    """Entry point: one-line errors, meaningful exit codes, no tracebacks for user mistakes."""
+    try:
+        rc = app(standalone_mode=False)
+    except PortLLMError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(3)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

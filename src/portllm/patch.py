@@ -1,0 +1,293 @@
+"""The portable patch: a PEFT LoRA adapter directory plus a provenance manifest.
+
+A patch directory is loadable by PEFT as it stands (`adapter_config.json` +
+`adapter_model.safetensors`); `portllm.json` adds what PEFT does not record: which base the
+factors were learned on (by content fingerprint), the tokenizer it saw, file checksums, and
+a lineage of every port, so a patch can be checked before it is applied to another base.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atomic import atomic_dir
+from .errors import PortLLMError
+from .stream import read_header
+
+MANIFEST = "portllm.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear layer: ΔW = scaling · B · A (transposed for fan-in-fan-out layers)."""
+
+    name: str
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        out, inp = self.B.shape[0], self.A.shape[1]
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+    def delta(self, scale: float = 1.0) -> torch.Tensor:
+        d = (self.B.float() @ self.A.float()) * (self.scaling * scale)
+        return d.T if self.fan_in_fan_out else d
+
+    def delta_norm(self) -> float:
+        """||ΔW||_F from r×r Gram matrices, never forming ΔW."""
+        a, b = self.A.double(), self.B.double()
+        return abs(self.scaling) * math.sqrt(max(0.0, float(torch.trace((b.T @ b) @ (a @ a.T)))))
+
+
+@dataclass
+class Patch:
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any] | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    # ------------------------------------------------------------ reading
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, require_manifest: bool = True) -> "Patch":
+        """Open a patch directory; with `verify`, refuse files whose sha256 differs from the manifest."""
+        path = Path(path)
+        if not path.is_dir():
+            raise PortLLMError(f"patch {path} does not exist or is not a directory")
+        manifest = None
+        if (path / MANIFEST).is_file():
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+            except ValueError as e:
+                raise PortLLMError(f"{path / MANIFEST}: not valid JSON ({e})") from None
+            if manifest.get("format") != "portllm-patch":
+                raise PortLLMError(f"{path / MANIFEST}: not a portllm patch manifest")
+            if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+                raise PortLLMError(f"{path}: patch format {manifest['format_version']} is newer than this portllm; upgrade portllm")
+        elif require_manifest:
+            raise PortLLMError(
+                f"{path} has no {MANIFEST}: it is a plain adapter; run `portllm import-adapter {path} --base BASE --out PATCH` first"
+            )
+        if verify and manifest:
+            for name, digest in manifest.get("files", {}).items():
+                f = path / name
+                if not f.is_file():
+                    raise PortLLMError(f"patch {path}: {name} listed in {MANIFEST} is missing")
+                if sha256_file(f) != digest:
+                    raise PortLLMError(f"patch {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or edited); re-create the patch")
+        config, tensors = read_adapter(path)
+        return cls(config, tensors, manifest, path)
+
+    @cached_property
+    def modules(self) -> dict[str, LoraModule]:
+        """Adapted layers by module name relative to the causal LM (e.g. model.layers.0.mlp.up_proj)."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.tensors.items():
+            m = _LORA_KEY.match(key)
+            if m:
+                parts.setdefault(m["module"], {})[m["ab"]] = t
+        out = {}
+        fifo = bool(self.config.get("fan_in_fan_out", False))
+        for name in sorted(parts, key=_natural):
+            ab = parts[name]
+            if set(ab) != {"A", "B"}:
+                raise PortLLMError(f"patch: module {name} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
+            A, B = ab["A"], ab["B"]
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise PortLLMError(f"patch: module {name} has mismatched LoRA factor shapes A{tuple(A.shape)} B{tuple(B.shape)}")
+            out[name] = LoraModule(name, A, B, self._scaling(name, A.shape[0]), fifo)
+        return out
+
+    @cached_property
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Whole replacement tensors (PEFT modules_to_save), keyed by base weight name."""
+        return {k: v for k, v in self.tensors.items() if not _LORA_KEY.match(k)}
+
+    def _scaling(self, name: str, r: int) -> float:
+        alpha = float(self.config.get("lora_alpha", r))
+        for pattern, a in (self.config.get("alpha_pattern") or {}).items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", name):
+                alpha = float(a)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return (self.manifest or {}).get("base", {})
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the patch atomically, with checksums of every file in the manifest."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+            save_file({k: v.contiguous() for k, v in peft_state_dict(self.tensors).items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            manifest = dict(self.manifest or {})
+            manifest["files"] = {n: sha256_file(tmp / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        self.manifest, self.path = manifest, Path(out)
+        return Path(out)
+
+    def restamped(self, base: dict[str, Any], event: dict[str, Any], scale: float = 1.0) -> "Patch":
+        """The same factors declared for another base, with a lineage entry (and B scaled by `scale`)."""
+        tensors = dict(self.tensors)
+        if scale != 1.0:
+            tensors = {k: (v * scale if ".lora_B" in k else v) for k, v in tensors.items()}
+        manifest = json.loads(json.dumps(self.manifest or {}))
+        manifest["base"] = base
+        manifest.setdefault("lineage", []).append(event)
+        manifest["tool_version"] = __version__
+        config = dict(self.config, base_model_name_or_path=base.get("name"))
+        return Patch(config, tensors, manifest)
+
+
+def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter directory (safetensors only) into config + tensors without PEFT's prefix."""
+    cfg_file, wfile = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg_file.is_file():
+        raise PortLLMError(f"{path} has no {ADAPTER_CONFIG}: not a PEFT adapter or portllm patch")
+    if not wfile.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise PortLLMError(
+                f"{path} holds adapter_model.bin (pickle); portllm never unpickles files: re-save the adapter with safetensors"
+            )
+        raise PortLLMError(f"{path} has no {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise PortLLMError(f"{cfg_file}: not valid JSON ({e})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise PortLLMError(f"{path}: PEFT type {config.get('peft_type')} is not LoRA; only LoRA patches are supported")
+    if config.get("use_dora"):
+        raise PortLLMError(f"{path}: DoRA adapters are not supported (their magnitude vector depends on the base weights)")
+    read_header(wfile)  # one-line error on a corrupt file
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(wfile))
+    except Exception as e:
+        raise PortLLMError(f"{wfile}: cannot read ({str(e)[:120]})") from None
+    tensors = {}
+    for key, t in raw.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if ".lora_embedding_" in k or ".lora_magnitude" in k or k.endswith(".lora_B.bias"):
+            raise PortLLMError(f"{wfile}: {key} is not supported (only LoRA on linear layers, plus modules_to_save)")
+        tensors[k] = t
+    if not any(_LORA_KEY.match(k) for k in tensors):
+        raise PortLLMError(f"{wfile}: no LoRA factors found")
+    return config, tensors
+
+
+def peft_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {PEFT_PREFIX + k: v for k, v in tensors.items()}
+
+
+def new_manifest(base: dict[str, Any], config: dict[str, Any], tensors: dict[str, torch.Tensor], event: str,
+                 task: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh manifest for factors made on `base`."""
+    mods = sorted({m["module"].rsplit(".", 1)[-1] for k in tensors if (m := _LORA_KEY.match(k))})
+    ranks = sorted({t.shape[0] for k, t in tensors.items() if ".lora_A" in k})
+    return {
+        "format": "portllm-patch",
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "created": now(),
+        "task": task,
+        "base": base,
+        "lora": {
+            "target_modules": mods,
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": config.get("lora_alpha"),
+            "use_rslora": bool(config.get("use_rslora")),
+            "n_params": sum(t.numel() for t in tensors.values()),
+        },
+        "lineage": [{"event": event, "time": now(), "base": {"name": base.get("name"), "fingerprint": base.get("fingerprint")}}],
+        "extra": extra or {},
+    }
+
+
+def import_adapter(adapter_dir: str | Path, base: str | Path, out: str | Path, task: str | None = None,
+                   overwrite: bool = False) -> Patch:
+    """Turn any PEFT LoRA adapter into a patch stamped with the base it was trained on."""
+    from .check import structural_problems
+    from .models import base_info, resolve_base, weight_index
+
+    adapter_dir = Path(adapter_dir)
+    config, tensors = read_adapter(adapter_dir)
+    patch = Patch(config, tensors)
+    problems = structural_problems(patch, weight_index(resolve_base(base)))
+    if problems:
+        raise PortLLMError(f"adapter {adapter_dir} does not fit base {base}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    info = base_info(base)
+    patch.manifest = new_manifest(info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())})
+    patch.config = dict(config, base_model_name_or_path=str(base))
+    patch.save(out, overwrite=overwrite)
+    return patch
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def describe(patch: Patch) -> dict[str, Any]:
+    """Everything `inspect` shows: modules, ranks, sizes, update norms, provenance, lineage."""
+    mods = [
+        {"module": m.name, "rank": m.rank, "scaling": m.scaling, "shape": list(m.weight_shape),
+         "params": m.A.numel() + m.B.numel(), "delta_norm": m.delta_norm()}
+        for m in patch.modules.values()
+    ]
+    return {
+        "path": str(patch.path) if patch.path else None,
+        "n_params": patch.n_params,
+        "n_modules": len(mods),
+        "ranks": sorted({m["rank"] for m in mods}),
+        "target_types": sorted({m["module"].rsplit(".", 1)[-1] for m in mods}),
+        "replaced": {k: list(v.shape) for k, v in patch.full_weights.items()},
+        "total_delta_norm": math.sqrt(sum(m["delta_norm"] ** 2 for m in mods)),
+        "modules": mods,
+        "manifest": patch.manifest,
+    }

@@ -1,0 +1,71 @@
+"""Wall time and peak memory of a block of work, the same way for train, port and reproduce.
+
+On CPU the peak is the process's resident-set high-water mark, reset at the start of the
+block through /proc/self/clear_refs (Linux) so successive steps are measured separately; on
+GPU it is torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass
+class Usage:
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    rss_reset: bool = False  # False: the peak covers the whole process so far, not just this block
+
+    def to_dict(self) -> dict[str, float | None | bool]:
+        return {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1), "rss_reset": self.rss_reset}
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+@contextmanager
+def measure() -> Iterator[Usage]:
+    """`with measure() as u: ...` fills u.wall_s and u.peak_rss_mb (and u.peak_gpu_mb on CUDA)."""
+    import torch
+
+    u = Usage(rss_reset=reset_peak_rss())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield u
+    finally:
+        u.wall_s = time.perf_counter() - t0
+        u.peak_rss_mb = peak_rss_mb()
+        if cuda:
+            u.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20

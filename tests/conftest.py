@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Unit tests never touch the user's cache; integration tests share one per session."""
+    if "PORTLLM_TEST_CACHE" not in os.environ:
+        os.environ["PORTLLM_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    monkeypatch.setenv("PORTLLM_CACHE", os.environ["PORTLLM_TEST_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """θ, θ' (perturbed θ) and a LoRA adapter + imported patch made on θ."""
+    root = tmp_path_factory.mktemp("world")
+    os.environ.setdefault("PORTLLM_TEST_CACHE", str(root / "cache"))
+    os.environ["PORTLLM_CACHE"] = os.environ["PORTLLM_TEST_CACHE"]
+    from portllm import import_adapter
+
+    old = tiny.make_base(root / "theta")
+    new = tiny.evolve(old, root / "theta2")
+    adapter = tiny.make_adapter(old, root / "adapter")
+    patch = root / "patch"
+    import_adapter(adapter, old, patch, task="toy")
+    return {"root": root, "old": old, "new": new, "adapter": adapter, "patch": patch}

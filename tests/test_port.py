@@ -1,0 +1,182 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from portllm import Patch, PortLLMError, check, fingerprint, port
+from portllm.models import weight_index
+
+
+def _weights(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _peft_merged(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    return model.merge_and_unload()
+
+
+def test_port_equals_peft_merge_and_unload(world, tmp_path):
+    res = port(world["patch"], world["new"], tmp_path / "ported")
+    assert res.applied == 14 and res.mode == "merged"
+    ours = _weights(tmp_path / "ported")
+    ref = _peft_merged(world["new"], world["adapter"]).state_dict()
+    assert set(ours) == set(ref)
+    worst = max(float((ours[k] - ref[k]).abs().max()) for k in ours)
+    assert worst <= 1e-6
+    # the update really changed the targeted matrices, and only those
+    base = _weights(world["new"])
+    changed = {k for k in ours if not torch.equal(ours[k], base[k])}
+    assert changed == {f"{m}.weight" for m in Patch.load(world["patch"]).modules}
+
+
+def test_ported_model_loads_and_matches_runtime_attach(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    port(world["patch"], world["new"], tmp_path / "merged")
+    port(world["patch"], world["new"], tmp_path / "adapter", as_adapter=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["new"]), tmp_path / "adapter").eval()
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = merged(ids).logits, attached(ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(world["new"]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, a, atol=1e-3)  # the patch does something
+
+
+def test_as_adapter_restamps_manifest_and_lineage(world, tmp_path):
+    port(world["patch"], world["new"], tmp_path / "re", as_adapter=True, scale=0.5)
+    p = Patch.load(tmp_path / "re")
+    src = Patch.load(world["patch"])
+    assert p.source["fingerprint"] == fingerprint(world["new"]) != src.source["fingerprint"]
+    assert [e["event"] for e in p.manifest["lineage"]] == ["imported", "ported"]
+    assert p.manifest["lineage"][-1]["from"]["fingerprint"] == src.source["fingerprint"]
+    m, m0 = next(iter(p.modules.values())), next(iter(src.modules.values()))
+    assert torch.allclose(m.delta(), 0.5 * m0.delta(), atol=1e-7)
+    # a re-stamped patch now checks clean against its new base
+    assert check(p, world["new"]).verdict == "compatible"
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0])
+def test_scale(world, tmp_path, scale):
+    port(world["patch"], world["new"], tmp_path / "s", scale=scale)
+    ours, base = _weights(tmp_path / "s"), _weights(world["new"])
+    p = Patch.load(world["patch"])
+    for m in p.modules.values():
+        assert torch.allclose(ours[m.weight_name], base[m.weight_name] + scale * m.delta(), atol=1e-6)
+
+
+def test_sharded_bf16_base(world, tmp_path):
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    port(world["patch"], base, tmp_path / "out", force=False)
+    out = tmp_path / "out"
+    assert sorted(f.name for f in out.glob("*.safetensors")) == sorted(f.name for f in base.glob("*.safetensors"))
+    ours, ref_base = _weights(out), _weights(base)
+    p = Patch.load(world["patch"])
+    for m in p.modules.values():
+        assert ours[m.weight_name].dtype == torch.bfloat16
+        want = (ref_base[m.weight_name].float() + m.delta()).to(torch.bfloat16)
+        assert torch.equal(ours[m.weight_name], want)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # transformers loads the sharded result
+    prov = json.loads((out / "portllm_provenance.json").read_text())
+    assert prov["result_fingerprint"] == fingerprint(out)
+    assert prov["port"]["base"]["fingerprint"] == fingerprint(base)
+
+
+def test_fingerprint_content_derived(world, tmp_path):
+    a = fingerprint(world["old"])
+    assert a == fingerprint(world["old"]) and a.startswith("fp1:")
+    assert a != fingerprint(world["new"])
+    # same weights, other sharding -> same fingerprint
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(world["old"]).save_pretrained(tmp_path / "resharded", max_shard_size="30KB")
+    shutil.copy(world["old"] / "config.json", tmp_path / "resharded" / "config.json")
+    assert len(list((tmp_path / "resharded").glob("*.safetensors"))) > 1
+    assert fingerprint(tmp_path / "resharded") == a
+
+
+def test_output_exists_refused_unless_overwrite(world, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    with pytest.raises(PortLLMError, match="already exists"):
+        port(world["patch"], world["new"], tmp_path / "o")
+    assert (tmp_path / "o" / "keep.txt").is_file()
+    port(world["patch"], world["new"], tmp_path / "o", overwrite=True)
+    assert not (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "config.json").is_file()
+
+
+def test_disk_full_leaves_nothing(world, tmp_path, monkeypatch):
+    import errno
+
+    from portllm import stream
+
+    calls = {"n": 0}
+    real = stream.ShardWriter.write
+
+    def failing(self, name, t):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, t)
+
+    monkeypatch.setattr(stream.ShardWriter, "write", failing)
+    with pytest.raises(PortLLMError, match="disk full"):
+        port(world["patch"], world["new"], tmp_path / "full")
+    assert list(tmp_path.iterdir()) == []  # no output, no temp directory
+
+
+def test_interrupted_write_leaves_nothing(world, tmp_path, monkeypatch):
+    from portllm import stream
+
+    def interrupt(self, name, t):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream.ShardWriter, "write", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        port(world["patch"], world["new"], tmp_path / "int")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incompatible_refused_and_force_only_when_shapes_fit(world, tmp_path):
+    other = tiny.make_base(tmp_path / "wide", hidden=48)
+    with pytest.raises(PortLLMError, match="refusing to port.*(absent|expects)"):
+        port(world["patch"], other, tmp_path / "x")
+    with pytest.raises(PortLLMError, match="even with --force"):
+        port(world["patch"], other, tmp_path / "x", force=True)
+    assert not (tmp_path / "x").exists()
+    # vocabulary grew but shapes of the patched matrices still fit: a warning, and the port goes ahead
+    bigger = tiny.make_base(tmp_path / "bigvocab", vocab_size=128)
+    res = port(world["patch"], bigger, tmp_path / "y")
+    assert res.report.verdict == "compatible with warnings"
+    assert weight_index(tmp_path / "y")
+
+
+def test_streaming_port_reads_by_tensor(world, tmp_path, monkeypatch):
+    """The merged port never asks safetensors to load a whole file."""
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise AssertionError("whole-file load during port")
+
+    patch = Patch.load(world["patch"])  # the (small) patch itself is loaded before the guard
+    monkeypatch.setattr(st, "load_file", boom)
+    monkeypatch.setattr(st, "safe_open", boom, raising=False)
+    port(patch, world["new"], tmp_path / "z")
+    assert os.path.isdir(tmp_path / "z")

@@ -1,0 +1,75 @@
+"""Tiny random Llama-style bases, tokenizers and LoRA adapters built in code for unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def make_tokenizer(vocab_size: int, rename: int = 0, template: str | None = "{{ messages }}"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    for i in range(rename):  # change some token strings (a "new tokenizer")
+        words[len(SPECIALS) + i] = f"x{i}"
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if template:
+        tok.chat_template = template
+    return tok
+
+
+def tiny_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3, **kw)
+
+
+def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer_rename: int = 0,
+              template: str | None = "{{ messages }}", max_shard_size: str | None = None, **cfg) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(**cfg)
+    model = LlamaForCausalLM(config).to(dtype)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kw)
+    make_tokenizer(config.vocab_size, tokenizer_rename, template).save_pretrained(out)
+    return Path(out)
+
+
+def evolve(src: Path, out: Path, eps: float = 0.02, seed: int = 1) -> Path:
+    """θ' = θ + a relative perturbation of every matrix: a stand-in for continued pretraining."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * eps * p.float().std().to(p.dtype))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return Path(out)
+
+
+def make_adapter(base: Path, out: Path, r: int = 4, alpha: int = 8, seed: int = 0, target="all-linear", **kw) -> Path:
+    """A PEFT LoRA adapter with non-zero B (init_lora_weights=False), so the update is not a no-op."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, init_lora_weights=False, **kw))
+    with torch.no_grad():  # PEFT's random B is small; make the update clearly visible
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(10)
+    peft_model.save_pretrained(out)
+    return Path(out)
