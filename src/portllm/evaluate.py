@@ -1,0 +1,370 @@
+"""Scoring causal LMs on the task suite, and comparing two models' answers.
+
+Log-likelihood multiple choice is batched and length-sorted, left-padded with explicit
+position ids, and asks the model only for the logits it needs (`logits_to_keep`). Generation
+is batched greedy decoding with a KV cache and stop strings. A model is a base spec, a base
+with a patch attached at runtime (PEFT), or a ported model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .atomic import write_text_atomic
+from .errors import PortLLMError
+from .tasks import Example, Task, load_examples
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class LM:
+    """A model ready to score: what it is (spec, patch) and the objects that run it."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    patch: str | None = None
+    patch_fingerprint: str | None = None
+    dtype: str = "float32"
+    max_length: int = 2048
+
+
+def open_lm(spec: str | Path, patch: str | Path | None = None, dtype: str = "float32", threads: int | None = None) -> LM:
+    """Load a base (or ported model) and optionally attach a patch at runtime with PEFT."""
+    from .models import load_base
+
+    if threads:
+        torch.set_num_threads(threads)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PortLLMError(f"dtype {dtype!r} not supported; use float32 or bfloat16")
+    model, tok = load_base(spec, dtype=dtype)
+    if tok is None:
+        raise PortLLMError(f"{spec} has no tokenizer; evaluation needs one")
+    fp = None
+    if patch is not None:
+        from peft import PeftModel
+
+        from .patch import Patch
+
+        p = Patch.load(patch, require_manifest=False)
+        fp = (p.manifest or {}).get("files", {}).get("adapter_model.safetensors")
+        model = PeftModel.from_pretrained(model, str(patch)).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = getattr(model, "config", None)
+    max_len = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+    return LM(model, tok, str(spec), str(patch) if patch else None, fp, dtype, min(max_len, 4096))
+
+
+# ---------------------------------------------------------------- log-likelihood
+
+
+def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of context and continuation as lm-evaluation-harness splits them: trailing spaces of
+    the context move to the continuation, and the continuation is whatever the whole adds."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        continuation = context[-n:] + continuation
+        context = context[:-n]
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    ctx = tok.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
+                   progress: Progress | None = None) -> tuple[list[float], int]:
+    """Sum of log p(continuation | context) for each pair, and the number of tokens processed."""
+    reqs = []
+    for i, (c, x) in enumerate(pairs):
+        ctx, cont = encode_pair(lm.tokenizer, c, x)
+        if not cont:
+            raise PortLLMError(f"empty continuation for request {i}: {x!r}")
+        if not ctx:
+            ctx = [lm.tokenizer.eos_token_id]
+        seq = (ctx + cont)[-(lm.max_length + 1):]
+        reqs.append((i, seq[:-1], cont))
+    reqs.sort(key=lambda r: -len(r[1]))
+    out = [0.0] * len(pairs)
+    tokens = 0
+    device = next(lm.model.parameters()).device
+    pad = lm.tokenizer.pad_token_id
+    for b in range(0, len(reqs), batch_size):
+        batch = reqs[b : b + batch_size]
+        width = max(len(r[1]) for r in batch)
+        keep = max(len(r[2]) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, (_, inp, _) in enumerate(batch):
+            ids[j, width - len(inp):] = torch.tensor(inp)
+            mask[j, width - len(inp):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                          logits_to_keep=keep, use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for j, (i, inp, cont) in enumerate(batch):
+            rows = logp[j, keep - len(cont):]
+            out[i] = float(rows.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
+            tokens += len(inp)
+        if progress:
+            progress(len(batch))
+    return out, tokens
+
+
+# ---------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(lm: LM, prompts: list[str], stop: Iterable[str] = (), max_new_tokens: int = 256, batch_size: int = 8,
+             progress: Progress | None = None) -> tuple[list[str], int]:
+    """Greedy continuations of each prompt, cut at the first stop string."""
+    tok = lm.tokenizer
+    stop = [s for s in stop if s]
+    enc = [tok.encode(p, add_special_tokens=False)[-(lm.max_length - max_new_tokens):] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
+    out = [""] * len(prompts)
+    tokens = 0
+    device = next(lm.model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(idx):
+            ids[j, width - len(enc[i]):] = torch.tensor(enc[i])
+            mask[j, width - len(enc[i]):] = 1
+        gen = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, stop_strings=stop or None, tokenizer=tok, pad_token_id=tok.pad_token_id)
+        new = gen[:, width:]
+        for j, i in enumerate(idx):
+            row = new[j].tolist()
+            n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            out[i] = cut_at_stop(text, stop)
+            tokens += len(enc[i]) + n
+        if progress:
+            progress(len(idx))
+    return out, tokens
+
+
+def cut_at_stop(text: str, stop: Iterable[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+# ---------------------------------------------------------------- answers and metrics
+
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEX = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def normalize_number(s: str) -> str:
+    s = s.strip().replace(",", "").replace("$", "")
+    s = s.rstrip(".")
+    if re.fullmatch(r"-?\d+\.0+", s):
+        s = s.split(".")[0]
+    return s
+
+
+def extract_strict(text: str) -> str | None:
+    """GSM8K strict match: the number after '#### '."""
+    m = _STRICT.search(text)
+    return normalize_number(m.group(1)) if m else None
+
+
+def extract_flexible(text: str) -> str | None:
+    """GSM8K flexible extract: the last number-like span in the text."""
+    found = [a or b for a, b in _FLEX.findall(text)]
+    found = [f for f in found if re.search(r"\d", f)]
+    return normalize_number(found[-1]) if found else None
+
+
+def bootstrap_stderr(values: list[float], iters: int = 1000, seed: int = 0) -> float:
+    if len(values) < 2:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(v), (iters, len(v)), generator=g)
+    return float(v[idx].mean(dim=1).std())
+
+
+def _choice_len(cont: str) -> int:
+    return max(1, len(cont[1:] if cont.startswith(" ") else cont))
+
+
+@dataclass
+class TaskRun:
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    n: int
+    records: list[dict[str, Any]]
+    time_s: float
+    tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, lm: LM) -> dict[str, Any]:
+        return {"task": self.task, "metric": self.metric, "value": self.value, "stderr": self.stderr, "n": self.n,
+                "model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint, "dtype": lm.dtype,
+                "time_s": round(self.time_s, 2), "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens / self.time_s, 1) if self.time_s else None, **self.extra}
+
+
+def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, progress: Progress | None = None) -> TaskRun:
+    """Score one task; records follow the eval split's file order."""
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    extra: dict[str, float] = {}
+    if task.kind == "mc":
+        pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
+        lls, tokens = loglikelihoods(lm, pairs, batch_size, progress)
+        k = 0
+        correct_norm = []
+        for e in examples:
+            s = lls[k : k + len(e.continuations)]
+            k += len(e.continuations)
+            acc_pred = max(range(len(s)), key=lambda i: s[i])
+            normed = [v / _choice_len(c) for v, c in zip(s, e.continuations)]
+            norm_pred = max(range(len(s)), key=lambda i: normed[i])
+            pred = norm_pred if task.metric == "acc_norm" else acc_pred
+            correct_norm.append(float(norm_pred == e.gold))
+            records.append({"idx": e.idx, "pred": pred, "gold": e.gold, "correct": pred == e.gold, "scores": s,
+                            "acc_pred": acc_pred, "acc_norm_pred": norm_pred})
+        extra["acc"] = sum(r["acc_pred"] == r["gold"] for r in records) / max(1, len(records))
+        extra["acc_norm"] = sum(correct_norm) / max(1, len(correct_norm))
+    else:
+        texts, tokens = generate(lm, [e.prompt for e in examples], task.stop, task.max_new_tokens,
+                                 max(1, batch_size // 2), progress)
+        strict_ok = []
+        for e, text in zip(examples, texts):
+            flex, strict = extract_flexible(text), extract_strict(text)
+            strict_ok.append(float(strict == e.gold))
+            records.append({"idx": e.idx, "pred": flex, "gold": e.gold, "correct": flex == e.gold, "strict": strict,
+                            "output": text})
+        extra["exact_match_strict"] = sum(strict_ok) / max(1, len(strict_ok))
+        extra["exact_match_flexible"] = sum(r["correct"] for r in records) / max(1, len(records))
+    correct = [float(r["correct"]) for r in records]
+    value = sum(correct) / max(1, len(correct))
+    return TaskRun(task.name, task.metric, value, bootstrap_stderr(correct), len(records), records,
+                   time.perf_counter() - t0, tokens, extra)
+
+
+def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Path | None = None,
+             out: str | Path | None = None, batch_size: int = 16, show_progress: bool = False) -> dict[str, Any]:
+    """Run tasks, write OUT/samples_<task>.jsonl and OUT/results.json, return the results dict."""
+    loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
+    results: dict[str, Any] = {"model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint,
+                               "dtype": lm.dtype, "limit": limit, "batch_size": batch_size, "tasks": {}}
+    total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
+    with _Bar(show_progress, total) as bar:
+        for t in tasks:
+            bar.describe(t.name)
+            run = run_task(lm, t, loaded[t.name], batch_size, bar.advance)
+            results["tasks"][t.name] = run.summary(lm)
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_text_atomic(Path(out) / f"samples_{t.name}.jsonl", "".join(json.dumps(r) + "\n" for r in run.records))
+    if out is not None:
+        write_text_atomic(Path(out) / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+class _Bar:
+    """A rich progress bar counting scored requests, or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self._p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               TimeRemainingColumn(), transient=True)
+            self._id = self._p.add_task("eval", total=total)
+
+    def __enter__(self) -> "_Bar":
+        if self._p:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p:
+            self._p.stop()
+
+    def describe(self, text: str) -> None:
+        if self._p:
+            self._p.update(self._id, description=text)
+
+    def advance(self, n: int) -> None:
+        if self._p:
+            self._p.advance(self._id, n)
+
+
+# ---------------------------------------------------------------- comparing two runs
+
+
+def read_run(d: str | Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    d = Path(d)
+    f = d / "results.json"
+    if not f.is_file():
+        raise PortLLMError(f"{d} is not an eval run (no results.json); make one with `portllm eval --out {d}`")
+    try:
+        res = json.loads(f.read_text())
+    except ValueError as e:
+        raise PortLLMError(f"{f}: not valid JSON ({e})") from None
+    samples = {}
+    for t in res.get("tasks", {}):
+        sf = d / f"samples_{t}.jsonl"
+        if not sf.is_file():
+            raise PortLLMError(f"{d}: samples_{t}.jsonl is missing")
+        rows = []
+        for n, line in enumerate(sf.read_text().splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise PortLLMError(f"{sf}:{n}: malformed JSON line") from None
+        samples[t] = rows
+    return res, samples
+
+
+def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Negative flips: right in A, wrong in B (what an update broke); positive: the reverse."""
+    ra, rb = {r["idx"]: r for r in a}, {r["idx"]: r for r in b}
+    common = sorted(set(ra) & set(rb))
+    n = len(common)
+    if not n:
+        return {"n": 0}
+    neg = [i for i in common if ra[i]["correct"] and not rb[i]["correct"]]
+    pos = [i for i in common if not ra[i]["correct"] and rb[i]["correct"]]
+    agree = sum(1 for i in common if ra[i]["pred"] == rb[i]["pred"])
+    return {
+        "n": n,
+        "acc_a": sum(ra[i]["correct"] for i in common) / n,
+        "acc_b": sum(rb[i]["correct"] for i in common) / n,
+        "agreement": agree / n,
+        "negative_flips": len(neg),
+        "positive_flips": len(pos),
+        "negative_flip_rate": len(neg) / n,
+        "positive_flip_rate": len(pos) / n,
+        "negative_flip_idx": neg[:50],
+    }
+
+
+def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
+    ra, sa = read_run(run_a)
+    rb, sb = read_run(run_b)
+    shared = [t for t in sa if t in sb]
+    if not shared:
+        raise PortLLMError(f"{run_a} and {run_b} share no task")
+    return {"a": {"dir": str(run_a), "model": ra.get("model"), "patch": ra.get("patch")},
+            "b": {"dir": str(run_b), "model": rb.get("model"), "patch": rb.get("patch")},
+            "tasks": {t: flips(sa[t], sb[t]) for t in shared}}

@@ -1,0 +1,87 @@
+"""The CLI as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tiny
+
+
+def run(*args, env=None):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "portllm.cli", *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
+
+
+def one_line_error(r, code=3):
+    assert r.returncode == code, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_inspect_check_port_flow(world, tmp_path):
+    r = run("inspect", world["patch"])
+    assert r.returncode == 0 and "q_proj" in r.stdout and "lineage" in r.stdout
+    r = run("inspect", world["patch"], "--json")
+    d = json.loads(r.stdout)
+    assert d["n_modules"] == 14 and d["manifest"]["base"]["fingerprint"].startswith("fp1:")
+    r = run("check", world["patch"], "--base", world["new"], "--from", world["old"], "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["verdict"] == "compatible" and len(d["drift"]) == 14
+    r = run("check", world["patch"], "--base", world["new"], "--from", world["old"])
+    assert r.returncode == 0 and "verdict" in r.stdout and "drift" in r.stdout
+    r = run("port", world["patch"], "--base", world["new"], "--out", tmp_path / "ported", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["applied"] == 14
+    assert (tmp_path / "ported" / "portllm_provenance.json").is_file()
+
+
+def test_check_exit_codes(world, tmp_path):
+    warn = tiny.make_base(tmp_path / "ren", tokenizer_rename=3)
+    assert run("check", world["patch"], "--base", warn).returncode == 1
+    wide = tiny.make_base(tmp_path / "wide", hidden=48)
+    r = run("check", world["patch"], "--base", wide)
+    assert r.returncode == 2 and "incompatible" in r.stdout
+
+
+def test_errors_are_one_line(world, tmp_path):
+    one_line_error(run("port", world["patch"], "--base", tmp_path / "nope", "--out", tmp_path / "o"))
+    (tmp_path / "exists").mkdir()
+    msg = one_line_error(run("port", world["patch"], "--base", world["new"], "--out", tmp_path / "exists"))
+    assert "--overwrite" in msg
+    msg = one_line_error(run("inspect", tmp_path / "missing"))
+    assert "does not exist" in msg
+    msg = one_line_error(run("port", world["adapter"], "--base", world["new"], "--out", tmp_path / "o2"))
+    assert "import-adapter" in msg
+    wide = tiny.make_base(tmp_path / "wide", hidden=48)
+    msg = one_line_error(run("port", world["patch"], "--base", wide, "--out", tmp_path / "o3"))
+    assert "refusing to port" in msg
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o2").exists()
+
+
+def test_hub_id_offline_is_a_clear_error(world, tmp_path):
+    msg = one_line_error(run("port", world["patch"], "--base", "someorg/some-model", "--out", tmp_path / "o"))
+    assert "hub" in msg and "offline" in msg
+
+
+def test_export_base_and_import_adapter(world, tmp_path):
+    r = run("export-base", world["new"], tmp_path / "exp")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "exp" / "tokenizer.json").is_file() and (tmp_path / "exp" / "model.safetensors").is_file()
+    fp = run("fingerprint", tmp_path / "exp").stdout.strip()
+    assert fp == run("fingerprint", world["new"]).stdout.strip()
+    r = run("import-adapter", world["adapter"], "--base", world["old"], "--out", tmp_path / "pp", "--task", "toy")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "pp" / "portllm.json").read_text())["task"] == "toy"
+    assert run("import-adapter", world["adapter"], "--base", world["old"], "--out", tmp_path / "pp").returncode == 3
+
+
+def test_unknown_embedded_name_mentions_options(tmp_path):
+    r = run("fingerprint", "smollm9-1m")
+    msg = one_line_error(r)
+    assert "hub" in msg or "does not exist" in msg

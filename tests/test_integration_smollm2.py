@@ -1,0 +1,61 @@
+"""The real embedded SmolLM2-135M: export, patch, evolve, port, reload, compare with PEFT."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from portllm import resolve_base
+
+    return resolve_base("smollm2-135m")
+
+
+def test_smollm2_port_matches_peft(smol, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from portllm import check, fingerprint, import_adapter, port
+    from portllm.models import copy_side_files
+
+    assert (smol / "config.json").is_file()
+    fp = fingerprint(smol)
+    # θ': a perturbed copy of θ
+    evolved = tmp_path / "evolved"
+    evolved.mkdir()
+    copy_side_files(smol, evolved)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v
+          for k, v in load_file(smol / "model.safetensors").items()}
+    save_file(sd, evolved / "model.safetensors", metadata={"format": "pt"})
+    del sd
+    assert fingerprint(evolved) != fp
+
+    # a LoRA patch with non-zero B, rank 8 on every linear projection, as in the paper
+    model = AutoModelForCausalLM.from_pretrained(smol)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    del pm, model
+    patch = import_adapter(tmp_path / "adapter", "smollm2-135m", tmp_path / "patch", task="demo")
+    assert len(patch.modules) == 30 * 7 and patch.source["fingerprint"] == fp
+
+    rep = check(tmp_path / "patch", evolved, old="smollm2-135m")
+    assert rep.verdict == "compatible" and len(rep.drift) == 210
+    res = port(tmp_path / "patch", evolved, tmp_path / "ported")
+    assert res.applied == 210
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ported")
+    ids = tok(["Is the sky blue? Answer:", "The movie was wonderful. Sentiment:"], return_tensors="pt", padding=True)
+    ported = AutoModelForCausalLM.from_pretrained(tmp_path / "ported").eval()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(evolved), tmp_path / "adapter").eval()
+    plain = AutoModelForCausalLM.from_pretrained(evolved).eval()
+    with torch.no_grad():
+        a = ported(**ids).logits
+        b = ref(**ids).logits
+        c = plain(**ids).logits
+    assert (a - b).abs().max() < 2e-3
+    assert (a - c).abs().max() > 0.1  # the patch is really there
