@@ -24,6 +24,22 @@ def make_tokenizer(vocab_size: int, rename: int = 0, template: str | None = "{{ 
     return tok
 
 
+def make_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in milliseconds: encodes any text, like real LLM tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["The movie was great and the actors were wonderful.", "Question: Is this sentence positive or negative?",
+              "Answer: yes no True False positive negative", "Sarah was a much better surgeon than Maria so she won.",
+              "Janet has 16 eggs and sells 9 of them for $2 each. #### 18"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def tiny_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2, **kw):
     from transformers import LlamaConfig
 
@@ -33,7 +49,7 @@ def tiny_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2, **kw):
 
 
 def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer_rename: int = 0,
-              template: str | None = "{{ messages }}", max_shard_size: str | None = None, **cfg) -> Path:
+              template: str | None = "{{ messages }}", max_shard_size: str | None = None, bpe: bool = False, **cfg) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +57,8 @@ def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, toke
     model = LlamaForCausalLM(config).to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
-    make_tokenizer(config.vocab_size, tokenizer_rename, template).save_pretrained(out)
+    tok = make_bpe_tokenizer(config.vocab_size) if bpe else make_tokenizer(config.vocab_size, tokenizer_rename, template)
+    tok.save_pretrained(out)
     return Path(out)
 
 

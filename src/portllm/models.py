@@ -322,7 +322,9 @@ def load_base(spec: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Open a base as a transformers causal LM (plus its tokenizer, or None)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     d = resolve_base(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), use_safetensors=True)

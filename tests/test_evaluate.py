@@ -1,0 +1,157 @@
+"""The scoring engine on a tiny random model: batched scores equal a slow, unpadded reference."""
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from portllm import PortLLMError
+from portllm.evaluate import (LM, compare, encode_pair, evaluate, extract_flexible, extract_strict, flips, generate,
+                              loglikelihoods, open_lm, run_task)
+from portllm.tasks import Example, get_task
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tiny.make_base(tmp_path_factory.mktemp("bpe") / "m", bpe=True, vocab_size=320, hidden=48, layers=2)
+    return open_lm(d)
+
+
+def slow_loglik(lm: LM, context: str, cont: str) -> float:
+    ctx, c = encode_pair(lm.tokenizer, context, cont)
+    ids = torch.tensor([ctx + c])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits[0].float(), -1)
+    return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(c)))
+
+
+PAIRS = [
+    ("The movie was great and the actors", " were wonderful."),
+    ("Question: Is this sentence positive or negative?\nAnswer:", " positive"),
+    ("Question: Is this sentence positive or negative?\nAnswer:", " negative"),
+    ("Sarah was a much better surgeon than Maria so Sarah", " won the easier cases and more"),
+    ("Janet has 16 eggs ", "and sells 9"),  # trailing space moves into the continuation
+    ("x", " True"),
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_scores_match_slow_reference(lm, batch_size):
+    fast, tokens = loglikelihoods(lm, PAIRS, batch_size=batch_size)
+    slow = [slow_loglik(lm, c, x) for c, x in PAIRS]
+    for f, s in zip(fast, slow):
+        assert f == pytest.approx(s, abs=1e-4)
+    assert tokens > 0
+
+
+def test_encode_pair_moves_trailing_space(lm):
+    ctx, cont = encode_pair(lm.tokenizer, "Janet has ", "eggs")
+    assert lm.tokenizer.decode(ctx) == "Janet has" and lm.tokenizer.decode(cont) == " eggs"
+
+
+def test_mc_metrics_and_records(lm):
+    exs = [Example(i, g, ("Answer:",) * 2, (" yes", " no"), target=" yes") for i, g in enumerate([0, 1, 0])]
+    run = run_task(lm, get_task("sst2"), exs)
+    assert [r["idx"] for r in run.records] == [0, 1, 2]
+    # the same two continuations after the same context always give the same prediction
+    assert len({r["pred"] for r in run.records}) == 1
+    assert run.value == pytest.approx(sum(r["correct"] for r in run.records) / 3)
+    assert 0 <= run.stderr <= 0.5
+
+
+def test_acc_norm_uses_choice_length(lm):
+    exs = [Example(0, 0, ("Question: Is this sentence",) * 2, (" positive or negative", " x"), target=" x")]
+    run = run_task(lm, get_task("arc_easy"), exs)
+    r = run.records[0]
+    s = r["scores"]
+    assert r["acc_pred"] == (0 if s[0] > s[1] else 1)
+    assert r["acc_norm_pred"] == (0 if s[0] / 20 > s[1] / 1 else 1)
+    assert r["pred"] == r["acc_norm_pred"]
+
+
+def test_generation_matches_unbatched_greedy(lm):
+    prompts = ["The movie was", "Question: Janet has 16 eggs and sells 9 of them for $2 each. How much?\nAnswer:", "Sarah"]
+    batched, _ = generate(lm, prompts, stop=(), max_new_tokens=8, batch_size=3)
+    for p, b in zip(prompts, batched):
+        ids = torch.tensor([lm.tokenizer.encode(p)])
+        with torch.no_grad():
+            g = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        assert b == lm.tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text,strict,flex", [
+    ("Janet sells 9 eggs.\n#### 18", "18", "18"),
+    ("The answer is $1,234.", None, "1234"),
+    ("#### -7\nQuestion:", "-7", "-7"),
+    ("She has 3 apples, then 4.5 more, total 7.50.", None, "7.50"),
+    ("2 + 2 = 4. So 4.", None, "4"),
+    ("no digits here...", None, None),
+    ("#### 1,000,000", "1000000", "1000000"),
+    ("It costs 18.00 dollars", None, "18"),
+])
+def test_gsm8k_extraction(text, strict, flex):
+    assert extract_strict(text) == strict
+    assert extract_flexible(text) == flex
+
+
+def _write_run(d, task, records):
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"model": "m", "tasks": {task: {"value": 0}}}))
+    (d / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_flips_on_hand_built_runs(tmp_path):
+    gold = [0, 1, 1, 0, 1]
+    a = [0, 1, 0, 0, 0]  # right on 0,1,3
+    b = [0, 0, 1, 0, 1]  # right on 0,2,3,4
+    mk = lambda preds: [{"idx": i, "pred": p, "gold": g, "correct": p == g} for i, (p, g) in enumerate(zip(preds, gold))]
+    f = flips(mk(a), mk(b))
+    assert (f["negative_flips"], f["positive_flips"]) == (1, 2)
+    assert f["negative_flip_idx"] == [1]
+    assert f["acc_a"] == 0.6 and f["acc_b"] == 0.8 and f["agreement"] == 0.4
+    _write_run(tmp_path / "A", "sst2", mk(a))
+    _write_run(tmp_path / "B", "sst2", mk(b))
+    c = compare(tmp_path / "A", tmp_path / "B")
+    assert c["tasks"]["sst2"]["negative_flip_rate"] == 0.2
+
+
+def test_compare_bad_input(tmp_path):
+    with pytest.raises(PortLLMError, match="not an eval run"):
+        compare(tmp_path, tmp_path)
+    _write_run(tmp_path / "A", "sst2", [])
+    (tmp_path / "A" / "samples_sst2.jsonl").write_text('{"idx": 0}\nnot json\n')
+    with pytest.raises(PortLLMError, match=r"samples_sst2.jsonl:2: malformed"):
+        compare(tmp_path / "A", tmp_path / "A")
+
+
+def test_evaluate_writes_results_and_samples(lm, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sst2").mkdir(parents=True)
+    (data / "sst2" / "test.tsv").write_text("sentence\tlabel\nThe movie was great .\t1\nawful and boring\t0\nfine\t1\n")
+    res = evaluate(lm, [get_task("sst2")], limit=2, data=data, out=tmp_path / "run")
+    r = res["tasks"]["sst2"]
+    assert r["n"] == 2 and r["metric"] == "acc" and r["tokens_per_s"] > 0
+    lines = (tmp_path / "run" / "samples_sst2.jsonl").read_text().splitlines()
+    assert [json.loads(l)["idx"] for l in lines] == [0, 1]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]["sst2"]["n"] == 2
+
+
+def test_patch_attached_at_runtime_changes_scores(world):
+    """A patch attached with PEFT scores exactly like the ported (merged) model."""
+    from portllm import port
+
+    base = open_lm(world["new"])
+    patched = open_lm(world["new"], patch=world["patch"])
+    assert patched.patch_fingerprint
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as t:
+        port(world["patch"], world["new"], pathlib.Path(t) / "ported")
+        ported = open_lm(pathlib.Path(t) / "ported")
+        pairs = [("w4 w5 w6", " w7 w8"), ("w9", " w10")]
+        a, _ = loglikelihoods(patched, pairs)
+        b, _ = loglikelihoods(ported, pairs)
+        c, _ = loglikelihoods(base, pairs)
+    assert a == pytest.approx(b, abs=1e-4)
+    assert max(abs(x - y) for x, y in zip(a, c)) > 1e-3

@@ -1,0 +1,118 @@
+"""Task loaders on the real benchmark files, prompt snapshots, and bad data."""
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from portllm import PortLLMError
+from portllm.tasks import PAPER_TASKS, TASKS, get_task, load_examples, load_rows, parse_tasks
+
+DATA = Path(os.environ.get("PORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data directory not present")
+
+EXPECTED = {  # task: (train n, eval n, eval label counts)
+    "boolq": (1270, 2000, {1: 1256, 0: 744}),
+    "sst2": (60614, 872, {1: 444, 0: 428}),
+    "mrpc": (3668, 408, {1: 279, 0: 129}),
+    "rte": (100, 177, {0: 95, 1: 82}),
+    "wnli": (635, 71, {0: 40, 1: 31}),
+    "winogrande": (10234, 1267, {1: 639, 0: 628}),
+    "gsm8k": (7473, 1319, None),
+    "arc_easy": (570, 2376, None),
+    "arc_challenge": (299, 1172, None),
+    "piqa": (500, 1338, {1: 682, 0: 656}),
+    "openbookqa": (4957, 500, {0: 138, 2: 132, 1: 126, 3: 104}),
+}
+
+
+def _key(row):
+    return tuple(str(row.get(k)) for k in ("question", "passage", "premise", "hypothesis", "sentence", "sentence1", "sentence2",
+                                           "#1 String", "#2 String", "goal", "sol1", "Question Stem", "Choices", "id", "qID"))
+
+
+@needs_data
+@pytest.mark.parametrize("name", list(TASKS))
+def test_loader_counts_balance_and_no_overlap(name):
+    task = get_task(name)
+    n_train, n_eval, labels = EXPECTED[name]
+    train, ev = load_examples(task, "train", DATA), load_examples(task, "eval", DATA)
+    assert (len(train), len(ev)) == (n_train, n_eval)
+    if labels:
+        assert dict(Counter(e.gold for e in ev)) == labels
+    assert [e.idx for e in ev] == list(range(len(ev)))
+    train_keys = {_key(r) for r in load_rows(task, "train", DATA)}
+    eval_keys = [_key(r) for r in load_rows(task, "eval", DATA)]
+    assert not train_keys & set(eval_keys), "an eval example is also in the train part"
+    for e in ev[:50]:
+        assert e.target  # every example can also be a training target
+        if task.kind == "mc":
+            assert 0 <= e.gold < len(e.continuations) == len(e.contexts)
+
+
+@needs_data
+def test_limit_is_first_n_in_file_order():
+    t = get_task("sst2")
+    assert load_examples(t, "eval", DATA, limit=5) == load_examples(t, "eval", DATA)[:5]
+
+
+SNAPSHOTS = {
+    "boolq": ("Ethanol fuel -- All biomass goes through", "\nQuestion: does ethanol take more energy make that produces?\nAnswer:", (" no", " yes"), 0),
+    "sst2": ("it 's a charming and often affecting journey . ", "\nQuestion: Is this sentence positive or negative?\nAnswer:", (" negative", " positive"), 1),
+    "mrpc": ("Sentence 1: He said the foodservice pie business doesn't fit the company's long-term growth strategy.\nSentence 2: ",
+             "\nQuestion: Do both sentences mean the same thing?\nAnswer:", (" no", " yes"), 1),
+    "rte": ("Dana Reeve, the widow of the actor Christopher Reeve", "\nQuestion: Christopher Reeve had an accident. True or False?\nAnswer:", (" True", " False"), 1),
+    "wnli": ("The drain is clogged with hair. It has to be cleaned.", "\nQuestion: The hair has to be cleaned. True or False?\nAnswer:", (" False", " True"), 0),
+    "arc_easy": ("Question: Which statement best explains why photosynthesis is the foundation of most food webs?", "\nAnswer:",
+                 (" Sunlight is the source of energy for nearly all ecosystems.",), 0),
+    "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?", "\nAnswer:", None, 0),
+    "openbookqa": ("A person wants to start saving money", "the best way to save money is to", (" make more phone calls", " quit eating lunch out"), 1),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("name", list(SNAPSHOTS))
+def test_prompt_snapshots(name):
+    start, end, conts, gold = SNAPSHOTS[name]
+    e = load_examples(get_task(name), "eval", DATA, limit=1)[0]
+    assert e.contexts[0].startswith(start) and e.contexts[0].endswith(end)
+    if conts:
+        assert e.continuations[: len(conts)] == conts
+    assert e.gold == gold
+
+
+@needs_data
+def test_winogrande_partial_scoring_and_gsm8k_prompt():
+    w = load_examples(get_task("winogrande"), "eval", DATA, limit=1)[0]
+    assert w.contexts == ("Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria")
+    assert w.continuations == (" always got the easier cases.",) * 2 and w.gold == 1
+    g = load_examples(get_task("gsm8k"), "eval", DATA, limit=1)[0]
+    assert g.prompt.startswith("Question: Janet") and g.prompt.endswith("\nAnswer:") and g.gold == "18"
+
+
+def test_unknown_task_and_missing_data_dir(tmp_path):
+    with pytest.raises(PortLLMError, match="unknown task 'sst3'.*known: boolq"):
+        parse_tasks("sst2,sst3")
+    with pytest.raises(PortLLMError, match="does not exist"):
+        load_examples(get_task("sst2"), "eval", tmp_path / "nowhere")
+    with pytest.raises(PortLLMError, match="sst2/test.tsv is missing"):
+        load_examples(get_task("sst2"), "eval", tmp_path)
+    assert [t.name for t in parse_tasks("paper")] == list(PAPER_TASKS)
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": "true"}\n{"question": oops}\n')
+    with pytest.raises(PortLLMError, match=r"boolq/val.jsonl:2: malformed JSON"):
+        load_examples(get_task("boolq"), "eval", tmp_path)
+    (tmp_path / "boolq" / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": "maybe"}\n')
+    with pytest.raises(PortLLMError, match=r"val.jsonl:1: label 'maybe' is not true/false"):
+        load_examples(get_task("boolq"), "eval", tmp_path)
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "test.tsv").write_text("sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n")
+    with pytest.raises(PortLLMError, match=r"test.tsv:3: expected 2 tab-separated fields, found 3"):
+        load_examples(get_task("sst2"), "eval", tmp_path)
+    (tmp_path / "sst2" / "test.tsv").write_text("text\tlabel\ngood movie\t1\n")
+    with pytest.raises(PortLLMError, match=r"test.tsv:2: missing field 'sentence'"):
+        load_examples(get_task("sst2"), "eval", tmp_path)
