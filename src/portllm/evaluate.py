@@ -20,6 +20,7 @@ import torch
 
 from .atomic import write_text_atomic
 from .errors import PortLLMError
+from .progress import Bar
 from .tasks import Example, Task, load_examples
 
 Progress = Callable[[int], None]
@@ -80,11 +81,15 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
                    progress: Progress | None = None) -> tuple[list[float], int]:
-    """Sum of log p(continuation | context) for each pair, and the number of tokens processed."""
-    reqs = []
+    """Sum of log p(continuation | context) for each pair, and the number of tokens run through the model.
+
+    Requests whose model input is identical (the choices of one question when each is a single
+    token, as in BoolQ or SST-2) share one forward pass.
+    """
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (c, x) in enumerate(pairs):
         ctx, cont = encode_pair(lm.tokenizer, c, x)
         if not cont:
@@ -92,38 +97,41 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
         if not ctx:
             ctx = [lm.tokenizer.eos_token_id]
         seq = (ctx + cont)[-(lm.max_length + 1):]
-        reqs.append((i, seq[:-1], cont))
-    reqs.sort(key=lambda r: -len(r[1]))
+        groups.setdefault(tuple(seq[:-1]), []).append((i, cont))
+    inputs = sorted(groups, key=lambda k: -len(k))
     out = [0.0] * len(pairs)
     tokens = 0
     device = next(lm.model.parameters()).device
     pad = lm.tokenizer.pad_token_id
-    for b in range(0, len(reqs), batch_size):
-        batch = reqs[b : b + batch_size]
-        width = max(len(r[1]) for r in batch)
-        keep = max(len(r[2]) for r in batch)
+    for b in range(0, len(inputs), batch_size):
+        batch = inputs[b : b + batch_size]
+        width = len(batch[0])
+        keep = max(len(cont) for inp in batch for _, cont in groups[inp])
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, (_, inp, _) in enumerate(batch):
+        for j, inp in enumerate(batch):
             ids[j, width - len(inp):] = torch.tensor(inp)
             mask[j, width - len(inp):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                           logits_to_keep=keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
-        for j, (i, inp, cont) in enumerate(batch):
-            rows = logp[j, keep - len(cont):]
-            out[i] = float(rows.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
+        done = 0
+        for j, inp in enumerate(batch):
+            for i, cont in groups[inp]:
+                rows = logp[j, keep - len(cont):]
+                out[i] = float(rows.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
+                done += 1
             tokens += len(inp)
         if progress:
-            progress(len(batch))
+            progress(done)
     return out, tokens
 
 
 # ---------------------------------------------------------------- generation
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(lm: LM, prompts: list[str], stop: Iterable[str] = (), max_new_tokens: int = 256, batch_size: int = 8,
              progress: Progress | None = None) -> tuple[list[str], int]:
     """Greedy continuations of each prompt, cut at the first stop string."""
@@ -266,7 +274,7 @@ def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Pa
     results: dict[str, Any] = {"model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint,
                                "dtype": lm.dtype, "limit": limit, "batch_size": batch_size, "tasks": {}}
     total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
-    with _Bar(show_progress, total) as bar:
+    with Bar(show_progress, total, "eval") as bar:
         for t in tasks:
             bar.describe(t.name)
             run = run_task(lm, t, loaded[t.name], batch_size, bar.advance)
@@ -277,36 +285,6 @@ def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Pa
     if out is not None:
         write_text_atomic(Path(out) / "results.json", json.dumps(results, indent=2))
     return results
-
-
-class _Bar:
-    """A rich progress bar counting scored requests, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self._p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                               TimeRemainingColumn(), transient=True)
-            self._id = self._p.add_task("eval", total=total)
-
-    def __enter__(self) -> "_Bar":
-        if self._p:
-            self._p.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._p:
-            self._p.stop()
-
-    def describe(self, text: str) -> None:
-        if self._p:
-            self._p.update(self._id, description=text)
-
-    def advance(self, n: int) -> None:
-        if self._p:
-            self._p.advance(self._id, n)
 
 
 # ---------------------------------------------------------------- comparing two runs

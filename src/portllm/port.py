@@ -22,6 +22,7 @@ from .check import CheckReport, check
 from .errors import PortLLMError
 from .models import copy_side_files, fingerprint, resolve_base, weight_files
 from .patch import Patch, now
+from .progress import Bar
 from .resources import Usage, measure
 from .stream import ShardWriter, read_header, read_tensor
 
@@ -85,7 +86,7 @@ def _merge_streaming(patch: Patch, base_dir: Path, out: Path, scale: float, over
     headers = [read_header(f) for f in files]
     total = sum(len(h.tensors) for h in headers)
     result = PortResult(out, "merged", rep)
-    bar = _progress(progress, total, f"porting onto {base_dir.name}")
+    bar = Bar(progress, total, "porting")
     with bar, atomic_dir(out, overwrite=overwrite) as tmp:
         copy_side_files(base_dir, tmp)
         if (base_dir / "model.safetensors.index.json").is_file():
@@ -123,28 +124,3 @@ def _merge_streaming(patch: Patch, base_dir: Path, out: Path, scale: float, over
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     return result
-
-
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self._p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-            self._p.start()
-            self._task = self._p.add_task(label, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self._p:
-            self._p.advance(self._task, n)
-
-    def __enter__(self) -> "_progress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._p:
-            self._p.stop()
-            self._p = None

@@ -1,0 +1,175 @@
+"""Simulating an updated base: continued pretraining of θ on new data, as the paper did.
+
+The paper's evolved bases are θ continued-pretrained on instruction corpora (OpenOrca,
+SlimOrca, OpenPlatypus, AlpacaGPT4). Here the corpus is a plain-text file, an instruction set,
+or a mix of them from the data directory; training is full-parameter or a LoRA of chosen rank
+merged back in. The result is an ordinary model directory with its lineage and drift recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_dir
+from .errors import PortLLMError
+from .resources import measure
+
+LINEAGE = "portllm_lineage.json"
+PRESETS = {
+    "instruct": "instruct/alpaca_data_1k.json+instruct/code_alpaca_2k.json+instruct/math_data.json",
+    "text": "text/wikitext-2/valid.txt+text/tinyshakespeare/input.txt",
+    "mix": "instruct/alpaca_data_1k.json+instruct/math_data.json+text/wikitext-2/valid.txt",
+}
+
+
+@dataclass
+class EvolveConfig:
+    mode: str = "full"  # "full" or "lora"
+    rank: int = 64  # lora mode
+    alpha: float = 128.0
+    lr: float = 5e-5
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    dtype: str = "float32"
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    checkpoint_every: int = 25
+    targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("checkpoint_every")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:
+    """A preset name (instruct, text, mix), a file, or files joined with '+', relative to the data dir."""
+    from .tasks import data_dir
+
+    spec = PRESETS.get(corpus, corpus)
+    d = data_dir(data)
+    files = []
+    for part in spec.split("+"):
+        p = Path(part).expanduser()
+        if not p.is_absolute() and not p.exists() and d is not None:
+            p = d / part
+        if not p.is_file():
+            raise PortLLMError(f"corpus file {part} not found" + (f" (looked in {d})" if d else "; set --data-dir or PORTLLM_DATA"))
+        files.append(p)
+    return files
+
+
+def corpus_texts(files: list[Path]) -> list[str]:
+    """Instruction sets become Alpaca-formatted documents; plain text is kept whole (chunked later)."""
+    texts = []
+    for f in files:
+        if f.suffix in (".json", ".jsonl"):
+            try:
+                rows = json.loads(f.read_text()) if f.suffix == ".json" else [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+            except ValueError as e:
+                raise PortLLMError(f"{f}: not valid JSON ({e})") from None
+            for n, r in enumerate(rows, 1):
+                if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+                    raise PortLLMError(f"{f}: record {n} needs 'instruction' and 'output'")
+                inp = f"\n\n### Input:\n{r['input']}" if r.get("input") else ""
+                texts.append(f"### Instruction:\n{r['instruction']}{inp}\n\n### Response:\n{r['output']}")
+        else:
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+    return texts
+
+
+def lm_examples(texts: list[str], tok: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Full-sequence language-modelling examples: documents cut into windows of max_length tokens."""
+    out = []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False) + eos
+        for i in range(0, len(ids), max_length):
+            chunk = ids[i : i + max_length]
+            if len(chunk) >= 16:
+                out.append((chunk, chunk))
+    return out
+
+
+def drift_by_type(old_dir: Path, new_dir: Path) -> dict[str, float]:
+    """||θ' − θ|| / ||θ|| per layer type (q_proj, mlp.up_proj, embed_tokens, norms...), streamed."""
+    from .models import weight_index
+    from .stream import read_tensor
+
+    a, b = weight_index(old_dir), weight_index(new_dir)
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for name, (f, info) in a.items():
+        if name not in b:
+            continue
+        kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+        wa = read_tensor(info, f).float()
+        wb = read_tensor(b[name][1], b[name][0]).float()
+        if wa.shape != wb.shape:
+            continue
+        num[kind] = num.get(kind, 0.0) + float((wb - wa).pow(2).sum())
+        den[kind] = den.get(kind, 0.0) + float(wa.pow(2).sum())
+    return {k: (num[k] / den[k]) ** 0.5 if den[k] else 0.0 for k in sorted(num)}
+
+
+def evolve(base: str | Path, corpus: str, out: str | Path, cfg: EvolveConfig | None = None, data: str | Path | None = None,
+           overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Continue pretraining `base` on `corpus` and write the evolved model with its lineage."""
+    from .models import copy_side_files, fingerprint, load_base, resolve_base
+    from .train import fit
+
+    cfg = cfg or EvolveConfig()
+    if cfg.mode not in ("full", "lora"):
+        raise PortLLMError(f"evolve mode {cfg.mode!r} unknown; use full or lora")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PortLLMError(f"output {out} already exists; choose another path or pass --overwrite")
+    files = corpus_files(corpus, data)
+    base_dir = resolve_base(base)
+    parent_fp = fingerprint(base_dir)
+    ckpt = out.parent / f".{out.name}.ckpt"
+    with measure() as usage:
+        model, tok = load_base(base_dir, dtype=cfg.dtype)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        examples = lm_examples(corpus_texts(files), tok, cfg.max_length)
+        if len(examples) < cfg.batch_size:
+            raise PortLLMError(f"too few examples: the corpus gives {len(examples)} windows, fewer than one batch")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        torch.manual_seed(cfg.seed)
+        if cfg.mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
+        losses, start, n_trainable = fit(model, examples, cfg, tok.pad_token_id, ckpt, "evolve", progress)
+        if cfg.mode == "lora":
+            model = model.merge_and_unload()
+    tokens = cfg.steps * cfg.batch_size * cfg.max_length
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        copy_side_files(base_dir, tmp)
+        model.save_pretrained(tmp)
+        drift = drift_by_type(base_dir, tmp)
+        lineage = {
+            "parent": {"name": str(base), "fingerprint": parent_fp},
+            "corpus": {"spec": corpus, "files": [str(f) for f in files], "windows": len(examples)},
+            "config": {**asdict(cfg), "targets": list(cfg.targets)},
+            "steps": cfg.steps, "tokens_at_most": tokens, "resumed_from": start, "trainable_params": n_trainable,
+            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "wall_s": round(usage.wall_s, 2), "peak_rss_mb": round(usage.peak_rss_mb, 1),
+            "drift": drift, "fingerprint": fingerprint(tmp),
+        }
+        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return lineage
