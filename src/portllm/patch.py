@@ -291,3 +291,12 @@ def describe(patch: Patch) -> dict[str, Any]:
         "modules": mods,
         "manifest": patch.manifest,
     }
+
+
+def lora_config(ranks: dict[str, int], base_name: str | None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
+    """A PEFT LoRA config for factors with scaling 1 and per-module ranks (rank_pattern where they differ)."""
+    r = max(ranks.values())
+    other = {m: k for m, k in ranks.items() if k != r}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": other,
+            "alpha_pattern": dict(other), "target_modules": sorted(ranks, key=_natural), "modules_to_save": modules_to_save or None,
+            "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "base_model_name_or_path": base_name}
