@@ -85,3 +85,18 @@ def test_unknown_embedded_name_mentions_options(tmp_path):
     r = run("fingerprint", "smollm9-1m")
     msg = one_line_error(r)
     assert "hub" in msg or "does not exist" in msg
+
+
+def test_merge_similarity_extract_cli(world, tmp_path):
+    r = run("merge", world["patch"], world["patch"], "--method", "ties", "--density", "0.5", "--rank", "4",
+            "--out", tmp_path / "m", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["method"] == "ties" and rep["rank"] == 4 and len(rep["inputs"]) == 2
+    msg = one_line_error(run("merge", world["patch"], "--method", "ties", "--density", "2", "--out", tmp_path / "m2"))
+    assert "density" in msg and not (tmp_path / "m2").exists()
+    r = run("similarity", world["patch"], tmp_path / "m", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["cosine"]) == 2
+    r = run("extract", "--tuned", world["new"], "--base", world["old"], "--rank", "2", "--out", tmp_path / "x", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["layers"] == 14

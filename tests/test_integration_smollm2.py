@@ -59,3 +59,39 @@ def test_smollm2_port_matches_peft(smol, tmp_path):
         c = plain(**ids).logits
     assert (a - b).abs().max() < 2e-3
     assert (a - c).abs().max() > 0.1  # the patch is really there
+
+
+def test_smollm2_train_few_steps_on_real_sst2(smol, tmp_path):
+    import os
+
+    from portllm import Patch
+    from portllm.train import TrainConfig, train
+
+    data = os.environ.get("PORTLLM_DATA")
+    if not data or not os.path.isdir(data):
+        pytest.skip("PORTLLM_DATA not set")
+    cfg = TrainConfig(steps=4, batch_size=2, max_length=48, lr=1e-3, max_examples=16, dtype="bfloat16")
+    r = train("smollm2-135m", "sst2", tmp_path / "p", cfg, data=data)
+    assert len(r.losses) == 4 and all(x == x for x in r.losses)  # finite
+    p = Patch.load(tmp_path / "p")
+    assert len(p.modules) == 210 and p.manifest["extra"]["training"]["examples_seen"] == 8
+    assert any(float(m.B.abs().max()) > 0 for m in p.modules.values())  # B moved off its zero init
+
+
+def test_smollm2_batched_scores_equal_one_at_a_time(smol):
+    import os
+
+    from portllm.evaluate import loglikelihoods, open_lm
+    from portllm.tasks import get_task, load_examples
+
+    data = os.environ.get("PORTLLM_DATA")
+    if not data or not os.path.isdir(data):
+        pytest.skip("PORTLLM_DATA not set")
+    lm = open_lm("smollm2-135m")
+    pairs = []
+    for name in ("boolq", "winogrande", "arc_easy"):
+        for e in load_examples(get_task(name), "eval", data, limit=3):
+            pairs += list(zip(e.contexts, e.continuations))
+    batched, _ = loglikelihoods(lm, pairs, batch_size=8)
+    single = [loglikelihoods(lm, [p], batch_size=1)[0][0] for p in pairs]
+    assert max(abs(a - b) for a, b in zip(batched, single)) < 1e-3

@@ -350,7 +350,7 @@ def reproduce_cmd(base: str = typer.Option("smollm2-135m", "--base", help=f"the 
         raise PortLLMError("choose one of --quick and --full")
     profile = "full" if full else "quick"
     r = reproduce(base, profile, [t for t in tasks.split(",") if t] if tasks else None, out_dir, data_dir, cache,
-                  log=(lambda m: err.print(m, highlight=False)) if not as_json else (lambda m: None),
+                  log=(lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None),
                   show_progress=err.is_terminal)
     if as_json:
         _json(r)
@@ -420,6 +420,7 @@ def merge_cmd(patches: list[Path] = typer.Argument(..., help="patch directories 
               gamma: float = typer.Option(0.01, "--gamma", help="breadcrumbs: share of largest entries dropped"),
               rank: Optional[int] = typer.Option(None, "--rank", help="rank of the merged patch (default: largest input rank)"),
               seed: int = typer.Option(0, "--seed", help="DARE's random drop"),
+              normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="divide by the weights' sum (default: per method, as mergekit)"),
               select: Optional[str] = typer.Option(None, "--select", help="'greedy': Model-GLUE selective merging"),
               task: Optional[str] = typer.Option(None, "--task", help="with --select: task(s) scoring each step, comma-separated"),
               base: Optional[str] = typer.Option(None, "--base", help="with --select: base to score on (default: the patches' base)"),
@@ -434,7 +435,7 @@ def merge_cmd(patches: list[Path] = typer.Argument(..., help="patch directories 
     from .patch import Patch
 
     ws = [float(w) for w in weights.split(",")] if weights else None
-    kw = dict(density=density, lam=lam, rank=rank, seed=seed, gamma=gamma)
+    kw = dict(density=density, lam=lam, rank=rank, seed=seed, gamma=gamma, normalize=normalize)
     if select:
         if select != "greedy" or not task:
             raise PortLLMError("selective merging needs --select greedy and --task T")

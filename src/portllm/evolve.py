@@ -8,9 +8,8 @@ merged back in. The result is an ordinary model directory with its lineage and d
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from .atomic import atomic_dir
 from .errors import PortLLMError
 from .resources import measure
+from .train import PAPER_TARGETS, LoopConfig
 
 LINEAGE = "portllm_lineage.json"
 PRESETS = {
@@ -29,25 +29,12 @@ PRESETS = {
 
 
 @dataclass
-class EvolveConfig:
+class EvolveConfig(LoopConfig):
+    lr: float = 5e-5
     mode: str = "full"  # "full" or "lora"
     rank: int = 64  # lora mode
     alpha: float = 128.0
-    lr: float = 5e-5
-    steps: int = 100
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    dtype: str = "float32"
-    warmup: float = 0.06
-    weight_decay: float = 0.0
-    checkpoint_every: int = 25
-    targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-
-    def key(self) -> str:
-        d = asdict(self)
-        d.pop("checkpoint_every")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    targets: tuple[str, ...] = PAPER_TARGETS
 
 
 def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:

@@ -6,14 +6,15 @@ correctly. The merged update is re-factored to a LoRA of the chosen rank by SVD 
 kept is reported; for linear and task arithmetic the merged update is exactly low-rank and is
 factored without forming it (QR of the stacked factors).
 
-Methods (weights w_i; all but task_arithmetic divide by the weights' sum; λ scales the result):
-  linear          Σ w_i ΔW_i / Σ w_i
-  task_arithmetic λ · Σ w_i ΔW_i
+Methods (weights w_i, λ scales the result; "normalized" divides by the weights' sum, as mergekit
+does by default for the same method names, so a config means the same in both tools):
+  linear          Σ w_i ΔW_i / Σ w_i                                              (normalized)
+  task_arithmetic Σ w_i ΔW_i
   ties            trim each ΔW_i to its top-`density` magnitudes, elect a sign per entry from the
-                  sum, average the entries that agree with it (disjoint mean)
-  dare_linear     drop entries at random with probability 1 − density, rescale by 1/density, linear
-  dare_ties       the same drop and rescale, then TIES sign election and disjoint mean
-  breadcrumbs     drop the top `gamma` fraction (outliers) and the smallest, keeping `density`, linear
+                  weighted sum, keep the agreeing entries, disjoint mean          (normalized)
+  dare_linear     drop entries at random with probability 1 − density, rescale by 1/density, sum
+  dare_ties       the same drop and rescale, then TIES sign election, sum
+  breadcrumbs     drop the top `gamma` share (outliers) and the smallest, keeping `density`, sum
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "bre
 
 
 def trim_magnitude(d: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude (TIES 'trim')."""
+    """Keep the int(density·n) entries with the largest magnitude (TIES 'trim')."""
     if density >= 1.0:
         return d
-    k = max(1, int(round(density * d.numel())))
-    thresh = d.abs().flatten().kthvalue(d.numel() - k + 1).values
-    return torch.where(d.abs() >= thresh, d, torch.zeros_like(d))
+    k = max(1, int(density * d.numel()))
+    mag = d.abs()
+    thresh = mag.flatten().kthvalue(d.numel() - k + 1).values  # O(n) selection; equal magnitudes are measure-zero
+    return torch.where(mag >= thresh, d, torch.zeros_like(d))
 
 
 def dare(d: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
@@ -52,47 +54,51 @@ def dare(d: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
 
 
 def breadcrumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Drop the largest `gamma` fraction (outliers) and the smallest, so `density` of entries remain."""
+    """Drop the largest `gamma` share (outliers), then the smallest, so that `density` of the entries remain."""
+    if density >= 1.0:
+        return d
     n = d.numel()
-    order = d.abs().flatten().argsort(descending=True)
-    top = int(round(gamma * n))
-    keep = max(1, int(round(density * n)))
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[top : top + keep]] = True
-    return torch.where(mask.view(d.shape), d, torch.zeros_like(d))
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[d.abs().flatten().argsort()[bottom : bottom + target]] = True
+    return torch.where(keep.view(d.shape), d, torch.zeros_like(d))
 
 
-def elect_and_merge(ds: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """TIES sign election (sign of the weighted sum) and disjoint weighted mean of the agreeing entries."""
+def elect_and_merge(ds: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
+    """TIES: elect a sign per entry from the weighted sum (ties go to +), keep the entries that agree,
+    and sum them, divided by the agreeing weights when `normalize` (the disjoint mean)."""
     stacked = torch.stack([w * d for w, d in zip(weights, ds)])
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    wsum = torch.stack([torch.full_like(ds[0], w) for w in weights])
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stacked) == majority
     num = (stacked * agree).sum(0)
-    den = (wsum * agree).sum(0)
-    return torch.where(den != 0, num / den.clamp_min(1e-30) * (den != 0), torch.zeros_like(num))
+    if not normalize:
+        return num
+    den = (torch.tensor(weights, dtype=num.dtype).view(-1, *[1] * num.ndim) * agree).sum(0)
+    return num / torch.where(den == 0, torch.ones_like(den), den)
 
 
 # ---------------------------------------------------------------- one layer
 
+NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False,
+             "breadcrumbs": False}  # mergekit's defaults, so configs mean the same in both tools
+
 
 def merge_deltas(deltas: list[torch.Tensor], method: str, weights: list[float], density: float = 0.5, lam: float = 1.0,
-                 gamma: float = 0.01, g: torch.Generator | None = None) -> torch.Tensor:
+                 gamma: float = 0.01, g: torch.Generator | None = None, normalize: bool | None = None) -> torch.Tensor:
     """The merged dense update of one layer."""
+    if method not in NORMALIZE:
+        raise PortLLMError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    norm = NORMALIZE[method] if normalize is None else normalize
+    g = g or torch.Generator().manual_seed(0)
+    if method in ("ties", "dare_ties"):
+        sparse = [trim_magnitude(d, density) if method == "ties" else dare(d, density, g) for d in deltas]
+        return lam * elect_and_merge(sparse, weights, norm)
+    sparsify = {"linear": lambda d: d, "task_arithmetic": lambda d: d, "dare_linear": lambda d: dare(d, density, g),
+                "breadcrumbs": lambda d: breadcrumbs(d, density, gamma)}[method]
+    total = sum(w * sparsify(d) for w, d in zip(weights, deltas))
     wsum = sum(weights)
-    if method == "linear":
-        return lam * sum(w * d for w, d in zip(weights, deltas)) / wsum
-    if method == "task_arithmetic":
-        return lam * sum(w * d for w, d in zip(weights, deltas))
-    if method == "ties":
-        return lam * elect_and_merge([trim_magnitude(d, density) for d in deltas], weights)
-    if method == "dare_linear":
-        return lam * sum(w * dare(d, density, g) for w, d in zip(weights, deltas)) / wsum
-    if method == "dare_ties":
-        return lam * elect_and_merge([dare(d, density, g) for d in deltas], weights)
-    if method == "breadcrumbs":
-        return lam * sum(w * breadcrumbs(d, density, gamma) for w, d in zip(weights, deltas)) / wsum
-    raise PortLLMError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    return lam * (total / wsum if norm and abs(wsum) > 1e-8 else total)
 
 
 def lowrank_factor(us: list[torch.Tensor], vs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -122,7 +128,8 @@ def check_mergeable(patches: list[Patch]) -> None:
 
 
 def merge(patches: list[Patch | str | Path], method: str = "linear", weights: list[float] | None = None, density: float = 0.5,
-          lam: float = 1.0, rank: int | None = None, seed: int = 0, gamma: float = 0.01) -> tuple[Patch, dict[str, Any]]:
+          lam: float = 1.0, rank: int | None = None, seed: int = 0, gamma: float = 0.01,
+          normalize: bool | None = None) -> tuple[Patch, dict[str, Any]]:
     """Merge patches made on the same base into one patch (not saved); returns it and a report."""
     ps = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
     if not ps:
@@ -136,8 +143,9 @@ def merge(patches: list[Patch | str | Path], method: str = "linear", weights: li
     weights = list(weights) if weights else [1.0] * len(ps)
     if len(weights) != len(ps):
         raise PortLLMError(f"{len(weights)} weights for {len(ps)} patches")
-    if method != "task_arithmetic" and sum(weights) == 0:
-        raise PortLLMError("weights sum to zero")
+    norm = NORMALIZE[method] if normalize is None else normalize
+    if norm and abs(sum(weights)) < 1e-8:
+        raise PortLLMError("weights sum to zero, so they cannot be normalized; pass normalize=False (--no-normalize)")
     check_mergeable(ps)
     rank = rank or max(m.rank for p in ps for m in p.modules.values())
     if rank < 1:
@@ -149,7 +157,7 @@ def merge(patches: list[Patch | str | Path], method: str = "linear", weights: li
     for name in names:
         present = [(w, p.modules[name]) for w, p in zip(weights, ps) if name in p.modules]
         if method in ("linear", "task_arithmetic"):
-            wsum = sum(weights) if method == "linear" else 1.0
+            wsum = sum(weights) if norm else 1.0
             us = [(lam * w / wsum) * m.scaling * m.B.float() for w, m in present]
             vs = [m.A.float() for _, m in present]
             if present[0][1].fan_in_fan_out:
@@ -162,13 +170,14 @@ def merge(patches: list[Patch | str | Path], method: str = "linear", weights: li
                 shape = present[0][1].weight_shape
                 ds += [torch.zeros(shape)] * (len(ps) - len(present))
                 ws += [w for w, p in zip(weights, ps) if name not in p.modules]
-            merged = merge_deltas(ds, method, ws, density, lam, gamma, g)
+            merged = merge_deltas(ds, method, ws, density, lam, gamma, g, norm)
             b, a, k = factor(merged, rank)
         tensors[f"{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{name}.lora_B.weight"] = b.contiguous()
         kept[name] = k
     config = lora_config({n: tensors[f"{n}.lora_A.weight"].shape[0] for n in names}, ps[0].config.get("base_model_name_or_path"))
     report = {"method": method, "weights": weights, "density": density, "lambda": lam, "gamma": gamma, "rank": rank, "seed": seed,
+              "normalize": norm,
               "inputs": [{"path": str(p.path), "task": (p.manifest or {}).get("task"),
                           "sha256": (p.manifest or {}).get("files", {}).get("adapter_model.safetensors")} for p in ps],
               "energy_kept_mean": sum(kept.values()) / len(kept), "energy_kept_min": min(kept.values()), "energy_kept": kept,

@@ -26,10 +26,9 @@ PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 @dataclass
-class TrainConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = PAPER_TARGETS
+class LoopConfig:
+    """What the shared training loop needs (patch training and base evolution alike)."""
+
     lr: float = 2e-4
     steps: int = 100
     batch_size: int = 8
@@ -38,14 +37,21 @@ class TrainConfig:
     dtype: str = "float32"
     warmup: float = 0.06
     weight_decay: float = 0.0
-    max_examples: int | None = None  # use only the first N train examples
-    max_epochs: int = 20  # refuse runs that would repeat each example more often than this
     checkpoint_every: int = 25
 
     def key(self) -> str:
-        d = asdict(self)
-        d.pop("checkpoint_every")
+        """Identity of the recipe (checkpoints of another recipe are not resumed)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "checkpoint_every"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = PAPER_TARGETS
+    max_examples: int | None = None  # use only the first N train examples
+    max_epochs: int = 20  # refuse runs that would repeat each example more often than this
 
 
 @dataclass
