@@ -69,7 +69,7 @@ def main() -> None:
         best = max((m for m, _ in METHODS), key=lambda m: sum(rows[f"merge: {m}"].values()))
         console.print(f"[dim]porting the {best} merge onto the evolved base...[/dim]")
         port(work / best, args.evolved, work / "ported")
-        rows[f"evolved base (zero-shot)"] = score(args.evolved, None)
+        rows["evolved base (zero-shot)"] = score(args.evolved, None)
         rows[f"evolved + ported merge: {best}"] = score(work / "ported", None)
         ported = {"method": best}
     sim = similarity(list(singles.values()))

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from .errors import PortLLMError
 from .models import base_info, resolve_base, token_strings, weight_index
 from .patch import Patch
 from .stream import TensorInfo, read_tensor

@@ -9,7 +9,6 @@ with a patch attached at runtime (PEFT), or a ported model directory.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -310,7 +310,8 @@ def charts(r: dict[str, Any], out: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("PortLLM: does the patch survive the base update?")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
@@ -321,6 +322,7 @@ def charts(r: dict[str, Any], out: Path) -> None:
         vals = [e["port"][key] or 0, e["retune"][key] or 0]
         ax.bar(["port (θ'+Δθ)", "re-tune (Δθ')"], vals, color=["tab:green", "tab:red"])
         ax.set_title(label)
+        ax.set_ylim(0, 1.15 * max(vals + [1e-9]))
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
     fig.tight_layout()
