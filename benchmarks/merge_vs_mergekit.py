@@ -2,8 +2,8 @@
 
 Inputs: three rank-8 LoRA patches on SmolLM2-135M (trained patches via --patches, else random
 ones). mergekit merges full models, so each patch is first ported onto the base (θ + ΔW_i), and
-TIES gets θ as its base model. portllm runs two ways: the dense merge (the same arithmetic on
-ΔW_i, written as a full model) and the patch route users take (`portllm merge` to a LoRA patch of
+TIES gets θ as its base model. portllm runs two ways: the dense merge (portllm's merge arithmetic
+on the same task vectors W_i − θ mergekit sees, written as a full model) and the patch route users take (`portllm merge` to a LoRA patch of
 rank R, then `portllm port`). Printed: wall time and peak RSS of each, and the max absolute
 difference of the resulting weights from mergekit's.
 
@@ -37,13 +37,14 @@ from safetensors.torch import load_file, save_file
 from portllm.merge import merge_deltas
 from portllm.models import copy_side_files, resolve_base
 from portllm.patch import Patch
-method, base, out, density, *paths = sys.argv[1:]
-patches = [Patch.load(p) for p in paths]
+method, base, out, density, patch0, *fulls = sys.argv[1:]
+# the same inputs mergekit sees: task vectors W_i - θ of the full models
 d = resolve_base(base)
 sd = load_file(d / "model.safetensors")
-for name in patches[0].modules:
-    deltas = [p.modules[name].delta() for p in patches]
+models = [load_file(Path(f) / "model.safetensors") for f in fulls]
+for name in Patch.load(patch0).modules:
     w = sd[name + ".weight"]
+    deltas = [m[name + ".weight"].float() - w.float() for m in models]
     sd[name + ".weight"] = (w.float() + merge_deltas(deltas, method, [1.0] * len(deltas), float(density))).to(w.dtype)
 Path(out).mkdir()
 copy_side_files(d, Path(out))
@@ -73,12 +74,13 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": h * 3600 + m * 60 + s, "peak_rss_mb": rss / 1024}
 
 
-def weights_diff(a: Path, b: Path) -> float:
+def weights_diff(a: Path, b: Path) -> tuple[float, float]:
+    """Max |difference| over all weights, and the share of entries differing by more than 1e-5."""
     from portllm.models import weight_index
     from portllm.stream import read_tensor
 
     ia, ib = weight_index(a), weight_index(b)
-    worst = 0.0
+    worst, differ, total = 0.0, 0, 0
     for name, (f, info) in ia.items():
         if name not in ib:
             if name == "lm_head.weight":
@@ -87,7 +89,9 @@ def weights_diff(a: Path, b: Path) -> float:
         x = read_tensor(info, f).float()
         y = read_tensor(ib[name][1], ib[name][0]).float()
         worst = max(worst, float((x - y).abs().max()))
-    return worst
+        differ += int(((x - y).abs() > 1e-5).sum())
+        total += x.numel()
+    return worst, differ / total
 
 
 def random_patches(base: Path, work: Path, n: int = 3) -> list[Path]:
@@ -146,7 +150,7 @@ def main() -> None:
             (work / f"{method}.yml").write_text(json.dumps(cfg))
             res = {"mergekit": timed([str(mk / "mergekit-yaml"), str(work / f"{method}.yml"), str(work / f"mk-{method}")])}
             res["portllm dense"] = timed([sys.executable, "-c", DENSE, method, str(base), str(work / f"pl-{method}"),
-                                          str(args.density), *map(str, patches)])
+                                          str(args.density), str(patches[0]), *map(str, full)])
             res["portllm merge (patch)"] = timed([sys.executable, "-m", "portllm.cli", "merge", *map(str, patches), "--method",
                                                   method, "--density", str(args.density), "--rank", str(args.rank), "--out",
                                                   str(work / f"patch-{method}"), "--json"])
@@ -163,8 +167,9 @@ def main() -> None:
         t.add_column(c, justify="right")
     for method, res in results.items():
         for tool in ("mergekit", "portllm dense", "portllm merge (patch)", "portllm port (merged patch)"):
-            diff = {"portllm dense": f"{res['diff_dense']:.2e}",
-                    "portllm port (merged patch)": f"{res['diff_patch']:.2e} (energy kept {res['energy_kept_mean']:.2%})"}.get(tool, "")
+            diff = {"portllm dense": f"{res['diff_dense'][0]:.2e} ({res['diff_dense'][1]:.4%} of entries > 1e-5)",
+                    "portllm port (merged patch)": f"{res['diff_patch'][0]:.2e} ({res['diff_patch'][1]:.2%} > 1e-5; "
+                                                   f"energy kept {res['energy_kept_mean']:.2%})"}.get(tool, "")
             t.add_row(method, tool, f"{res[tool]['wall_s']:.1f}", f"{res[tool]['peak_rss_mb']:.0f}", diff)
     console.print(t)
     if args.json:
