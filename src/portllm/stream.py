@@ -12,8 +12,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from .errors import PortLLMError
@@ -112,17 +110,6 @@ def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> to
         if own:
             os.close(fd)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
-
-
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) in file order, one at a time."""
-    header = read_header(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for info in sorted(header.tensors.values(), key=lambda t: t.start):
-            yield info.name, read_tensor(info, path, fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
