@@ -22,6 +22,13 @@ def one_line_error(r, code=3):
     return lines[0]
 
 
+def test_usage_errors_are_one_line():
+    for args in (["eval", "--model", "x", "--limit", "abc"], ["eval", "--model", "x", "--max-batch-tokens", "0"],
+                 ["nosuch"], ["port"]):
+        line = one_line_error(run(*args), code=2)
+        assert "--help" in line
+
+
 def test_inspect_check_port_flow(world, tmp_path):
     r = run("inspect", world["patch"])
     assert r.returncode == 0 and "q_proj" in r.stdout and "lineage" in r.stdout

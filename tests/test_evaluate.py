@@ -45,6 +45,42 @@ def test_batched_scores_match_slow_reference(lm, batch_size):
     assert tokens > 0
 
 
+TREE_PAIRS = [  # (context, continuation, share key)
+    ("Question: which is right?\nAnswer:", " the first of all the answers", 0),
+    ("Question: which is right?\nAnswer:", " the second", 0),
+    ("Question: which is right?\nAnswer:", " the second", 0),  # a duplicate shares its branch
+    ("Question: which is right?\nAnswer:", " x", 0),
+    ("Sarah was a better surgeon than Maria, so Sarah", " won the hard cases", 1),  # WinoGrande-like
+    ("Sarah was a better surgeon than Maria, so Maria", " won the hard cases", 1),
+    ("abc", " d", 2),
+    ("zzz", " d e f", 2),  # nothing in common with its group: unpacked
+]
+
+
+@pytest.mark.parametrize("batch_size,max_tokens", [(1, None), (2, None), (16, None), (16, 12), (16, 1)])
+def test_packed_shared_contexts_match_slow_reference(lm, batch_size, max_tokens):
+    pairs = [(c, x) for c, x, _ in TREE_PAIRS]
+    fast, tokens = loglikelihoods(lm, pairs, batch_size=batch_size, share=[k for *_, k in TREE_PAIRS], max_tokens=max_tokens)
+    for f, (c, x) in zip(fast, pairs):
+        assert f == pytest.approx(slow_loglik(lm, c, x), abs=1e-4)
+    unshared = sum(len(sum(encode_pair(lm.tokenizer, c, x), [])) - 1 for c, x in pairs)
+    assert tokens < unshared * 0.7  # the shared words ran once
+
+
+def test_batches_respect_rows_and_token_budget():
+    from portllm.evaluate import _batches, _Tree
+
+    trees = [_Tree([0] * n, [], [], {}) for n in (10, 9, 4, 4, 4, 4, 1)]
+    sizes = [[len(t.tokens) for t in b] for b in _batches(trees, rows=3, budget=16)]
+    assert sizes == [[10], [9], [4, 4, 4], [4, 1]]  # a row longer than the budget still runs, alone
+    assert sum(map(len, sizes)) == len(trees)
+
+
+def test_share_keys_must_match_requests(lm):
+    with pytest.raises(PortLLMError, match="share"):
+        loglikelihoods(lm, PAIRS, share=[0])
+
+
 def test_encode_pair_moves_trailing_space(lm):
     ctx, cont = encode_pair(lm.tokenizer, "Janet has ", "eggs")
     assert lm.tokenizer.decode(ctx) == "Janet has" and lm.tokenizer.decode(cont) == " eggs"

@@ -187,7 +187,9 @@ def eval_cmd(model: str = typer.Option(..., "--model", help=f"base or ported mod
              limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of each eval split"),
              out_dir: Optional[Path] = typer.Option(None, "--out", help="write results.json and samples_<task>.jsonl here"),
              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"),
-             batch_size: int = typer.Option(16, "--batch-size", help="requests per forward pass"),
+             batch_size: int = typer.Option(16, "--batch-size", help="at most this many rows per forward pass"),
+             max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", min=1,
+                                                            help="at most this many padded tokens per forward pass (default 640 on CPU)"),
              dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
              threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
              as_json: bool = typer.Option(False, "--json", help="print results as JSON")) -> None:
@@ -203,7 +205,7 @@ def eval_cmd(model: str = typer.Option(..., "--model", help=f"base or ported mod
     data = resolve_data(data_dir)
     lm = open_lm(model, patch, dtype=dtype, threads=threads)
     res = evaluate(lm, task_list, limit=limit, data=data, out=out_dir, batch_size=batch_size,
-                   show_progress=not as_json and err.is_terminal)
+                   show_progress=not as_json and err.is_terminal, max_tokens=max_batch_tokens)
     if as_json:
         _json(res)
         return
@@ -480,6 +482,21 @@ def similarity_cmd(patches: list[Path] = typer.Argument(..., help="patch directo
         out.print(f"group (cos ≥ {threshold}): " + ", ".join(str(patches[i]) for i in g))
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Typer >= 0.20 raises its own vendored copy of click's exceptions, older ones click's."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+        found.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(found)
+
+
+_ABORTS = _click_classes("Abort")
+_USAGE_ERRORS = _click_classes("ClickException")
+
+
 def main() -> None:
     """Entry point: one-line errors, meaningful exit codes, no tracebacks for user mistakes."""
     try:
@@ -487,14 +504,14 @@ def main() -> None:
     except PortLLMError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(3)
-    except click.exceptions.Abort:
+    except (KeyboardInterrupt, *_ABORTS):
         err.print("interrupted")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
+    except _USAGE_ERRORS as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        if e.format_message():  # empty when the help was just shown for a bare command
+            err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -80,51 +80,135 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     return ctx, whole[len(ctx):]
 
 
+@dataclass
+class _Tree:
+    """The requests of one question packed into one row: a shared prefix, then one branch per
+    distinct continuation path. Branches see the prefix and themselves, never each other."""
+
+    tokens: list[int]                      # prefix, then each branch without its last token
+    positions: list[int]                   # position ids: every branch restarts after the prefix
+    branch: list[int]                      # -1 for the prefix, else the branch index
+    targets: dict[int, list[tuple[int, int]]]  # request -> (row offset of the predicting logit, token)
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for k in range(n):
+        if any(x[k] != first[k] for x in seqs[1:]):
+            return k
+    return n
+
+
+def _pack(reqs: list[tuple[int, list[int], int]]) -> _Tree:
+    """reqs: (request index, full token sequence, length of its scored continuation)."""
+    seqs = [seq for _, seq, _ in reqs]
+    p = min(_common_prefix(seqs), *(len(seq) - m for _, seq, m in reqs))  # never share scored tokens
+    tokens, branch = list(seqs[0][:p]), [-1] * p
+    positions = list(range(p))
+    targets: dict[int, list[tuple[int, int]]] = {}
+    starts: dict[tuple[int, ...], int] = {}
+    for i, seq, m in reqs:
+        rest = tuple(seq[p:])
+        if rest not in starts:  # identical paths share one branch
+            starts[rest] = len(tokens)
+            b = len(starts) - 1
+            tokens += rest[:-1]
+            positions += range(p, p + len(rest) - 1)
+            branch += [b] * (len(rest) - 1)
+        s = starts[rest]
+        # token rest[t] is predicted by the prefix's last logit (t = 0) or by rest[t - 1]'s
+        targets[i] = [((p - 1) if t == 0 else s + t - 1, rest[t]) for t in range(len(rest) - m, len(rest))]
+    return _Tree(tokens, positions, branch, targets)
+
+
+CPU_BATCH_TOKENS = 640
+
+
+def _token_budget(max_tokens: int | None, device: torch.device) -> int:
+    """Padded tokens per forward pass. On CPU, throughput peaks when a batch's activations stay
+    in cache: measured on SmolLM2 (2 cores), BoolQ runs at ~840 tokens/s one passage at a time
+    and ~500 tokens/s sixteen at a time, while 16 short SST-2 rows (~600 tokens) beat 4."""
+    if max_tokens:
+        return max_tokens
+    return CPU_BATCH_TOKENS if device.type == "cpu" else 1 << 16
+
+
+def _batches(trees: list[_Tree], rows: int, budget: int) -> Iterable[list[_Tree]]:
+    """Consecutive trees (longest first) while rows and padded width fit the budget."""
+    b = 0
+    while b < len(trees):
+        width = len(trees[b].tokens)
+        n = max(1, min(rows, budget // max(1, width)))
+        yield trees[b : b + n]
+        b += n
+
+
 @torch.inference_mode()
 def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
-                   progress: Progress | None = None) -> tuple[list[float], int]:
+                   progress: Progress | None = None, share: list[Any] | None = None,
+                   max_tokens: int | None = None) -> tuple[list[float], int]:
     """Sum of log p(continuation | context) for each pair, and the number of tokens run through the model.
 
-    Requests whose model input is identical (the choices of one question when each is a single
-    token, as in BoolQ or SST-2) share one forward pass.
+    Requests with the same `share` key (default: the same context) are packed into one row, so a
+    shared context is computed once: BoolQ's or ARC's choices cost one pass over the passage, and
+    WinoGrande's two sentences share the words before the blank. A batch holds at most
+    `batch_size` rows and `max_tokens` padded tokens (see `_token_budget`).
     """
-    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    keys = share if share is not None else [c for c, _ in pairs]
+    if len(keys) != len(pairs):
+        raise PortLLMError(f"share has {len(keys)} keys for {len(pairs)} requests")
+    bos = lm.tokenizer.eos_token_id
+    by_key: dict[Any, list[tuple[int, list[int], int]]] = {}
     for i, (c, x) in enumerate(pairs):
         ctx, cont = encode_pair(lm.tokenizer, c, x)
         if not cont:
             raise PortLLMError(f"empty continuation for request {i}: {x!r}")
-        if not ctx:
-            ctx = [lm.tokenizer.eos_token_id]
-        seq = (ctx + cont)[-(lm.max_length + 1):]
-        groups.setdefault(tuple(seq[:-1]), []).append((i, cont))
-    inputs = sorted(groups, key=lambda k: -len(k))
+        seq = ((ctx or [bos]) + cont)[-(lm.max_length + 1):]
+        by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
+    trees = []
+    for reqs in by_key.values():
+        tree = _pack(reqs)
+        if tree.branch.count(-1) == 0:  # nothing in common: one row per request
+            trees += [_pack([r]) for r in reqs]
+        else:
+            trees.append(tree)
+    trees.sort(key=lambda t: -len(t.tokens))
     out = [0.0] * len(pairs)
-    tokens = 0
-    device = next(lm.model.parameters()).device
+    n_tokens = 0
+    param = lm.model.get_input_embeddings().weight  # the base's dtype (PEFT keeps adapters in fp32)
     pad = lm.tokenizer.pad_token_id
-    for b in range(0, len(inputs), batch_size):
-        batch = inputs[b : b + batch_size]
-        width = len(batch[0])
-        keep = max(len(cont) for inp in batch for _, cont in groups[inp])
+    for batch in _batches(trees, batch_size, _token_budget(max_tokens, param.device)):
+        width = len(batch[0].tokens)
+        keep = max(len(t.tokens) - min(o for tg in t.targets.values() for o, _ in tg) for t in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, inp in enumerate(batch):
-            ids[j, width - len(inp):] = torch.tensor(inp)
-            mask[j, width - len(inp):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        br = torch.full((len(batch), width), -2, dtype=torch.long)
+        for j, t in enumerate(batch):
+            ids[j, width - len(t.tokens):] = torch.tensor(t.tokens)
+            pos[j, width - len(t.tokens):] = torch.tensor(t.positions)
+            br[j, width - len(t.tokens):] = torch.tensor(t.branch)
+        if (br >= 0).any():
+            # tree attention: causal, within the prefix or the query's own branch; padding sees itself only
+            q, k = br[:, :, None], br[:, None, :]
+            allowed = torch.ones(width, width, dtype=torch.bool).tril() & (((k == -1) & (q != -2)) | (k == q))
+            mask = torch.zeros(allowed.shape, dtype=param.dtype).masked_fill_(~allowed, torch.finfo(param.dtype).min)[:, None]
+        else:
+            mask = (br != -2).long()
+        logits = lm.model(input_ids=ids.to(param.device), attention_mask=mask.to(param.device), position_ids=pos.to(param.device),
                           logits_to_keep=keep, use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         done = 0
-        for j, inp in enumerate(batch):
-            for i, cont in groups[inp]:
-                rows = logp[j, keep - len(cont):]
-                out[i] = float(rows.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
+        for j, t in enumerate(batch):
+            shift = keep - len(t.tokens)  # row offset o is logit index o + shift
+            for i, tg in t.targets.items():
+                rows = torch.tensor([o + shift for o, _ in tg])
+                out[i] = float(logp[j, rows, torch.tensor([tok for _, tok in tg])].sum())
                 done += 1
-            tokens += len(inp)
+            n_tokens += len(t.tokens)
         if progress:
             progress(done)
-    return out, tokens
+    return out, n_tokens
 
 
 # ---------------------------------------------------------------- generation
@@ -227,14 +311,16 @@ class TaskRun:
                 "tokens_per_s": round(self.tokens / self.time_s, 1) if self.time_s else None, **self.extra}
 
 
-def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, progress: Progress | None = None) -> TaskRun:
+def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, progress: Progress | None = None,
+             max_tokens: int | None = None) -> TaskRun:
     """Score one task; records follow the eval split's file order."""
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
     extra: dict[str, float] = {}
     if task.kind == "mc":
         pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
-        lls, tokens = loglikelihoods(lm, pairs, batch_size, progress)
+        share = [e.idx for e in examples for _ in e.continuations]
+        lls, tokens = loglikelihoods(lm, pairs, batch_size, progress, share, max_tokens)
         k = 0
         correct_norm = []
         for e in examples:
@@ -267,16 +353,18 @@ def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, 
 
 
 def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Path | None = None,
-             out: str | Path | None = None, batch_size: int = 16, show_progress: bool = False) -> dict[str, Any]:
+             out: str | Path | None = None, batch_size: int = 16, show_progress: bool = False,
+             max_tokens: int | None = None) -> dict[str, Any]:
     """Run tasks, write OUT/samples_<task>.jsonl and OUT/results.json, return the results dict."""
     loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
     results: dict[str, Any] = {"model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint,
-                               "dtype": lm.dtype, "limit": limit, "batch_size": batch_size, "tasks": {}}
+                               "dtype": lm.dtype, "limit": limit, "batch_size": batch_size,
+                               "max_batch_tokens": _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device), "tasks": {}}
     total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
     with Bar(show_progress, total, "eval") as bar:
         for t in tasks:
             bar.describe(t.name)
-            run = run_task(lm, t, loaded[t.name], batch_size, bar.advance)
+            run = run_task(lm, t, loaded[t.name], batch_size, bar.advance, max_tokens)
             results["tasks"][t.name] = run.summary(lm)
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
