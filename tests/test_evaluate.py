@@ -76,6 +76,22 @@ def test_batches_respect_rows_and_token_budget():
     assert sum(map(len, sizes)) == len(trees)
 
 
+def test_tree_rows_only_where_the_model_allows_them(lm, monkeypatch):
+    """Flash attention takes no 4D mask and a sliding window must not be outgrown: rows fall back to one
+    request each (still exact); a single request never needs a tree mask."""
+    from portllm.evaluate import _pack
+
+    assert set(_pack([(0, [5, 6, 7, 8], 2)]).branch) == {-1}
+    pairs = [(c, x) for c, x, _ in TREE_PAIRS]
+    keys = [k for *_, k in TREE_PAIRS]
+    _, packed = loglikelihoods(lm, pairs, share=keys)
+    monkeypatch.setattr(lm.model.config, "sliding_window", 4, raising=False)
+    fast, unpacked = loglikelihoods(lm, pairs, share=keys)
+    assert unpacked > packed
+    for f, (c, x) in zip(fast, pairs):
+        assert f == pytest.approx(slow_loglik(lm, c, x), abs=1e-4)
+
+
 def test_share_keys_must_match_requests(lm):
     with pytest.raises(PortLLMError, match="share"):
         loglikelihoods(lm, PAIRS, share=[0])

@@ -119,6 +119,8 @@ def _pack(reqs: list[tuple[int, list[int], int]]) -> _Tree:
         s = starts[rest]
         # token rest[t] is predicted by the prefix's last logit (t = 0) or by rest[t - 1]'s
         targets[i] = [((p - 1) if t == 0 else s + t - 1, rest[t]) for t in range(len(rest) - m, len(rest))]
+    if len(starts) == 1:  # a single path is a plain causal row
+        branch = [-1] * len(tokens)
     return _Tree(tokens, positions, branch, targets)
 
 
@@ -166,11 +168,16 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
             raise PortLLMError(f"empty continuation for request {i}: {x!r}")
         seq = ((ctx or [bos]) + cont)[-(lm.max_length + 1):]
         by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
+    cfg = getattr(lm.model, "config", None)
+    # a tree needs a custom 4D mask: eager/SDPA attention only, and no sliding window it could outgrow
+    tree_ok = getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    window = getattr(cfg, "sliding_window", None) or 0
     trees = []
     for reqs in by_key.values():
         tree = _pack(reqs)
-        if tree.branch.count(-1) == 0:  # nothing in common: one row per request
-            trees += [_pack([r]) for r in reqs]
+        branched = any(b >= 0 for b in tree.branch)
+        if tree.branch.count(-1) == 0 or (branched and (not tree_ok or (window and len(tree.tokens) > window))):
+            trees += [_pack([r]) for r in reqs]  # one row per request
         else:
             trees.append(tree)
     trees.sort(key=lambda t: -len(t.tokens))
