@@ -25,7 +25,7 @@ def one_line_error(r, code=3):
 def test_usage_errors_are_one_line():
     for args in (["eval", "--model", "x", "--limit", "abc"], ["eval", "--model", "x", "--max-batch-tokens", "0"],
                  ["nosuch"], ["port"]):
-        line = one_line_error(run(*args), code=2)
+        line = one_line_error(run(*args), code=3)
         assert "--help" in line
 
 

@@ -510,9 +510,10 @@ def main() -> None:
     except _USAGE_ERRORS as e:
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        if e.format_message():  # empty when the help was just shown for a bare command
-            err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        if not e.format_message():  # the help was just shown for a bare command
+            sys.exit(0)
+        err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(3)  # not click's 2, which `check` uses for "incompatible"
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
