@@ -101,18 +101,17 @@ def test_unknown_task_and_missing_data_dir(tmp_path):
     assert [t.name for t in parse_tasks("paper")] == list(PAPER_TASKS)
 
 
-def test_malformed_lines_name_file_and_line(tmp_path):
-    (tmp_path / "boolq").mkdir()
-    (tmp_path / "boolq" / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": "true"}\n{"question": oops}\n')
-    with pytest.raises(PortLLMError, match=r"boolq/val.jsonl:2: malformed JSON"):
-        load_examples(get_task("boolq"), "eval", tmp_path)
-    (tmp_path / "boolq" / "val.jsonl").write_text('{"question": "q", "passage": "p", "label": "maybe"}\n')
-    with pytest.raises(PortLLMError, match=r"val.jsonl:1: label 'maybe' is not true/false"):
-        load_examples(get_task("boolq"), "eval", tmp_path)
-    (tmp_path / "sst2").mkdir()
-    (tmp_path / "sst2" / "test.tsv").write_text("sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n")
-    with pytest.raises(PortLLMError, match=r"test.tsv:3: expected 2 tab-separated fields, found 3"):
-        load_examples(get_task("sst2"), "eval", tmp_path)
-    (tmp_path / "sst2" / "test.tsv").write_text("text\tlabel\ngood movie\t1\n")
-    with pytest.raises(PortLLMError, match=r"test.tsv:2: missing field 'sentence'"):
-        load_examples(get_task("sst2"), "eval", tmp_path)
+@pytest.mark.parametrize("task,rel,text,error", [
+    ("boolq", "boolq/val.jsonl", '{"question": "q", "passage": "p", "label": "true"}\n{"question": oops}\n',
+     r"boolq/val.jsonl:2: malformed JSON"),
+    ("boolq", "boolq/val.jsonl", '{"question": "q", "passage": "p", "label": "maybe"}\n',
+     r"val.jsonl:1: label 'maybe' is not true/false"),
+    ("sst2", "sst2/test.tsv", "sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n",
+     r"test.tsv:3: expected 2 tab-separated fields, found 3"),
+    ("sst2", "sst2/test.tsv", "text\tlabel\ngood movie\t1\n", r"test.tsv:2: missing field 'sentence'"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
+    (tmp_path / rel).parent.mkdir()
+    (tmp_path / rel).write_text(text)
+    with pytest.raises(PortLLMError, match=error):
+        load_examples(get_task(task), "eval", tmp_path)

@@ -124,6 +124,17 @@ def _pack(reqs: list[tuple[int, list[int], int]]) -> _Tree:
     return _Tree(tokens, positions, branch, targets)
 
 
+def _rows(reqs: list[tuple[int, list[int], int]], tree_limit: int) -> list[_Tree]:
+    """One tree for the group, or one row per request when the group shares nothing or its tree
+    would be longer than `tree_limit` tokens."""
+    tree = _pack(reqs)
+    shares = tree.branch[:1] == [-1]
+    is_tree = any(b >= 0 for b in tree.branch)
+    if shares and (not is_tree or len(tree.tokens) <= tree_limit):
+        return [tree]
+    return [_pack([r]) for r in reqs]
+
+
 CPU_BATCH_TOKENS = 640
 
 
@@ -170,16 +181,9 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
         by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
     cfg = getattr(lm.model, "config", None)
     # a tree needs a custom 4D mask: eager/SDPA attention only, and no sliding window it could outgrow
-    tree_ok = getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
-    window = getattr(cfg, "sliding_window", None) or 0
-    trees = []
-    for reqs in by_key.values():
-        tree = _pack(reqs)
-        branched = any(b >= 0 for b in tree.branch)
-        if tree.branch.count(-1) == 0 or (branched and (not tree_ok or (window and len(tree.tokens) > window))):
-            trees += [_pack([r]) for r in reqs]  # one row per request
-        else:
-            trees.append(tree)
+    limit = 0 if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager") else \
+        getattr(cfg, "sliding_window", None) or 1 << 62
+    trees = [t for reqs in by_key.values() for t in _rows(reqs, limit)]
     trees.sort(key=lambda t: -len(t.tokens))
     out = [0.0] * len(pairs)
     n_tokens = 0
