@@ -140,8 +140,8 @@ CPU_BATCH_TOKENS = 640
 
 def _token_budget(max_tokens: int | None, device: torch.device) -> int:
     """Padded tokens per forward pass. On CPU, throughput peaks when a batch's activations stay
-    in cache: measured on SmolLM2 (2 cores), BoolQ runs at ~840 tokens/s one passage at a time
-    and ~500 tokens/s sixteen at a time, while 16 short SST-2 rows (~600 tokens) beat 4."""
+    in cache: long BoolQ rows run ~1.7x faster a few at a time than sixteen at a time, while short
+    SST-2 rows still gain from sixteen (benchmarks/eval_batching.py)."""
     if max_tokens:
         return max_tokens
     return CPU_BATCH_TOKENS if device.type == "cpu" else 1 << 16
