@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="boolq,sst2")
     ap.add_argument("--limit", type=int, default=80)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PORTLLM_DATA", ROOT.parent / "shared" / "data")))
+    ap.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("PORTLLM_DATA", ROOT.parent / "shared" / "data"))
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -42,9 +44,27 @@ def main() -> None:
     results: dict[str, dict] = {}
     for label, flags in SETTINGS.items():
         console.print(f"[dim]{label}...[/dim]")
-        r = subprocess.run([sys.executable, "-m", "portllm.cli", "eval", "--model", args.model, "--tasks", args.tasks,
-                            "--limit", str(args.limit), "--data-dir", str(args.data_dir), "--json", *flags],
-                           capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "portllm.cli",
+                "eval",
+                "--model",
+                args.model,
+                "--tasks",
+                args.tasks,
+                "--limit",
+                str(args.limit),
+                "--data-dir",
+                str(args.data_dir),
+                "--json",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
         if r.returncode != 0:
             raise SystemExit(f"portllm eval failed ({label}): {r.stderr.strip()[-2000:]}")
         results[label] = json.loads(r.stdout)["tasks"]
@@ -55,8 +75,14 @@ def main() -> None:
         t.add_column(task, justify="right")
         t.add_column(f"{task} acc", justify="right")
     for label, res in results.items():
-        t.add_row(label, *[c for task in tasks for c in (f"{res[task]['tokens_per_s']:.0f} ({res[task]['time_s']:.1f})",
-                                                         f"{res[task]['value']:.4f}")])
+        t.add_row(
+            label,
+            *[
+                c
+                for task in tasks
+                for c in (f"{res[task]['tokens_per_s']:.0f} ({res[task]['time_s']:.1f})", f"{res[task]['value']:.4f}")
+            ],
+        )
     console.print(t)
     same = all(len({res[task]["value"] for res in results.values()}) == 1 for task in tasks)
     console.print(f"accuracy identical across settings: {'[green]yes[/green]' if same else '[red]NO[/red]'}")

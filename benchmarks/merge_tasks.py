@@ -17,8 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = [("linear", {}), ("task_arithmetic", {"lam": 1.0}), ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}),
-           ("dare_ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.5, "gamma": 0.01})]
+METHODS = [
+    ("linear", {}),
+    ("task_arithmetic", {"lam": 1.0}),
+    ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5}),
+    ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.01}),
+]
 
 
 def main() -> None:
@@ -75,21 +81,52 @@ def main() -> None:
     sim = similarity(list(singles.values()))
     args.out.mkdir(parents=True, exist_ok=True)
     names = [t.name for t in tasks]
-    md = [f"# Merging task patches ({', '.join(names)}) on {args.base}", "",
-          f"Each row scores one model on the first {args.limit} eval examples of each task (accuracy, %). Merges: rank-{args.rank} "
-          "patches re-factored by SVD from the merged full updates; TIES/DARE/Breadcrumbs at density 0.5, DARE seed 0.", "",
-          "| model | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
+    md = [
+        f"# Merging task patches ({', '.join(names)}) on {args.base}",
+        "",
+        f"Each row scores one model on the first {args.limit} eval examples of each task (accuracy, %). Merges: "
+        f"rank-{args.rank} "
+        "patches re-factored by SVD from the merged full updates; TIES/DARE/Breadcrumbs at density 0.5, DARE seed 0.",
+        "",
+        "| model | " + " | ".join(names) + " | mean |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
     for label, r in rows.items():
-        md.append(f"| {label} | " + " | ".join(f"{100 * r[n]:.1f}" for n in names) + f" | {100 * sum(r.values()) / len(r):.1f} |")
-    md += ["", "Energy kept by the rank-{} re-factoring (mean over layers): ".format(args.rank)
-           + ", ".join(f"{m} {e:.1%}" for m, e in energy.items()) + ".", "",
-           "Cosine similarity of the single patches' updates: "
-           + ", ".join(f"{names[i]}–{names[j]} {sim[i][j]:+.3f}" for i in range(len(names)) for j in range(i + 1, len(names))) + ".",
-           "", f"Command: `python benchmarks/merge_tasks.py {' '.join('--patch ' + p for p in args.patch)} --base {args.base}"
-           + (f" --evolved {args.evolved}" if args.evolved else "") + f" --limit {args.limit}`; {(time.perf_counter() - t0) / 60:.1f} min."]
+        md.append(
+            f"| {label} | "
+            + " | ".join(f"{100 * r[n]:.1f}" for n in names)
+            + f" | {100 * sum(r.values()) / len(r):.1f} |"
+        )
+    md += [
+        "",
+        f"Energy kept by the rank-{args.rank} re-factoring (mean over layers): "
+        + ", ".join(f"{m} {e:.1%}" for m, e in energy.items())
+        + ".",
+        "",
+        "Cosine similarity of the single patches' updates: "
+        + ", ".join(
+            f"{names[i]}–{names[j]} {sim[i][j]:+.3f}" for i in range(len(names)) for j in range(i + 1, len(names))
+        )
+        + ".",
+        "",
+        f"Command: `python benchmarks/merge_tasks.py {' '.join('--patch ' + p for p in args.patch)} --base {args.base}"
+        + (f" --evolved {args.evolved}" if args.evolved else "")
+        + f" --limit {args.limit}`; {(time.perf_counter() - t0) / 60:.1f} min.",
+    ]
     (args.out / "merging.md").write_text("\n".join(md) + "\n")
-    (args.out / "merging.json").write_text(json.dumps({"rows": rows, "energy_kept": energy, "similarity": sim, "ported": ported,
-                                                       "limit": args.limit, "rank": args.rank}, indent=2))
+    (args.out / "merging.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "energy_kept": energy,
+                "similarity": sim,
+                "ported": ported,
+                "limit": args.limit,
+                "rank": args.rank,
+            },
+            indent=2,
+        )
+    )
     console.print("\n".join(md))
 
 

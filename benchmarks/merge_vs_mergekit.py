@@ -3,9 +3,9 @@
 Inputs: three rank-8 LoRA patches on SmolLM2-135M (trained patches via --patches, else random
 ones). mergekit merges full models, so each patch is first ported onto the base (θ + ΔW_i), and
 TIES gets θ as its base model. portllm runs two ways: the dense merge (portllm's merge arithmetic
-on the same task vectors W_i − θ mergekit sees, written as a full model) and the patch route users take (`portllm merge` to a LoRA patch of
-rank R, then `portllm port`). Printed: wall time and peak RSS of each, and the max absolute
-difference of the resulting weights from mergekit's.
+on the same task vectors W_i − θ mergekit sees, written as a full model) and the patch route users
+take (`portllm merge` to a LoRA patch of rank R, then `portllm port`). Printed: wall time and peak
+RSS of each, and the max absolute difference of the resulting weights from mergekit's.
 
     python benchmarks/merge_vs_mergekit.py [--patches P1 P2 P3] [--rank 24] [--density 0.5]
 
@@ -64,8 +64,12 @@ def ensure_mergekit() -> Path:
 
 def timed(cmd: list[str]) -> dict:
     """Run under /usr/bin/time -v: wall seconds and peak RSS of the whole command."""
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        ["/usr/bin/time", "-v", *cmd],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"),
+    )
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd[:3])}\n{r.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", r.stderr)
@@ -109,8 +113,14 @@ def random_patches(base: Path, work: Path, n: int = 3) -> list[Path]:
                 o, i = t.shape
                 tensors[f"{mod}.lora_A.weight"] = torch.randn(8, i, generator=g) / math.sqrt(i)
                 tensors[f"{mod}.lora_B.weight"] = torch.randn(o, 8, generator=g) * 0.02
-        config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                  "gate_proj", "up_proj", "down_proj"], "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}
+        config = {
+            "peft_type": "LORA",
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(base),
+        }
         p = work / f"patch{k}"
         Patch(config, tensors, new_manifest(info, config, tensors, "created", f"random{k}")).save(p)
         out.append(p)
@@ -119,7 +129,9 @@ def random_patches(base: Path, work: Path, n: int = 3) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--patches", nargs="*", type=Path, default=None, help="patches made on smollm2-135m (default: 3 random)")
+    ap.add_argument(
+        "--patches", nargs="*", type=Path, default=None, help="patches made on smollm2-135m (default: 3 random)"
+    )
     ap.add_argument("--rank", type=int, default=24, help="rank of portllm's merged patch")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--json", type=Path, default=None)
@@ -138,38 +150,107 @@ def main() -> None:
         full = []
         for k, p in enumerate(patches):  # mergekit needs whole models: θ + ΔW_i
             full.append(work / f"full{k}")
-            subprocess.run([sys.executable, "-m", "portllm.cli", "port", str(p), "--base", str(base), "--out", str(full[-1]),
-                            "--json"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "portllm.cli",
+                    "port",
+                    str(p),
+                    "--base",
+                    str(base),
+                    "--out",
+                    str(full[-1]),
+                    "--json",
+                ],
+                check=True,
+                capture_output=True,
+            )
         results = {}
         for method in ("linear", "ties"):
-            cfg = {"merge_method": method, "dtype": "float32",
-                   "models": [{"model": str(f), "parameters": {"weight": 1.0, **({"density": args.density} if method == "ties" else {})}}
-                              for f in full]}
+            cfg = {
+                "merge_method": method,
+                "dtype": "float32",
+                "models": [
+                    {
+                        "model": str(f),
+                        "parameters": {"weight": 1.0, **({"density": args.density} if method == "ties" else {})},
+                    }
+                    for f in full
+                ],
+            }
             if method == "ties":
                 cfg["base_model"] = str(base)
             (work / f"{method}.yml").write_text(json.dumps(cfg))
-            res = {"mergekit": timed([str(mk / "mergekit-yaml"), str(work / f"{method}.yml"), str(work / f"mk-{method}")])}
-            res["portllm dense"] = timed([sys.executable, "-c", DENSE, method, str(base), str(work / f"pl-{method}"),
-                                          str(args.density), str(patches[0]), *map(str, full)])
-            res["portllm merge (patch)"] = timed([sys.executable, "-m", "portllm.cli", "merge", *map(str, patches), "--method",
-                                                  method, "--density", str(args.density), "--rank", str(args.rank), "--out",
-                                                  str(work / f"patch-{method}"), "--json"])
-            res["portllm port (merged patch)"] = timed([sys.executable, "-m", "portllm.cli", "port", str(work / f"patch-{method}"),
-                                                        "--base", str(base), "--out", str(work / f"pp-{method}"), "--json"])
+            res = {
+                "mergekit": timed([str(mk / "mergekit-yaml"), str(work / f"{method}.yml"), str(work / f"mk-{method}")])
+            }
+            res["portllm dense"] = timed(
+                [
+                    sys.executable,
+                    "-c",
+                    DENSE,
+                    method,
+                    str(base),
+                    str(work / f"pl-{method}"),
+                    str(args.density),
+                    str(patches[0]),
+                    *map(str, full),
+                ]
+            )
+            res["portllm merge (patch)"] = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "portllm.cli",
+                    "merge",
+                    *map(str, patches),
+                    "--method",
+                    method,
+                    "--density",
+                    str(args.density),
+                    "--rank",
+                    str(args.rank),
+                    "--out",
+                    str(work / f"patch-{method}"),
+                    "--json",
+                ]
+            )
+            res["portllm port (merged patch)"] = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "portllm.cli",
+                    "port",
+                    str(work / f"patch-{method}"),
+                    "--base",
+                    str(base),
+                    "--out",
+                    str(work / f"pp-{method}"),
+                    "--json",
+                ]
+            )
             res["diff_dense"] = weights_diff(work / f"pl-{method}", work / f"mk-{method}")
             res["diff_patch"] = weights_diff(work / f"pp-{method}", work / f"mk-{method}")
-            res["energy_kept_mean"] = json.loads((work / f"patch-{method}" / "portllm.json").read_text())["extra"]["merge"]["energy_kept_mean"]
+            res["energy_kept_mean"] = json.loads((work / f"patch-{method}" / "portllm.json").read_text())["extra"][
+                "merge"
+            ]["energy_kept_mean"]
             results[method] = res
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = Table(title=f"3 rank-8 patches on SmolLM2-135M, fp32; TIES density {args.density}; portllm merged-patch rank {args.rank}")
+    t = Table(
+        title=f"3 rank-8 patches on SmolLM2-135M, fp32; TIES density {args.density}; portllm merged-patch rank "
+        f"{args.rank}"
+    )
     for c in ("method", "tool", "wall s", "peak RSS MB", "max |Δw| vs mergekit"):
         t.add_column(c, justify="right")
     for method, res in results.items():
         for tool in ("mergekit", "portllm dense", "portllm merge (patch)", "portllm port (merged patch)"):
-            diff = {"portllm dense": f"{res['diff_dense'][0]:.2e} ({res['diff_dense'][1]:.4%} of entries > 1e-5)",
-                    "portllm port (merged patch)": f"{res['diff_patch'][0]:.2e} ({res['diff_patch'][1]:.2%} > 1e-5; "
-                                                   f"energy kept {res['energy_kept_mean']:.2%})"}.get(tool, "")
+            diff = {
+                "portllm dense": f"{res['diff_dense'][0]:.2e} ({res['diff_dense'][1]:.4%} of entries > 1e-5)",
+                "portllm port (merged patch)": f"{res['diff_patch'][0]:.2e} ({res['diff_patch'][1]:.2%} > 1e-5; "
+                f"energy kept {res['energy_kept_mean']:.2%})",
+            }.get(tool, "")
             t.add_row(method, tool, f"{res[tool]['wall_s']:.1f}", f"{res[tool]['peak_rss_mb']:.0f}", diff)
     console.print(t)
     if args.json:

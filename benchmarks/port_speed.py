@@ -53,7 +53,9 @@ def run_child(method: str, base: Path, patch: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", CHILD, method, str(base), str(patch), str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, method, str(base), str(patch), str(out)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise SystemExit(f"{method} failed:\n{r.stderr[-2000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -63,25 +65,40 @@ def run_child(method: str, base: Path, patch: Path, out: Path) -> dict:
     return res
 
 
-def synthetic_llama(d: Path, layers: int = 26, hidden: int = 2048, inter: int = 5632, vocab: int = 32000,
-                    shard_bytes: int = 500 * 2**20) -> Path:
+def synthetic_llama(
+    d: Path, layers: int = 26, hidden: int = 2048, inter: int = 5632, vocab: int = 32000, shard_bytes: int = 500 * 2**20
+) -> Path:
     """A ~1.5B-parameter Llama checkpoint in bf16, written tensor by tensor (never whole in memory)."""
     from portllm.stream import ShardWriter
 
     d.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": vocab,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
-        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     specs = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         specs += [(p + f"self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        specs += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                  (p + "mlp.down_proj.weight", (hidden, inter))]
+        specs += [
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
         specs += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
     specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     shards, cur, size = [], [], 0
@@ -121,8 +138,16 @@ def random_patch(base: Path, out: Path, rank: int = 8) -> Path:
             o, i = info.shape
             tensors[f"{mod}.lora_A.weight"] = torch.randn(rank, i, generator=g) / math.sqrt(i)
             tensors[f"{mod}.lora_B.weight"] = torch.randn(o, rank, generator=g) * 0.01
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-              "fan_in_fan_out": False, "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+    }
     p = Patch(config, tensors, new_manifest(base_info(base), config, tensors, "created", "benchmark"))
     p.save(out, overwrite=True)
     return out
@@ -131,7 +156,9 @@ def random_patch(base: Path, out: Path, rank: int = 8) -> Path:
 def bench_case(label: str, base: Path, work: Path) -> dict:
     patch = random_patch(base, work / f"{label}-patch")
     res = {m: run_child(m, base, patch, work / f"{label}-{m}") for m in ("copy", "peft", "portllm")}
-    n_params = sum(math.prod(info.shape) for _, info in __import__("portllm.models", fromlist=["x"]).weight_index(base).values())
+    n_params = sum(
+        math.prod(info.shape) for _, info in __import__("portllm.models", fromlist=["x"]).weight_index(base).values()
+    )
     res["params"] = n_params
     res["ratios"] = {
         "rss_portllm_over_peft": res["portllm"]["peak_rss_mb"] / res["peft"]["peak_rss_mb"],
@@ -170,19 +197,34 @@ def main() -> None:
         t.add_column(c, justify="right")
     for case, r in results.items():
         for m in ("copy", "peft", "portllm"):
-            t.add_row(case, f"{r['params'] / 1e9:.2f}B", m, f"{r[m]['wall_s']:.1f}", f"{r[m]['peak_rss_mb']:.0f}",
-                      f"{r[m]['out_bytes'] / 1e9:.2f}")
+            t.add_row(
+                case,
+                f"{r['params'] / 1e9:.2f}B",
+                m,
+                f"{r[m]['wall_s']:.1f}",
+                f"{r[m]['peak_rss_mb']:.0f}",
+                f"{r[m]['out_bytes'] / 1e9:.2f}",
+            )
     console.print(t)
     for case, r in results.items():
         q = r["ratios"]
-        console.print(f"{case}: portllm/PEFT peak RSS {q['rss_portllm_over_peft']:.2f}x, "
-                      f"portllm/PEFT wall {q['wall_portllm_over_peft']:.2f}x, portllm/copy wall {q['wall_portllm_over_copy']:.2f}x")
+        console.print(
+            f"{case}: portllm/PEFT peak RSS {q['rss_portllm_over_peft']:.2f}x, "
+            f"portllm/PEFT wall {q['wall_portllm_over_peft']:.2f}x, portllm/copy wall "
+            f"{q['wall_portllm_over_copy']:.2f}x"
+        )
     big = results.get("synthetic llama 1.5B (bf16)")
     if big:
         q = big["ratios"]
-        ok = q["rss_portllm_over_peft"] <= 0.30 and q["wall_portllm_over_peft"] <= 1.0 and q["wall_portllm_over_copy"] <= 2.0
-        console.print(f"targets on 1.5B (RSS <= 0.30x PEFT, wall <= PEFT, wall <= 2x copy): "
-                      f"{'[green]met[/green]' if ok else '[red]NOT met[/red]'}")
+        ok = (
+            q["rss_portllm_over_peft"] <= 0.30
+            and q["wall_portllm_over_peft"] <= 1.0
+            and q["wall_portllm_over_copy"] <= 2.0
+        )
+        console.print(
+            f"targets on 1.5B (RSS <= 0.30x PEFT, wall <= PEFT, wall <= 2x copy): "
+            f"{'[green]met[/green]' if ok else '[red]NOT met[/red]'}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -5,26 +5,31 @@ import os
 import subprocess
 import sys
 
-
 import tiny
 
 
 def run(*args, env=None):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "portllm.cli", *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "portllm.cli", *map(str, args)], capture_output=True, text=True, env=e, timeout=300
+    )
 
 
 def one_line_error(r, code=3):
     assert r.returncode == code, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "Traceback" not in r.stderr
     return lines[0]
 
 
 def test_usage_errors_are_one_line():
-    for args in (["eval", "--model", "x", "--limit", "abc"], ["eval", "--model", "x", "--max-batch-tokens", "0"],
-                 ["nosuch"], ["port"]):
+    for args in (
+        ["eval", "--model", "x", "--limit", "abc"],
+        ["eval", "--model", "x", "--max-batch-tokens", "0"],
+        ["nosuch"],
+        ["port"],
+    ):
         line = one_line_error(run(*args), code=3)
         assert "--help" in line
 
@@ -94,8 +99,20 @@ def test_unknown_embedded_name_mentions_options(tmp_path):
 
 
 def test_merge_similarity_extract_cli(world, tmp_path):
-    r = run("merge", world["patch"], world["patch"], "--method", "ties", "--density", "0.5", "--rank", "4",
-            "--out", tmp_path / "m", "--json")
+    r = run(
+        "merge",
+        world["patch"],
+        world["patch"],
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--rank",
+        "4",
+        "--out",
+        tmp_path / "m",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["method"] == "ties" and rep["rank"] == 4 and len(rep["inputs"]) == 2
@@ -103,6 +120,8 @@ def test_merge_similarity_extract_cli(world, tmp_path):
     assert "density" in msg and not (tmp_path / "m2").exists()
     r = run("similarity", world["patch"], tmp_path / "m", "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)["cosine"]) == 2
-    r = run("extract", "--tuned", world["new"], "--base", world["old"], "--rank", "2", "--out", tmp_path / "x", "--json")
+    r = run(
+        "extract", "--tuned", world["new"], "--base", world["old"], "--rank", "2", "--out", tmp_path / "x", "--json"
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["layers"] == 14

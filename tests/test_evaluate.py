@@ -7,8 +7,19 @@ import torch
 
 import tiny
 from portllm import PortLLMError
-from portllm.evaluate import (LM, compare, encode_pair, evaluate, extract_flexible, extract_strict, flips, generate,
-                              loglikelihoods, open_lm, run_task)
+from portllm.evaluate import (
+    LM,
+    compare,
+    encode_pair,
+    evaluate,
+    extract_flexible,
+    extract_strict,
+    flips,
+    generate,
+    loglikelihoods,
+    open_lm,
+    run_task,
+)
 from portllm.tasks import Example, get_task
 
 
@@ -60,7 +71,9 @@ TREE_PAIRS = [  # (context, continuation, share key)
 @pytest.mark.parametrize("batch_size,max_tokens", [(1, None), (2, None), (16, None), (16, 12), (16, 1)])
 def test_packed_shared_contexts_match_slow_reference(lm, batch_size, max_tokens):
     pairs = [(c, x) for c, x, _ in TREE_PAIRS]
-    fast, tokens = loglikelihoods(lm, pairs, batch_size=batch_size, share=[k for *_, k in TREE_PAIRS], max_tokens=max_tokens)
+    fast, tokens = loglikelihoods(
+        lm, pairs, batch_size=batch_size, share=[k for *_, k in TREE_PAIRS], max_tokens=max_tokens
+    )
     for f, (c, x) in zip(fast, pairs):
         assert f == pytest.approx(slow_loglik(lm, c, x), abs=1e-4)
     unshared = sum(len(sum(encode_pair(lm.tokenizer, c, x), [])) - 1 for c, x in pairs)
@@ -123,25 +136,32 @@ def test_acc_norm_uses_choice_length(lm):
 
 
 def test_generation_matches_unbatched_greedy(lm):
-    prompts = ["The movie was", "Question: Janet has 16 eggs and sells 9 of them for $2 each. How much?\nAnswer:", "Sarah"]
+    prompts = [
+        "The movie was",
+        "Question: Janet has 16 eggs and sells 9 of them for $2 each. How much?\nAnswer:",
+        "Sarah",
+    ]
     batched, _ = generate(lm, prompts, stop=(), max_new_tokens=8, batch_size=3)
     for p, b in zip(prompts, batched):
         ids = torch.tensor([lm.tokenizer.encode(p)])
         with torch.no_grad():
             g = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        assert b == lm.tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=True)
+        assert b == lm.tokenizer.decode(g[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("text,strict,flex", [
-    ("Janet sells 9 eggs.\n#### 18", "18", "18"),
-    ("The answer is $1,234.", None, "1234"),
-    ("#### -7\nQuestion:", "-7", "-7"),
-    ("She has 3 apples, then 4.5 more, total 7.50.", None, "7.50"),
-    ("2 + 2 = 4. So 4.", None, "4"),
-    ("no digits here...", None, None),
-    ("#### 1,000,000", "1000000", "1000000"),
-    ("It costs 18.00 dollars", None, "18"),
-])
+@pytest.mark.parametrize(
+    "text,strict,flex",
+    [
+        ("Janet sells 9 eggs.\n#### 18", "18", "18"),
+        ("The answer is $1,234.", None, "1234"),
+        ("#### -7\nQuestion:", "-7", "-7"),
+        ("She has 3 apples, then 4.5 more, total 7.50.", None, "7.50"),
+        ("2 + 2 = 4. So 4.", None, "4"),
+        ("no digits here...", None, None),
+        ("#### 1,000,000", "1000000", "1000000"),
+        ("It costs 18.00 dollars", None, "18"),
+    ],
+)
 def test_gsm8k_extraction(text, strict, flex):
     assert extract_strict(text) == strict
     assert extract_flexible(text) == flex
@@ -157,7 +177,9 @@ def test_flips_on_hand_built_runs(tmp_path):
     gold = [0, 1, 1, 0, 1]
     a = [0, 1, 0, 0, 0]  # right on 0,1,3
     b = [0, 0, 1, 0, 1]  # right on 0,2,3,4
-    mk = lambda preds: [{"idx": i, "pred": p, "gold": g, "correct": p == g} for i, (p, g) in enumerate(zip(preds, gold))]
+    mk = lambda preds: [
+        {"idx": i, "pred": p, "gold": g, "correct": p == g} for i, (p, g) in enumerate(zip(preds, gold))
+    ]
     f = flips(mk(a), mk(b))
     assert (f["negative_flips"], f["positive_flips"]) == (1, 2)
     assert f["negative_flip_idx"] == [1]
@@ -185,7 +207,7 @@ def test_evaluate_writes_results_and_samples(lm, tmp_path, monkeypatch):
     r = res["tasks"]["sst2"]
     assert r["n"] == 2 and r["metric"] == "acc" and r["tokens_per_s"] > 0
     lines = (tmp_path / "run" / "samples_sst2.jsonl").read_text().splitlines()
-    assert [json.loads(l)["idx"] for l in lines] == [0, 1]
+    assert [json.loads(x)["idx"] for x in lines] == [0, 1]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]["sst2"]["n"] == 2
 
 
@@ -196,7 +218,8 @@ def test_patch_attached_at_runtime_changes_scores(world):
     base = open_lm(world["new"])
     patched = open_lm(world["new"], patch=world["patch"])
     assert patched.patch_fingerprint
-    import tempfile, pathlib
+    import pathlib
+    import tempfile
 
     with tempfile.TemporaryDirectory() as t:
         port(world["patch"], world["new"], pathlib.Path(t) / "ported")

@@ -28,8 +28,10 @@ def test_smollm2_port_matches_peft(smol, tmp_path):
     evolved.mkdir()
     copy_side_files(smol, evolved)
     g = torch.Generator().manual_seed(0)
-    sd = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v
-          for k, v in load_file(smol / "model.safetensors").items()}
+    sd = {
+        k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v
+        for k, v in load_file(smol / "model.safetensors").items()
+    }
     save_file(sd, evolved / "model.safetensors", metadata={"format": "pt"})
     del sd
     assert fingerprint(evolved) != fp

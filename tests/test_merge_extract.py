@@ -7,8 +7,18 @@ from safetensors.torch import load_file
 import tiny
 from portllm import Patch, PortLLMError, import_adapter, port
 from portllm.extract import extract
-from portllm.merge import (METHODS, breadcrumbs, clusters, dare, elect_and_merge, greedy_select, merge, merge_deltas, similarity,
-                           trim_magnitude)
+from portllm.merge import (
+    METHODS,
+    breadcrumbs,
+    clusters,
+    dare,
+    elect_and_merge,
+    greedy_select,
+    merge,
+    merge_deltas,
+    similarity,
+    trim_magnitude,
+)
 
 
 def test_ties_matches_slow_reference():
@@ -137,7 +147,11 @@ def test_merge_bad_input(patches, world, tmp_path):
 
 
 def test_similarity_and_clusters(patches):
-    neg = Patch(patches[0].config, {k: (-v if ".lora_B" in k else v) for k, v in patches[0].tensors.items()}, patches[0].manifest)
+    neg = Patch(
+        patches[0].config,
+        {k: (-v if ".lora_B" in k else v) for k, v in patches[0].tensors.items()},
+        patches[0].manifest,
+    )
     sim = similarity([patches[0], patches[1], neg])
     assert sim[0][0] == pytest.approx(1.0) and sim[0][2] == pytest.approx(-1.0)
     assert abs(sim[0][1]) < 0.5  # independent random patches are nearly orthogonal

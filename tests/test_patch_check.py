@@ -21,7 +21,15 @@ def test_manifest_records_provenance(world):
     assert m["lora"]["rank"] == 4 and m["lora"]["alpha"] == 8
     assert set(m["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     assert m["lineage"][0]["event"] == "imported"
-    assert set(m["lora"]["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(m["lora"]["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_patch_is_loadable_by_peft(world):

@@ -47,11 +47,13 @@ def test_ported_model_loads_and_matches_runtime_attach(world, tmp_path):
     port(world["patch"], world["new"], tmp_path / "merged")
     port(world["patch"], world["new"], tmp_path / "adapter", as_adapter=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    attached = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["new"]), tmp_path / "adapter").eval()
+    attached = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(world["new"]), tmp_path / "adapter"
+    ).eval()
     ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = merged(ids).logits, attached(ids).logits
-    assert torch.allclose(a, b, atol=1e-5)
+    assert (a - b).abs().max() < 2e-4  # fp32: (W+ΔW)x and Wx+ΔWx round apart; a wrong scaling is ~1e-2
     plain = AutoModelForCausalLM.from_pretrained(world["new"]).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(ids).logits, a, atol=1e-3)  # the patch does something

@@ -28,8 +28,26 @@ EXPECTED = {  # task: (train n, eval n, eval label counts)
 
 
 def _key(row):
-    return tuple(str(row.get(k)) for k in ("question", "passage", "premise", "hypothesis", "sentence", "sentence1", "sentence2",
-                                           "#1 String", "#2 String", "goal", "sol1", "Question Stem", "Choices", "id", "qID"))
+    return tuple(
+        str(row.get(k))
+        for k in (
+            "question",
+            "passage",
+            "premise",
+            "hypothesis",
+            "sentence",
+            "sentence1",
+            "sentence2",
+            "#1 String",
+            "#2 String",
+            "goal",
+            "sol1",
+            "Question Stem",
+            "Choices",
+            "id",
+            "qID",
+        )
+    )
 
 
 @needs_data
@@ -58,16 +76,50 @@ def test_limit_is_first_n_in_file_order():
 
 
 SNAPSHOTS = {
-    "boolq": ("Ethanol fuel -- All biomass goes through", "\nQuestion: does ethanol take more energy make that produces?\nAnswer:", (" no", " yes"), 0),
-    "sst2": ("it 's a charming and often affecting journey . ", "\nQuestion: Is this sentence positive or negative?\nAnswer:", (" negative", " positive"), 1),
-    "mrpc": ("Sentence 1: He said the foodservice pie business doesn't fit the company's long-term growth strategy.\nSentence 2: ",
-             "\nQuestion: Do both sentences mean the same thing?\nAnswer:", (" no", " yes"), 1),
-    "rte": ("Dana Reeve, the widow of the actor Christopher Reeve", "\nQuestion: Christopher Reeve had an accident. True or False?\nAnswer:", (" True", " False"), 1),
-    "wnli": ("The drain is clogged with hair. It has to be cleaned.", "\nQuestion: The hair has to be cleaned. True or False?\nAnswer:", (" False", " True"), 0),
-    "arc_easy": ("Question: Which statement best explains why photosynthesis is the foundation of most food webs?", "\nAnswer:",
-                 (" Sunlight is the source of energy for nearly all ecosystems.",), 0),
+    "boolq": (
+        "Ethanol fuel -- All biomass goes through",
+        "\nQuestion: does ethanol take more energy make that produces?\nAnswer:",
+        (" no", " yes"),
+        0,
+    ),
+    "sst2": (
+        "it 's a charming and often affecting journey . ",
+        "\nQuestion: Is this sentence positive or negative?\nAnswer:",
+        (" negative", " positive"),
+        1,
+    ),
+    "mrpc": (
+        "Sentence 1: He said the foodservice pie business doesn't fit the company's long-term growth "
+        "strategy.\nSentence 2: ",
+        "\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+        (" no", " yes"),
+        1,
+    ),
+    "rte": (
+        "Dana Reeve, the widow of the actor Christopher Reeve",
+        "\nQuestion: Christopher Reeve had an accident. True or False?\nAnswer:",
+        (" True", " False"),
+        1,
+    ),
+    "wnli": (
+        "The drain is clogged with hair. It has to be cleaned.",
+        "\nQuestion: The hair has to be cleaned. True or False?\nAnswer:",
+        (" False", " True"),
+        0,
+    ),
+    "arc_easy": (
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?",
+        "\nAnswer:",
+        (" Sunlight is the source of energy for nearly all ecosystems.",),
+        0,
+    ),
     "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?", "\nAnswer:", None, 0),
-    "openbookqa": ("A person wants to start saving money", "the best way to save money is to", (" make more phone calls", " quit eating lunch out"), 1),
+    "openbookqa": (
+        "A person wants to start saving money",
+        "the best way to save money is to",
+        (" make more phone calls", " quit eating lunch out"),
+        1,
+    ),
 }
 
 
@@ -85,7 +137,10 @@ def test_prompt_snapshots(name):
 @needs_data
 def test_winogrande_partial_scoring_and_gsm8k_prompt():
     w = load_examples(get_task("winogrande"), "eval", DATA, limit=1)[0]
-    assert w.contexts == ("Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria")
+    assert w.contexts == (
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    )
     assert w.continuations == (" always got the easier cases.",) * 2 and w.gold == 1
     g = load_examples(get_task("gsm8k"), "eval", DATA, limit=1)[0]
     assert g.prompt.startswith("Question: Janet") and g.prompt.endswith("\nAnswer:") and g.gold == "18"
@@ -101,15 +156,30 @@ def test_unknown_task_and_missing_data_dir(tmp_path):
     assert [t.name for t in parse_tasks("paper")] == list(PAPER_TASKS)
 
 
-@pytest.mark.parametrize("task,rel,text,error", [
-    ("boolq", "boolq/val.jsonl", '{"question": "q", "passage": "p", "label": "true"}\n{"question": oops}\n',
-     r"boolq/val.jsonl:2: malformed JSON"),
-    ("boolq", "boolq/val.jsonl", '{"question": "q", "passage": "p", "label": "maybe"}\n',
-     r"val.jsonl:1: label 'maybe' is not true/false"),
-    ("sst2", "sst2/test.tsv", "sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n",
-     r"test.tsv:3: expected 2 tab-separated fields, found 3"),
-    ("sst2", "sst2/test.tsv", "text\tlabel\ngood movie\t1\n", r"test.tsv:2: missing field 'sentence'"),
-])
+@pytest.mark.parametrize(
+    "task,rel,text,error",
+    [
+        (
+            "boolq",
+            "boolq/val.jsonl",
+            '{"question": "q", "passage": "p", "label": "true"}\n{"question": oops}\n',
+            r"boolq/val.jsonl:2: malformed JSON",
+        ),
+        (
+            "boolq",
+            "boolq/val.jsonl",
+            '{"question": "q", "passage": "p", "label": "maybe"}\n',
+            r"val.jsonl:1: label 'maybe' is not true/false",
+        ),
+        (
+            "sst2",
+            "sst2/test.tsv",
+            "sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n",
+            r"test.tsv:3: expected 2 tab-separated fields, found 3",
+        ),
+        ("sst2", "sst2/test.tsv", "text\tlabel\ngood movie\t1\n", r"test.tsv:2: missing field 'sentence'"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
     (tmp_path / rel).parent.mkdir()
     (tmp_path / rel).write_text(text)

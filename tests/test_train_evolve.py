@@ -33,7 +33,9 @@ def toy(tmp_path_factory):
 
     (data / "sst2" / "train.tsv").write_text(rows(64))
     (data / "sst2" / "test.tsv").write_text(rows(24))
-    (data / "text" / "corpus.txt").write_text(" ".join(rng.choice(POS + NEG + ["the", "movie", "was", "."]) for _ in range(3000)))
+    (data / "text" / "corpus.txt").write_text(
+        " ".join(rng.choice(POS + NEG + ["the", "movie", "was", "."]) for _ in range(3000))
+    )
     # a wide init: with the default 0.02 a 32-wide random model cannot express confident logits
     base = tiny.make_base(root / "base", bpe=True, vocab_size=320, hidden=32, layers=2, initializer_range=0.3)
     return {"root": root, "data": data, "base": base}
@@ -51,7 +53,15 @@ def test_train_reduces_loss_and_writes_a_patch(toy, tmp_path):
     assert tr["examples_seen"] == 24 * 8 and tr["task"] == "sst2" and tr["wall_s"] > 0 and tr["peak_rss_mb"] > 0
     assert p.manifest["task"] == "sst2" and p.source["fingerprint"] == fingerprint(toy["base"])
     assert p.manifest["extra"]["eval_on_base"]["n"] == 24
-    assert {m.rsplit(".", 1)[-1] for m in p.modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in p.modules} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert all(m.rank == 8 and m.scaling == 2.0 for m in p.modules.values())
     assert not (tmp_path / ".p.ckpt").exists()
 
@@ -59,7 +69,10 @@ def test_train_reduces_loss_and_writes_a_patch(toy, tmp_path):
 def test_training_is_deterministic(toy, tmp_path):
     train(toy["base"], "sst2", tmp_path / "a", TrainConfig(**{**CFG, "steps": 6}), data=toy["data"])
     train(toy["base"], "sst2", tmp_path / "b", TrainConfig(**{**CFG, "steps": 6}), data=toy["data"])
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -76,7 +89,10 @@ def test_interrupted_training_resumes_from_checkpoint(toy, tmp_path):
     r = train(toy["base"], "sst2", tmp_path / "p", TrainConfig(**CFG), data=toy["data"])
     assert r.resumed_from == 10 and len(r.losses) == 24
     assert r.losses == pytest.approx(ref.losses, abs=1e-5)
-    a, b = load_file(tmp_path / "p" / "adapter_model.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "p" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ref" / "adapter_model.safetensors"),
+    )
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert Patch.load(tmp_path / "p").manifest["extra"]["training"]["resumed_from"] == 10
 
@@ -115,12 +131,21 @@ def test_evolve_bad_input(toy, tmp_path):
 def test_reproduce_end_to_end_and_cache(toy, tmp_path, monkeypatch):
     from portllm import reproduce as rp
 
-    prof = rp.Profile("tiny", {"sst2": rp.TaskPlan(steps=16, eval_limit=None, max_length=64, lr=2e-2)}, corpus="text/corpus.txt",
-                      evolve_steps=4, evolve_lr=1e-3, batch_size=8, dtype="float32")
+    prof = rp.Profile(
+        "tiny",
+        {"sst2": rp.TaskPlan(steps=16, eval_limit=None, max_length=64, lr=2e-2)},
+        corpus="text/corpus.txt",
+        evolve_steps=4,
+        evolve_lr=1e-3,
+        batch_size=8,
+        dtype="float32",
+    )
     calls = []
     real = rp._child
     monkeypatch.setattr(rp, "_child", lambda args, log: calls.append(args[0]) or real(args, log))
-    r = rp.reproduce(str(toy["base"]), prof, out=tmp_path / "out", data=toy["data"], cache=tmp_path / "cache", log=lambda m: None)
+    r = rp.reproduce(
+        str(toy["base"]), prof, out=tmp_path / "out", data=toy["data"], cache=tmp_path / "cache", log=lambda m: None
+    )
     assert calls == ["train", "train", "port"]
     for f in ("report.json", "report.md", "accuracy.png", "efficiency.png"):
         assert (tmp_path / "out" / f).is_file() and (tmp_path / "out" / f).stat().st_size > 100
@@ -134,6 +159,8 @@ def test_reproduce_end_to_end_and_cache(toy, tmp_path, monkeypatch):
     assert "Table 2" in (tmp_path / "out" / "report.md").read_text()
     # the second run trains, ports and evaluates nothing
     calls.clear()
-    r2 = rp.reproduce(str(toy["base"]), prof, out=tmp_path / "out2", data=toy["data"], cache=tmp_path / "cache", log=lambda m: None)
+    r2 = rp.reproduce(
+        str(toy["base"]), prof, out=tmp_path / "out2", data=toy["data"], cache=tmp_path / "cache", log=lambda m: None
+    )
     assert calls == []
     assert r2["tasks"] == r["tasks"]

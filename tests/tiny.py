@@ -18,7 +18,9 @@ def make_tokenizer(vocab_size: int, rename: int = 0, template: str | None = "{{ 
         words[len(SPECIALS) + i] = f"x{i}"
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     if template:
         tok.chat_template = template
     return tok
@@ -32,24 +34,51 @@ def make_bpe_tokenizer(vocab_size: int = 320):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    corpus = ["The movie was great and the actors were wonderful.", "Question: Is this sentence positive or negative?",
-              "Answer: yes no True False positive negative", "Sarah was a much better surgeon than Maria so she won.",
-              "Janet has 16 eggs and sells 9 of them for $2 each. #### 18"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [
+        "The movie was great and the actors were wonderful.",
+        "Question: Is this sentence positive or negative?",
+        "Answer: yes no True False positive negative",
+        "Sarah was a much better surgeon than Maria so she won.",
+        "Janet has 16 eggs and sells 9 of them for $2 each. #### 18",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def tiny_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2, **kw):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3, **kw)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **kw,
+    )
 
 
-def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer_rename: int = 0,
-              template: str | None = "{{ messages }}", max_shard_size: str | None = None, bpe: bool = False, **cfg) -> Path:
+def make_base(
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_rename: int = 0,
+    template: str | None = "{{ messages }}",
+    max_shard_size: str | None = None,
+    bpe: bool = False,
+    **cfg,
+) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -57,7 +86,9 @@ def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, toke
     model = LlamaForCausalLM(config).to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
-    tok = make_bpe_tokenizer(config.vocab_size) if bpe else make_tokenizer(config.vocab_size, tokenizer_rename, template)
+    tok = (
+        make_bpe_tokenizer(config.vocab_size) if bpe else make_tokenizer(config.vocab_size, tokenizer_rename, template)
+    )
     tok.save_pretrained(out)
     return Path(out)
 
@@ -83,7 +114,9 @@ def make_adapter(base: Path, out: Path, r: int = 4, alpha: int = 8, seed: int = 
 
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, init_lora_weights=False, **kw))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=target, init_lora_weights=False, **kw)
+    )
     with torch.no_grad():  # PEFT's random B is small; make the update clearly visible
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:

@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .check import check  # noqa: E402
 from .errors import PortLLMError  # noqa: E402
 from .models import base_info, export_base, fingerprint, load_base, resolve_base  # noqa: E402
 from .patch import Patch, import_adapter  # noqa: E402
-from .check import check  # noqa: E402
 from .port import port  # noqa: E402
 
 __all__ = [

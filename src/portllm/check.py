@@ -80,12 +80,17 @@ def structural_problems(patch: Patch, index: dict[str, tuple[Path, TensorInfo]])
         if m.weight_name not in index:
             problems.append(f"target {m.weight_name} is absent from the base")
         elif tuple(index[m.weight_name][1].shape) != m.weight_shape:
-            problems.append(f"{m.weight_name} is {tuple(index[m.weight_name][1].shape)} in the base but the patch expects {m.weight_shape}")
+            problems.append(
+                f"{m.weight_name} is {tuple(index[m.weight_name][1].shape)} in the base but the patch expects "
+                f"{m.weight_shape}"
+            )
     for name, t in patch.full_weights.items():
         if name not in index:
             problems.append(f"replaced tensor {name} is absent from the base")
         elif tuple(index[name][1].shape) != tuple(t.shape):
-            problems.append(f"{name} is {tuple(index[name][1].shape)} in the base but the patch replaces it with {tuple(t.shape)}")
+            problems.append(
+                f"{name} is {tuple(index[name][1].shape)} in the base but the patch replaces it with {tuple(t.shape)}"
+            )
     return problems
 
 
@@ -117,8 +122,12 @@ def check(patch: Patch | str | Path, base: str | Path, old: str | Path | None = 
     if len(problems) > 20:
         rep.add("error", "targets", f"... and {len(problems) - 20} more")
     if not problems:
-        rep.add("ok", "targets", f"all {len(patch.modules)} target matrices present with matching shapes"
-                + (f", {len(patch.full_weights)} replaced tensors fit" if patch.full_weights else ""))
+        rep.add(
+            "ok",
+            "targets",
+            f"all {len(patch.modules)} target matrices present with matching shapes"
+            + (f", {len(patch.full_weights)} replaced tensors fit" if patch.full_weights else ""),
+        )
 
     # identity
     if src.get("fingerprint") == new["fingerprint"]:
@@ -133,7 +142,9 @@ def check(patch: Patch | str | Path, base: str | Path, old: str | Path | None = 
         old_dir = resolve_base(old)
         old_fp = base_info(old)["fingerprint"] if src.get("fingerprint") else None
         if old_fp and src.get("fingerprint") and old_fp != src["fingerprint"]:
-            rep.add("warn", "identity", f"--from base {old_fp} is not the one the patch was made on ({src['fingerprint']})")
+            rep.add(
+                "warn", "identity", f"--from base {old_fp} is not the one the patch was made on ({src['fingerprint']})"
+            )
         if not problems:
             rep.drift = measure_drift(patch, weight_index(old_dir), index)
             _judge_drift(rep)
@@ -150,10 +161,19 @@ def _check_vocab(rep: CheckReport, patch: Patch, src: dict[str, Any], new: dict[
     rep.add(level, "vocabulary", f"vocab size {a} -> {b}" + (f"; the patch replaces {touches[0]}" if touches else ""))
 
 
-def _check_tokenizer(rep: CheckReport, old_tok: dict[str, Any] | None, new_tok: dict[str, Any] | None,
-                     old_spec: str | Path | None, new_dir: Path) -> None:
+def _check_tokenizer(
+    rep: CheckReport,
+    old_tok: dict[str, Any] | None,
+    new_tok: dict[str, Any] | None,
+    old_spec: str | Path | None,
+    new_dir: Path,
+) -> None:
     if not old_tok or not new_tok:
-        rep.add("info", "tokenizer", "not compared (no tokenizer recorded for " + ("the source" if not old_tok else "the target") + ")")
+        rep.add(
+            "info",
+            "tokenizer",
+            "not compared (no tokenizer recorded for " + ("the source" if not old_tok else "the target") + ")",
+        )
         return
     if old_tok["sha256"] == new_tok["sha256"]:
         rep.add("ok", "tokenizer", f"same token strings ({new_tok['size']})")
@@ -164,15 +184,24 @@ def _check_tokenizer(rep: CheckReport, old_tok: dict[str, Any] | None, new_tok: 
             detail = f"{exact} of the first {n} token strings changed"
         else:
             blocks = sum(1 for x, y in zip(old_tok["blocks"], new_tok["blocks"]) if x != y)
-            detail = f"token strings differ in {blocks} of {min(len(old_tok['blocks']), len(new_tok['blocks']))} blocks of {old_tok['block_size']}"
+            total = min(len(old_tok["blocks"]), len(new_tok["blocks"]))
+            detail = f"token strings differ in {blocks} of {total} blocks of {old_tok['block_size']}"
         if old_tok["size"] != new_tok["size"]:
             detail += f"; size {old_tok['size']} -> {new_tok['size']}"
         rep.add("warn", "tokenizer", detail)
-    changed = {k for k in set(old_tok["special_tokens"]) | set(new_tok["special_tokens"])
-               if old_tok["special_tokens"].get(k) != new_tok["special_tokens"].get(k)}
+    changed = {
+        k
+        for k in set(old_tok["special_tokens"]) | set(new_tok["special_tokens"])
+        if old_tok["special_tokens"].get(k) != new_tok["special_tokens"].get(k)
+    }
     if changed:
         k = sorted(changed)[0]
-        rep.add("warn", "special tokens", f"{', '.join(sorted(changed))} changed (e.g. {k}: {old_tok['special_tokens'].get(k)!r} -> {new_tok['special_tokens'].get(k)!r})")
+        rep.add(
+            "warn",
+            "special tokens",
+            f"{', '.join(sorted(changed))} changed (e.g. {k}: {old_tok['special_tokens'].get(k)!r} -> "
+            f"{new_tok['special_tokens'].get(k)!r})",
+        )
     if old_tok.get("chat_template_sha256") != new_tok.get("chat_template_sha256"):
         rep.add("warn", "chat template", "changed: prompts formatted for the old template may behave differently")
 
@@ -189,8 +218,9 @@ def _changed_tokens(old_spec: str | Path, new_dir: Path, n: int) -> int | None:
     return sum(1 for x, y in zip(a[:n], b[:n]) if x != y)
 
 
-def measure_drift(patch: Patch, old_index: dict[str, tuple[Path, TensorInfo]],
-                  new_index: dict[str, tuple[Path, TensorInfo]]) -> list[dict[str, Any]]:
+def measure_drift(
+    patch: Patch, old_index: dict[str, tuple[Path, TensorInfo]], new_index: dict[str, tuple[Path, TensorInfo]]
+) -> list[dict[str, Any]]:
     """Per patched matrix: how far the base moved, and how much of that move lies along the patch.
 
     rel_drift = ||W_new - W_old|| / ||W_old||; cos = <D, ΔW> / (||D|| ||ΔW||) with D = W_new - W_old;
@@ -213,13 +243,15 @@ def measure_drift(patch: Patch, old_index: dict[str, tuple[Path, TensorInfo]],
         ub = torch.linalg.qr(b).Q
         va = torch.linalg.qr(a.T).Q
         inside = float((ub.T @ d @ va).norm())
-        rows.append({
-            "module": m.name,
-            "rel_drift": dn / on if on else math.inf,
-            "cos": float((d * delta).sum()) / (dn * pn) if dn and pn else 0.0,
-            "overlap": inside / dn if dn else 0.0,
-            "patch_to_drift": pn / dn if dn else math.inf,
-        })
+        rows.append(
+            {
+                "module": m.name,
+                "rel_drift": dn / on if on else math.inf,
+                "cos": float((d * delta).sum()) / (dn * pn) if dn and pn else 0.0,
+                "overlap": inside / dn if dn else 0.0,
+                "patch_to_drift": pn / dn if dn else math.inf,
+            }
+        )
     return rows
 
 
@@ -241,9 +273,17 @@ def _judge_drift(rep: CheckReport) -> None:
     big = [r for r in rep.drift if r["rel_drift"] > DRIFT_WARN]
     mean = sum(r["rel_drift"] for r in rep.drift) / len(rep.drift)
     if big:
-        rep.add("warn", "drift", f"{len(big)} patched matrices moved by more than {DRIFT_WARN:.0%} of their norm "
-                f"(max {max(r['rel_drift'] for r in big):.2f} at {max(big, key=lambda r: r['rel_drift'])['module']})")
+        rep.add(
+            "warn",
+            "drift",
+            f"{len(big)} patched matrices moved by more than {DRIFT_WARN:.0%} of their norm "
+            f"(max {max(r['rel_drift'] for r in big):.2f} at {max(big, key=lambda r: r['rel_drift'])['module']})",
+        )
     else:
-        rep.add("info", "drift", f"patched matrices moved {mean:.2%} on average "
-                f"(max {max(r['rel_drift'] for r in rep.drift):.2%}); mean |cos| with the patch "
-                f"{sum(abs(r['cos']) for r in rep.drift) / len(rep.drift):.3f}")
+        rep.add(
+            "info",
+            "drift",
+            f"patched matrices moved {mean:.2%} on average "
+            f"(max {max(r['rel_drift'] for r in rep.drift):.2%}); mean |cos| with the patch "
+            f"{sum(abs(r['cos']) for r in rep.drift) / len(rep.drift):.3f}",
+        )

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,9 @@ class LM:
     max_length: int = 2048
 
 
-def open_lm(spec: str | Path, patch: str | Path | None = None, dtype: str = "float32", threads: int | None = None) -> LM:
+def open_lm(
+    spec: str | Path, patch: str | Path | None = None, dtype: str = "float32", threads: int | None = None
+) -> LM:
     """Load a base (or ported model) and optionally attach a patch at runtime with PEFT."""
     from .models import load_base
 
@@ -77,7 +80,7 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
         context = context[:-n]
     whole = tok.encode(context + continuation, add_special_tokens=False)
     ctx = tok.encode(context, add_special_tokens=False)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @dataclass
@@ -85,9 +88,9 @@ class _Tree:
     """The requests of one question packed into one row: a shared prefix, then one branch per
     distinct continuation path. Branches see the prefix and themselves, never each other."""
 
-    tokens: list[int]                      # prefix, then each branch without its last token
-    positions: list[int]                   # position ids: every branch restarts after the prefix
-    branch: list[int]                      # -1 for the prefix, else the branch index
+    tokens: list[int]  # prefix, then each branch without its last token
+    positions: list[int]  # position ids: every branch restarts after the prefix
+    branch: list[int]  # -1 for the prefix, else the branch index
     targets: dict[int, list[tuple[int, int]]]  # request -> (row offset of the predicting logit, token)
 
 
@@ -158,9 +161,14 @@ def _batches(trees: list[_Tree], rows: int, budget: int) -> Iterable[list[_Tree]
 
 
 @torch.inference_mode()
-def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
-                   progress: Progress | None = None, share: list[Any] | None = None,
-                   max_tokens: int | None = None) -> tuple[list[float], int]:
+def loglikelihoods(
+    lm: LM,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    share: list[Any] | None = None,
+    max_tokens: int | None = None,
+) -> tuple[list[float], int]:
     """Sum of log p(continuation | context) for each pair, and the number of tokens run through the model.
 
     Requests with the same `share` key (default: the same context) are packed into one row, so a
@@ -177,12 +185,15 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
         ctx, cont = encode_pair(lm.tokenizer, c, x)
         if not cont:
             raise PortLLMError(f"empty continuation for request {i}: {x!r}")
-        seq = ((ctx or [bos]) + cont)[-(lm.max_length + 1):]
+        seq = ((ctx or [bos]) + cont)[-(lm.max_length + 1) :]
         by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
     cfg = getattr(lm.model, "config", None)
     # a tree needs a custom 4D mask: eager/SDPA attention only, and no sliding window it could outgrow
-    limit = 0 if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager") else \
-        getattr(cfg, "sliding_window", None) or 1 << 62
+    limit = (
+        0
+        if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager")
+        else getattr(cfg, "sliding_window", None) or 1 << 62
+    )
     trees = [t for reqs in by_key.values() for t in _rows(reqs, limit)]
     trees.sort(key=lambda t: -len(t.tokens))
     out = [0.0] * len(pairs)
@@ -196,18 +207,25 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
         pos = torch.zeros((len(batch), width), dtype=torch.long)
         br = torch.full((len(batch), width), -2, dtype=torch.long)
         for j, t in enumerate(batch):
-            ids[j, width - len(t.tokens):] = torch.tensor(t.tokens)
-            pos[j, width - len(t.tokens):] = torch.tensor(t.positions)
-            br[j, width - len(t.tokens):] = torch.tensor(t.branch)
+            ids[j, width - len(t.tokens) :] = torch.tensor(t.tokens)
+            pos[j, width - len(t.tokens) :] = torch.tensor(t.positions)
+            br[j, width - len(t.tokens) :] = torch.tensor(t.branch)
         if (br >= 0).any():
             # tree attention: causal, within the prefix or the query's own branch; padding sees itself only
             q, k = br[:, :, None], br[:, None, :]
             allowed = torch.ones(width, width, dtype=torch.bool).tril() & (((k == -1) & (q != -2)) | (k == q))
-            mask = torch.zeros(allowed.shape, dtype=param.dtype).masked_fill_(~allowed, torch.finfo(param.dtype).min)[:, None]
+            mask = torch.zeros(allowed.shape, dtype=param.dtype).masked_fill_(~allowed, torch.finfo(param.dtype).min)[
+                :, None
+            ]
         else:
             mask = (br != -2).long()
-        logits = lm.model(input_ids=ids.to(param.device), attention_mask=mask.to(param.device), position_ids=pos.to(param.device),
-                          logits_to_keep=keep, use_cache=False).logits
+        logits = lm.model(
+            input_ids=ids.to(param.device),
+            attention_mask=mask.to(param.device),
+            position_ids=pos.to(param.device),
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         done = 0
         for j, t in enumerate(batch):
@@ -226,12 +244,18 @@ def loglikelihoods(lm: LM, pairs: list[tuple[str, str]], batch_size: int = 16,
 
 
 @torch.inference_mode()
-def generate(lm: LM, prompts: list[str], stop: Iterable[str] = (), max_new_tokens: int = 256, batch_size: int = 8,
-             progress: Progress | None = None) -> tuple[list[str], int]:
+def generate(
+    lm: LM,
+    prompts: list[str],
+    stop: Iterable[str] = (),
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> tuple[list[str], int]:
     """Greedy continuations of each prompt, cut at the first stop string."""
     tok = lm.tokenizer
     stop = [s for s in stop if s]
-    enc = [tok.encode(p, add_special_tokens=False)[-(lm.max_length - max_new_tokens):] for p in prompts]
+    enc = [tok.encode(p, add_special_tokens=False)[-(lm.max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     out = [""] * len(prompts)
     tokens = 0
@@ -242,10 +266,17 @@ def generate(lm: LM, prompts: list[str], stop: Iterable[str] = (), max_new_token
         ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, i in enumerate(idx):
-            ids[j, width - len(enc[i]):] = torch.tensor(enc[i])
-            mask[j, width - len(enc[i]):] = 1
-        gen = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                do_sample=False, stop_strings=stop or None, tokenizer=tok, pad_token_id=tok.pad_token_id)
+            ids[j, width - len(enc[i]) :] = torch.tensor(enc[i])
+            mask[j, width - len(enc[i]) :] = 1
+        gen = lm.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_strings=stop or None,
+            tokenizer=tok,
+            pad_token_id=tok.pad_token_id,
+        )
         new = gen[:, width:]
         for j, i in enumerate(idx):
             row = new[j].tolist()
@@ -316,14 +347,31 @@ class TaskRun:
     extra: dict[str, float] = field(default_factory=dict)
 
     def summary(self, lm: LM) -> dict[str, Any]:
-        return {"task": self.task, "metric": self.metric, "value": self.value, "stderr": self.stderr, "n": self.n,
-                "model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint, "dtype": lm.dtype,
-                "time_s": round(self.time_s, 2), "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens / self.time_s, 1) if self.time_s else None, **self.extra}
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "value": self.value,
+            "stderr": self.stderr,
+            "n": self.n,
+            "model": lm.spec,
+            "patch": lm.patch,
+            "patch_fingerprint": lm.patch_fingerprint,
+            "dtype": lm.dtype,
+            "time_s": round(self.time_s, 2),
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens / self.time_s, 1) if self.time_s else None,
+            **self.extra,
+        }
 
 
-def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, progress: Progress | None = None,
-             max_tokens: int | None = None) -> TaskRun:
+def run_task(
+    lm: LM,
+    task: Task,
+    examples: list[Example],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    max_tokens: int | None = None,
+) -> TaskRun:
     """Score one task; records follow the eval split's file order."""
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -342,35 +390,76 @@ def run_task(lm: LM, task: Task, examples: list[Example], batch_size: int = 16, 
             norm_pred = max(range(len(s)), key=lambda i: normed[i])
             pred = norm_pred if task.metric == "acc_norm" else acc_pred
             correct_norm.append(float(norm_pred == e.gold))
-            records.append({"idx": e.idx, "pred": pred, "gold": e.gold, "correct": pred == e.gold, "scores": s,
-                            "acc_pred": acc_pred, "acc_norm_pred": norm_pred})
+            records.append(
+                {
+                    "idx": e.idx,
+                    "pred": pred,
+                    "gold": e.gold,
+                    "correct": pred == e.gold,
+                    "scores": s,
+                    "acc_pred": acc_pred,
+                    "acc_norm_pred": norm_pred,
+                }
+            )
         extra["acc"] = sum(r["acc_pred"] == r["gold"] for r in records) / max(1, len(records))
         extra["acc_norm"] = sum(correct_norm) / max(1, len(correct_norm))
     else:
-        texts, tokens = generate(lm, [e.prompt for e in examples], task.stop, task.max_new_tokens,
-                                 max(1, batch_size // 2), progress)
+        texts, tokens = generate(
+            lm, [e.prompt for e in examples], task.stop, task.max_new_tokens, max(1, batch_size // 2), progress
+        )
         strict_ok = []
         for e, text in zip(examples, texts):
             flex, strict = extract_flexible(text), extract_strict(text)
             strict_ok.append(float(strict == e.gold))
-            records.append({"idx": e.idx, "pred": flex, "gold": e.gold, "correct": flex == e.gold, "strict": strict,
-                            "output": text})
+            records.append(
+                {
+                    "idx": e.idx,
+                    "pred": flex,
+                    "gold": e.gold,
+                    "correct": flex == e.gold,
+                    "strict": strict,
+                    "output": text,
+                }
+            )
         extra["exact_match_strict"] = sum(strict_ok) / max(1, len(strict_ok))
         extra["exact_match_flexible"] = sum(r["correct"] for r in records) / max(1, len(records))
     correct = [float(r["correct"]) for r in records]
     value = sum(correct) / max(1, len(correct))
-    return TaskRun(task.name, task.metric, value, bootstrap_stderr(correct), len(records), records,
-                   time.perf_counter() - t0, tokens, extra)
+    return TaskRun(
+        task.name,
+        task.metric,
+        value,
+        bootstrap_stderr(correct),
+        len(records),
+        records,
+        time.perf_counter() - t0,
+        tokens,
+        extra,
+    )
 
 
-def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Path | None = None,
-             out: str | Path | None = None, batch_size: int = 16, show_progress: bool = False,
-             max_tokens: int | None = None) -> dict[str, Any]:
+def evaluate(
+    lm: LM,
+    tasks: list[Task],
+    limit: int | None = None,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 16,
+    show_progress: bool = False,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
     """Run tasks, write OUT/samples_<task>.jsonl and OUT/results.json, return the results dict."""
     loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
-    results: dict[str, Any] = {"model": lm.spec, "patch": lm.patch, "patch_fingerprint": lm.patch_fingerprint,
-                               "dtype": lm.dtype, "limit": limit, "batch_size": batch_size,
-                               "max_batch_tokens": _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device), "tasks": {}}
+    results: dict[str, Any] = {
+        "model": lm.spec,
+        "patch": lm.patch,
+        "patch_fingerprint": lm.patch_fingerprint,
+        "dtype": lm.dtype,
+        "limit": limit,
+        "batch_size": batch_size,
+        "max_batch_tokens": _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
+        "tasks": {},
+    }
     total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
     with Bar(show_progress, total, "eval") as bar:
         for t in tasks:
@@ -379,7 +468,9 @@ def evaluate(lm: LM, tasks: list[Task], limit: int | None = None, data: str | Pa
             results["tasks"][t.name] = run.summary(lm)
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
-                write_text_atomic(Path(out) / f"samples_{t.name}.jsonl", "".join(json.dumps(r) + "\n" for r in run.records))
+                write_text_atomic(
+                    Path(out) / f"samples_{t.name}.jsonl", "".join(json.dumps(r) + "\n" for r in run.records)
+                )
     if out is not None:
         write_text_atomic(Path(out) / "results.json", json.dumps(results, indent=2))
     return results
@@ -441,6 +532,8 @@ def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     shared = [t for t in sa if t in sb]
     if not shared:
         raise PortLLMError(f"{run_a} and {run_b} share no task")
-    return {"a": {"dir": str(run_a), "model": ra.get("model"), "patch": ra.get("patch")},
-            "b": {"dir": str(run_b), "model": rb.get("model"), "patch": rb.get("patch")},
-            "tasks": {t: flips(sa[t], sb[t]) for t in shared}}
+    return {
+        "a": {"dir": str(run_a), "model": ra.get("model"), "patch": ra.get("patch")},
+        "b": {"dir": str(run_b), "model": rb.get("model"), "patch": rb.get("patch")},
+        "tasks": {t: flips(sa[t], sb[t]) for t in shared},
+    }

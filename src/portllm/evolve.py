@@ -49,7 +49,9 @@ def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:
         if not p.is_absolute() and not p.exists() and d is not None:
             p = d / part
         if not p.is_file():
-            raise PortLLMError(f"corpus file {part} not found" + (f" (looked in {d})" if d else "; set --data-dir or PORTLLM_DATA"))
+            raise PortLLMError(
+                f"corpus file {part} not found" + (f" (looked in {d})" if d else "; set --data-dir or PORTLLM_DATA")
+            )
         files.append(p)
     return files
 
@@ -60,7 +62,11 @@ def corpus_texts(files: list[Path]) -> list[str]:
     for f in files:
         if f.suffix in (".json", ".jsonl"):
             try:
-                rows = json.loads(f.read_text()) if f.suffix == ".json" else [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+                rows = (
+                    json.loads(f.read_text())
+                    if f.suffix == ".json"
+                    else [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                )
             except ValueError as e:
                 raise PortLLMError(f"{f}: not valid JSON ({e})") from None
             for n, r in enumerate(rows, 1):
@@ -107,8 +113,15 @@ def drift_by_type(old_dir: Path, new_dir: Path) -> dict[str, float]:
     return {k: (num[k] / den[k]) ** 0.5 if den[k] else 0.0 for k in sorted(num)}
 
 
-def evolve(base: str | Path, corpus: str, out: str | Path, cfg: EvolveConfig | None = None, data: str | Path | None = None,
-           overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+def evolve(
+    base: str | Path,
+    corpus: str,
+    out: str | Path,
+    cfg: EvolveConfig | None = None,
+    data: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Continue pretraining `base` on `corpus` and write the evolved model with its lineage."""
     from .models import copy_side_files, fingerprint, load_base, resolve_base
     from .train import fit
@@ -136,8 +149,16 @@ def evolve(base: str | Path, corpus: str, out: str | Path, cfg: EvolveConfig | N
         if cfg.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
-                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.rank,
+                    lora_alpha=cfg.alpha,
+                    target_modules=list(cfg.targets),
+                    lora_dropout=0.0,
+                    task_type="CAUSAL_LM",
+                ),
+            )
         losses, start, n_trainable = fit(model, examples, cfg, tok.pad_token_id, ckpt, "evolve", progress)
         if cfg.mode == "lora":
             model = model.merge_and_unload()
@@ -150,10 +171,16 @@ def evolve(base: str | Path, corpus: str, out: str | Path, cfg: EvolveConfig | N
             "parent": {"name": str(base), "fingerprint": parent_fp},
             "corpus": {"spec": corpus, "files": [str(f) for f in files], "windows": len(examples)},
             "config": {**asdict(cfg), "targets": list(cfg.targets)},
-            "steps": cfg.steps, "tokens_at_most": tokens, "resumed_from": start, "trainable_params": n_trainable,
-            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
-            "wall_s": round(usage.wall_s, 2), "peak_rss_mb": round(usage.peak_rss_mb, 1),
-            "drift": drift, "fingerprint": fingerprint(tmp),
+            "steps": cfg.steps,
+            "tokens_at_most": tokens,
+            "resumed_from": start,
+            "trainable_params": n_trainable,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "wall_s": round(usage.wall_s, 2),
+            "peak_rss_mb": round(usage.peak_rss_mb, 1),
+            "drift": drift,
+            "fingerprint": fingerprint(tmp),
         }
         (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
     import shutil

@@ -20,8 +20,9 @@ does by default for the same method names, so a config means the same in both to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,12 +81,26 @@ def elect_and_merge(ds: list[torch.Tensor], weights: list[float], normalize: boo
 
 # ---------------------------------------------------------------- one layer
 
-NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False,
-             "breadcrumbs": False}  # mergekit's defaults, so configs mean the same in both tools
+NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+    "breadcrumbs": False,
+}  # mergekit's defaults, so configs mean the same in both tools
 
 
-def merge_deltas(deltas: list[torch.Tensor], method: str, weights: list[float], density: float = 0.5, lam: float = 1.0,
-                 gamma: float = 0.01, g: torch.Generator | None = None, normalize: bool | None = None) -> torch.Tensor:
+def merge_deltas(
+    deltas: list[torch.Tensor],
+    method: str,
+    weights: list[float],
+    density: float = 0.5,
+    lam: float = 1.0,
+    gamma: float = 0.01,
+    g: torch.Generator | None = None,
+    normalize: bool | None = None,
+) -> torch.Tensor:
     """The merged dense update of one layer."""
     if method not in NORMALIZE:
         raise PortLLMError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
@@ -94,14 +109,20 @@ def merge_deltas(deltas: list[torch.Tensor], method: str, weights: list[float], 
     if method in ("ties", "dare_ties"):
         sparse = [trim_magnitude(d, density) if method == "ties" else dare(d, density, g) for d in deltas]
         return lam * elect_and_merge(sparse, weights, norm)
-    sparsify = {"linear": lambda d: d, "task_arithmetic": lambda d: d, "dare_linear": lambda d: dare(d, density, g),
-                "breadcrumbs": lambda d: breadcrumbs(d, density, gamma)}[method]
+    sparsify = {
+        "linear": lambda d: d,
+        "task_arithmetic": lambda d: d,
+        "dare_linear": lambda d: dare(d, density, g),
+        "breadcrumbs": lambda d: breadcrumbs(d, density, gamma),
+    }[method]
     total = sum(w * sparsify(d) for w, d in zip(weights, deltas))
     wsum = sum(weights)
     return lam * (total / wsum if norm and abs(wsum) > 1e-8 else total)
 
 
-def lowrank_factor(us: list[torch.Tensor], vs: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def lowrank_factor(
+    us: list[torch.Tensor], vs: list[torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of Σ U_i V_i without forming it: QR of the stacked factors, SVD of the core."""
     u = torch.cat(us, dim=1)
     v = torch.cat(vs, dim=0).T
@@ -124,12 +145,22 @@ def check_mergeable(patches: list[Patch]) -> None:
     for p in patches:
         for name, m in p.modules.items():
             if shapes.setdefault(name, m.weight_shape) != m.weight_shape:
-                raise PortLLMError(f"module {name} has shape {m.weight_shape} in {p.path} but {shapes[name]} in another patch")
+                raise PortLLMError(
+                    f"module {name} has shape {m.weight_shape} in {p.path} but {shapes[name]} in another patch"
+                )
 
 
-def merge(patches: list[Patch | str | Path], method: str = "linear", weights: list[float] | None = None, density: float = 0.5,
-          lam: float = 1.0, rank: int | None = None, seed: int = 0, gamma: float = 0.01,
-          normalize: bool | None = None) -> tuple[Patch, dict[str, Any]]:
+def merge(
+    patches: list[Patch | str | Path],
+    method: str = "linear",
+    weights: list[float] | None = None,
+    density: float = 0.5,
+    lam: float = 1.0,
+    rank: int | None = None,
+    seed: int = 0,
+    gamma: float = 0.01,
+    normalize: bool | None = None,
+) -> tuple[Patch, dict[str, Any]]:
     """Merge patches made on the same base into one patch (not saved); returns it and a report."""
     ps = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
     if not ps:
@@ -175,15 +206,35 @@ def merge(patches: list[Patch | str | Path], method: str = "linear", weights: li
         tensors[f"{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{name}.lora_B.weight"] = b.contiguous()
         kept[name] = k
-    config = lora_config({n: tensors[f"{n}.lora_A.weight"].shape[0] for n in names}, ps[0].config.get("base_model_name_or_path"))
-    report = {"method": method, "weights": weights, "density": density, "lambda": lam, "gamma": gamma, "rank": rank, "seed": seed,
-              "normalize": norm,
-              "inputs": [{"path": str(p.path), "task": (p.manifest or {}).get("task"),
-                          "sha256": (p.manifest or {}).get("files", {}).get("adapter_model.safetensors")} for p in ps],
-              "energy_kept_mean": sum(kept.values()) / len(kept), "energy_kept_min": min(kept.values()), "energy_kept": kept,
-              "time": now()}
+    config = lora_config(
+        {n: tensors[f"{n}.lora_A.weight"].shape[0] for n in names}, ps[0].config.get("base_model_name_or_path")
+    )
+    report = {
+        "method": method,
+        "weights": weights,
+        "density": density,
+        "lambda": lam,
+        "gamma": gamma,
+        "rank": rank,
+        "seed": seed,
+        "normalize": norm,
+        "inputs": [
+            {
+                "path": str(p.path),
+                "task": (p.manifest or {}).get("task"),
+                "sha256": (p.manifest or {}).get("files", {}).get("adapter_model.safetensors"),
+            }
+            for p in ps
+        ],
+        "energy_kept_mean": sum(kept.values()) / len(kept),
+        "energy_kept_min": min(kept.values()),
+        "energy_kept": kept,
+        "time": now(),
+    }
     tasks = [t for t in ((p.manifest or {}).get("task") for p in ps) if t]
-    manifest = new_manifest(ps[0].source, config, tensors, "merged", "+".join(dict.fromkeys(tasks)) or None, {"merge": report})
+    manifest = new_manifest(
+        ps[0].source, config, tensors, "merged", "+".join(dict.fromkeys(tasks)) or None, {"merge": report}
+    )
     return Patch(config, tensors, manifest), report
 
 
@@ -201,9 +252,14 @@ def similarity(patches: list[Patch]) -> list[list[float]]:
     gram = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            s = sum(delta_inner(m, patches[j].modules[k]) for k, m in patches[i].modules.items() if k in patches[j].modules)
+            s = sum(
+                delta_inner(m, patches[j].modules[k]) for k, m in patches[i].modules.items() if k in patches[j].modules
+            )
             gram[i][j] = gram[j][i] = s
-    return [[gram[i][j] / math.sqrt(gram[i][i] * gram[j][j]) if gram[i][i] and gram[j][j] else 0.0 for j in range(n)] for i in range(n)]
+    return [
+        [gram[i][j] / math.sqrt(gram[i][i] * gram[j][j]) if gram[i][i] and gram[j][j] else 0.0 for j in range(n)]
+        for i in range(n)
+    ]
 
 
 def clusters(sim: list[list[float]], threshold: float) -> list[list[int]]:
@@ -224,9 +280,16 @@ def clusters(sim: list[list[float]], threshold: float) -> list[list[int]]:
     return out
 
 
-def greedy_select(patches: list[Patch], score: Callable[[Patch], float], method: str = "linear",
-                  order: str = "score", log: Callable[[str], None] = print, **merge_kw: Any) -> tuple[Patch, list[dict[str, Any]]]:
-    """Model-GLUE-style selective merging: add candidates one at a time, keep each only if the held-out score does not drop."""
+def greedy_select(
+    patches: list[Patch],
+    score: Callable[[Patch], float],
+    method: str = "linear",
+    order: str = "score",
+    log: Callable[[str], None] = print,
+    **merge_kw: Any,
+) -> tuple[Patch, list[dict[str, Any]]]:
+    """Model-GLUE-style selective merging: add candidates one at a time, keep each only if the held-out score "
+    "does not drop."""
     own = [score(p) for p in patches]
     idx = list(range(len(patches)))
     if order == "score":
@@ -240,7 +303,9 @@ def greedy_select(patches: list[Patch], score: Callable[[Patch], float], method:
     chosen = [idx[0]]
     best, _ = merge([patches[idx[0]]], method, **merge_kw)
     best_score = own[idx[0]]
-    trajectory = [{"candidate": str(patches[idx[0]].path), "own_score": own[idx[0]], "merged_score": best_score, "kept": True}]
+    trajectory = [
+        {"candidate": str(patches[idx[0]].path), "own_score": own[idx[0]], "merged_score": best_score, "kept": True}
+    ]
     log(f"start with {patches[idx[0]].path}: {best_score:.4f}")
     for i in idx[1:]:
         trial, _ = merge([patches[k] for k in chosen + [i]], method, **merge_kw)
@@ -251,5 +316,9 @@ def greedy_select(patches: list[Patch], score: Callable[[Patch], float], method:
         if keep:
             chosen.append(i)
             best, best_score = trial, s
-    best.manifest["extra"]["selection"] = {"order": order, "trajectory": trajectory, "chosen": [str(patches[k].path) for k in chosen]}
+    best.manifest["extra"]["selection"] = {
+        "order": order,
+        "trajectory": trajectory,
+        "chosen": [str(patches[k].path) for k in chosen],
+    }
     return best, trajectory

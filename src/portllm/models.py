@@ -79,12 +79,16 @@ def resolve_base(spec: str | Path) -> Path:
     if p.is_file() and p.suffix == ".gguf":
         return _export_gguf(p, name=p.stem)
     if p.is_file():
-        raise PortLLMError(f"{p} is a file, not a model: give a model directory, a .gguf file, a hub id or an embedded name")
+        raise PortLLMError(
+            f"{p} is a file, not a model: give a model directory, a .gguf file, a hub id or an embedded name"
+        )
     if p.is_dir():
         weight_files(p)  # validates
         return p.absolute()
     if s.startswith((".", "/", "~")) or os.sep in s and s.count("/") != 1:
-        raise PortLLMError(f"base {s!r} does not exist: give a model directory, a .gguf file, a hub id or one of {', '.join(EMBEDDED)}")
+        raise PortLLMError(
+            f"base {s!r} does not exist: give a model directory, a .gguf file, a hub id or one of {', '.join(EMBEDDED)}"
+        )
     return _hub_snapshot(s)
 
 
@@ -110,7 +114,8 @@ def weight_files(d: Path) -> list[Path]:
     pickles = [f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise PortLLMError(
-            f"{d} holds only pickle weights ({pickles[0]}); portllm never unpickles files: convert them to safetensors first"
+            f"{d} holds only pickle weights ({pickles[0]}); portllm never unpickles files: convert them to "
+            "safetensors first"
         )
     raise PortLLMError(f"{d} has no .safetensors weights")
 
@@ -186,7 +191,9 @@ def _export_gguf(path: Path, name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many kinds for a bad GGUF
-        raise PortLLMError(f"cannot load GGUF {path}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+        raise PortLLMError(
+            f"cannot load GGUF {path}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}"
+        ) from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -274,13 +281,21 @@ def tokenizer_summary(d: Path) -> dict[str, Any] | None:
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except Exception as e:
-        raise PortLLMError(f"cannot load the tokenizer in {d}: {str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__}") from None
+        raise PortLLMError(
+            f"cannot load the tokenizer in {d}: {str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__}"
+        ) from None
     tokens = token_strings(tok)
     blocks = [
         hashlib.sha256("\n".join(tokens[i : i + 1024]).encode()).hexdigest()[:16] for i in range(0, len(tokens), 1024)
     ]
     specials = {k: (v if isinstance(v, str) else [str(x) for x in v]) for k, v in tok.special_tokens_map.items()}
-    tmpl = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template, sort_keys=True) if tok.chat_template else None
+    tmpl = (
+        tok.chat_template
+        if isinstance(tok.chat_template, str)
+        else json.dumps(tok.chat_template, sort_keys=True)
+        if tok.chat_template
+        else None
+    )
     return {
         "size": len(tokens),
         "sha256": hashlib.sha256("\n".join(tokens).encode()).hexdigest(),
@@ -329,7 +344,9 @@ def load_base(spec: str | Path, dtype: str = "float32", device: str = "cpu"):
     try:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), use_safetensors=True)
     except Exception as e:
-        raise PortLLMError(f"transformers cannot load {d}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+        raise PortLLMError(
+            f"transformers cannot load {d}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}"
+        ) from None
     model.to(device).eval()
     tok = None
     if has_tokenizer(d):

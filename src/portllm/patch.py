@@ -88,7 +88,7 @@ class Patch:
     # ------------------------------------------------------------ reading
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, require_manifest: bool = True) -> "Patch":
+    def load(cls, path: str | Path, verify: bool = True, require_manifest: bool = True) -> Patch:
         """Open a patch directory; with `verify`, refuse files whose sha256 differs from the manifest."""
         path = Path(path)
         if not path.is_dir():
@@ -102,10 +102,13 @@ class Patch:
             if manifest.get("format") != "portllm-patch":
                 raise PortLLMError(f"{path / MANIFEST}: not a portllm patch manifest")
             if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-                raise PortLLMError(f"{path}: patch format {manifest['format_version']} is newer than this portllm; upgrade portllm")
+                raise PortLLMError(
+                    f"{path}: patch format {manifest['format_version']} is newer than this portllm; upgrade portllm"
+                )
         elif require_manifest:
             raise PortLLMError(
-                f"{path} has no {MANIFEST}: it is a plain adapter; run `portllm import-adapter {path} --base BASE --out PATCH` first"
+                f"{path} has no {MANIFEST}: it is a plain adapter; run `portllm import-adapter {path} --base "
+                "BASE --out PATCH` first"
             )
         if verify and manifest:
             for name, digest in manifest.get("files", {}).items():
@@ -113,7 +116,10 @@ class Patch:
                 if not f.is_file():
                     raise PortLLMError(f"patch {path}: {name} listed in {MANIFEST} is missing")
                 if sha256_file(f) != digest:
-                    raise PortLLMError(f"patch {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or edited); re-create the patch")
+                    raise PortLLMError(
+                        f"patch {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or edited); "
+                        "re-create the patch"
+                    )
         config, tensors = read_adapter(path)
         return cls(config, tensors, manifest, path)
 
@@ -133,7 +139,9 @@ class Patch:
                 raise PortLLMError(f"patch: module {name} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
             A, B = ab["A"], ab["B"]
             if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-                raise PortLLMError(f"patch: module {name} has mismatched LoRA factor shapes A{tuple(A.shape)} B{tuple(B.shape)}")
+                raise PortLLMError(
+                    f"patch: module {name} has mismatched LoRA factor shapes A{tuple(A.shape)} B{tuple(B.shape)}"
+                )
             out[name] = LoraModule(name, A, B, self._scaling(name, A.shape[0]), fifo)
         return out
 
@@ -165,14 +173,18 @@ class Patch:
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
-            save_file({k: v.contiguous() for k, v in peft_state_dict(self.tensors).items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in peft_state_dict(self.tensors).items()},
+                str(tmp / ADAPTER_WEIGHTS),
+                metadata={"format": "pt"},
+            )
             manifest = dict(self.manifest or {})
             manifest["files"] = {n: sha256_file(tmp / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         self.manifest, self.path = manifest, Path(out)
         return Path(out)
 
-    def restamped(self, base: dict[str, Any], event: dict[str, Any], scale: float = 1.0) -> "Patch":
+    def restamped(self, base: dict[str, Any], event: dict[str, Any], scale: float = 1.0) -> Patch:
         """The same factors declared for another base, with a lineage entry (and B scaled by `scale`)."""
         tensors = dict(self.tensors)
         if scale != 1.0:
@@ -193,7 +205,8 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not wfile.is_file():
         if (path / "adapter_model.bin").is_file():
             raise PortLLMError(
-                f"{path} holds adapter_model.bin (pickle); portllm never unpickles files: re-save the adapter with safetensors"
+                f"{path} holds adapter_model.bin (pickle); portllm never unpickles files: re-save the adapter "
+                "with safetensors"
             )
         raise PortLLMError(f"{path} has no {ADAPTER_WEIGHTS}")
     try:
@@ -203,7 +216,9 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise PortLLMError(f"{path}: PEFT type {config.get('peft_type')} is not LoRA; only LoRA patches are supported")
     if config.get("use_dora"):
-        raise PortLLMError(f"{path}: DoRA adapters are not supported (their magnitude vector depends on the base weights)")
+        raise PortLLMError(
+            f"{path}: DoRA adapters are not supported (their magnitude vector depends on the base weights)"
+        )
     read_header(wfile)  # one-line error on a corrupt file
     from safetensors.torch import load_file
 
@@ -213,7 +228,7 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise PortLLMError(f"{wfile}: cannot read ({str(e)[:120]})") from None
     tensors = {}
     for key, t in raw.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        k = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         if ".lora_embedding_" in k or ".lora_magnitude" in k or k.endswith(".lora_B.bias"):
             raise PortLLMError(f"{wfile}: {key} is not supported (only LoRA on linear layers, plus modules_to_save)")
         tensors[k] = t
@@ -226,8 +241,14 @@ def peft_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {PEFT_PREFIX + k: v for k, v in tensors.items()}
 
 
-def new_manifest(base: dict[str, Any], config: dict[str, Any], tensors: dict[str, torch.Tensor], event: str,
-                 task: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_manifest(
+    base: dict[str, Any],
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    event: str,
+    task: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A fresh manifest for factors made on `base`."""
     mods = sorted({m["module"].rsplit(".", 1)[-1] for k in tensors if (m := _LORA_KEY.match(k))})
     ranks = sorted({t.shape[0] for k, t in tensors.items() if ".lora_A" in k})
@@ -245,13 +266,16 @@ def new_manifest(base: dict[str, Any], config: dict[str, Any], tensors: dict[str
             "use_rslora": bool(config.get("use_rslora")),
             "n_params": sum(t.numel() for t in tensors.values()),
         },
-        "lineage": [{"event": event, "time": now(), "base": {"name": base.get("name"), "fingerprint": base.get("fingerprint")}}],
+        "lineage": [
+            {"event": event, "time": now(), "base": {"name": base.get("name"), "fingerprint": base.get("fingerprint")}}
+        ],
         "extra": extra or {},
     }
 
 
-def import_adapter(adapter_dir: str | Path, base: str | Path, out: str | Path, task: str | None = None,
-                   overwrite: bool = False) -> Patch:
+def import_adapter(
+    adapter_dir: str | Path, base: str | Path, out: str | Path, task: str | None = None, overwrite: bool = False
+) -> Patch:
     """Turn any PEFT LoRA adapter into a patch stamped with the base it was trained on."""
     from .check import structural_problems
     from .models import base_info, resolve_base, weight_index
@@ -261,9 +285,14 @@ def import_adapter(adapter_dir: str | Path, base: str | Path, out: str | Path, t
     patch = Patch(config, tensors)
     problems = structural_problems(patch, weight_index(resolve_base(base)))
     if problems:
-        raise PortLLMError(f"adapter {adapter_dir} does not fit base {base}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise PortLLMError(
+            f"adapter {adapter_dir} does not fit base {base}: {problems[0]}"
+            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
     info = base_info(base)
-    patch.manifest = new_manifest(info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())})
+    patch.manifest = new_manifest(
+        info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())}
+    )
     patch.config = dict(config, base_model_name_or_path=str(base))
     patch.save(out, overwrite=overwrite)
     return patch
@@ -276,8 +305,14 @@ def _natural(s: str) -> list:
 def describe(patch: Patch) -> dict[str, Any]:
     """Everything `inspect` shows: modules, ranks, sizes, update norms, provenance, lineage."""
     mods = [
-        {"module": m.name, "rank": m.rank, "scaling": m.scaling, "shape": list(m.weight_shape),
-         "params": m.A.numel() + m.B.numel(), "delta_norm": m.delta_norm()}
+        {
+            "module": m.name,
+            "rank": m.rank,
+            "scaling": m.scaling,
+            "shape": list(m.weight_shape),
+            "params": m.A.numel() + m.B.numel(),
+            "delta_norm": m.delta_norm(),
+        }
         for m in patch.modules.values()
     ]
     return {
@@ -293,10 +328,23 @@ def describe(patch: Patch) -> dict[str, Any]:
     }
 
 
-def lora_config(ranks: dict[str, int], base_name: str | None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
+def lora_config(
+    ranks: dict[str, int], base_name: str | None, modules_to_save: list[str] | None = None
+) -> dict[str, Any]:
     """A PEFT LoRA config for factors with scaling 1 and per-module ranks (rank_pattern where they differ)."""
     r = max(ranks.values())
     other = {m: k for m, k in ranks.items() if k != r}
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": other,
-            "alpha_pattern": dict(other), "target_modules": sorted(ranks, key=_natural), "modules_to_save": modules_to_save or None,
-            "fan_in_fan_out": False, "bias": "none", "lora_dropout": 0.0, "base_model_name_or_path": base_name}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": other,
+        "alpha_pattern": dict(other),
+        "target_modules": sorted(ranks, key=_natural),
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "base_model_name_or_path": base_name,
+    }

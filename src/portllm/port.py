@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from . import __version__
 from .atomic import atomic_dir
 from .check import CheckReport, check
@@ -39,12 +38,27 @@ class PortResult:
     result_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out), "mode": self.mode, "verdict": self.report.verdict, "applied": self.applied,
-                "replaced": self.replaced, "result_fingerprint": self.result_fingerprint, **self.usage.to_dict()}
+        return {
+            "out": str(self.out),
+            "mode": self.mode,
+            "verdict": self.report.verdict,
+            "applied": self.applied,
+            "replaced": self.replaced,
+            "result_fingerprint": self.result_fingerprint,
+            **self.usage.to_dict(),
+        }
 
 
-def port(patch: Patch | str | Path, base: str | Path, out: str | Path, scale: float = 1.0,
-         as_adapter: bool = False, force: bool = False, overwrite: bool = False, progress: bool = False) -> PortResult:
+def port(
+    patch: Patch | str | Path,
+    base: str | Path,
+    out: str | Path,
+    scale: float = 1.0,
+    as_adapter: bool = False,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PortResult:
     """Carry `patch` onto `base`, writing `out` atomically; refuses incompatible patches unless forced."""
     with measure() as usage:
         if not isinstance(patch, Patch):
@@ -77,8 +91,16 @@ def port(patch: Patch | str | Path, base: str | Path, out: str | Path, scale: fl
     return result
 
 
-def _merge_streaming(patch: Patch, base_dir: Path, out: Path, scale: float, overwrite: bool,
-                     event: dict[str, Any], rep: CheckReport, progress: bool) -> PortResult:
+def _merge_streaming(
+    patch: Patch,
+    base_dir: Path,
+    out: Path,
+    scale: float,
+    overwrite: bool,
+    event: dict[str, Any],
+    rep: CheckReport,
+    progress: bool,
+) -> PortResult:
     by_weight = {m.weight_name: m for m in patch.modules.values()}
     full = patch.full_weights
     files = weight_files(base_dir)

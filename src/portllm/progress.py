@@ -10,7 +10,14 @@ class Bar:
         self._p = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         cols = [TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn()]
         cols += [TextColumn(f"{k} {{task.fields[{k}]}}") for k in fields]
@@ -18,7 +25,7 @@ class Bar:
         self._p = Progress(*cols, transient=True)
         self._id = self._p.add_task(label, total=total, completed=start, **fields)
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         if self._p:
             self._p.start()
         return self

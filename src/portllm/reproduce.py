@@ -20,16 +20,22 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import PortLLMError
 
 VARIANTS = ("base", "evolved", "base+patch", "evolved+patch", "evolved+retuned")
-LABELS = {"base": "θ (zero-shot)", "evolved": "θ' (zero-shot)", "base+patch": "θ + Δθ",
-          "evolved+patch": "θ' + Δθ (ported)", "evolved+retuned": "θ' + Δθ' (re-tuned)"}
+LABELS = {
+    "base": "θ (zero-shot)",
+    "evolved": "θ' (zero-shot)",
+    "base+patch": "θ + Δθ",
+    "evolved+patch": "θ' + Δθ (ported)",
+    "evolved+retuned": "θ' + Δθ' (re-tuned)",
+}
 ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached evals
 
 
@@ -68,8 +74,11 @@ _PLANS = {  # one recipe per task, shared by both profiles so a --full run reuse
     "gsm8k": TaskPlan(40, 80, 256),  # sized so --full fits 90 min on 2 cores
 }
 _NOTES = {
-    "sst2": "SST-2: all 872 GLUE dev sentences", "boolq": "BoolQ: first 300 questions of our 2,000-question eval part",
-    "mrpc": "MRPC: all 408 dev pairs", "rte": "RTE: all 177 questions of our eval part", "wnli": "WNLI: all 71 dev pairs",
+    "sst2": "SST-2: all 872 GLUE dev sentences",
+    "boolq": "BoolQ: first 300 questions of our 2,000-question eval part",
+    "mrpc": "MRPC: all 408 dev pairs",
+    "rte": "RTE: all 177 questions of our eval part",
+    "wnli": "WNLI: all 71 dev pairs",
     "winogrande": "WinoGrande: first 400 of the 1,267 dev sentences",
     "gsm8k": "GSM8K: first 80 test questions, greedy, at most 128 new tokens, flexible-extract exact match",
 }
@@ -93,15 +102,24 @@ def _files_key(files: list[Path]) -> list[tuple[str, int]]:
 def _child(args: list[str], log: Log) -> dict[str, Any]:
     """Run a portllm command in its own process and return its JSON answer."""
     cmd = [sys.executable, "-m", "portllm.cli", *args, "--json"]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+    )
     if r.returncode != 0:
         raise PortLLMError(f"step failed: portllm {' '.join(args[:3])} ... (exit {r.returncode})")
     return json.loads(r.stdout)
 
 
-def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", tasks: list[str] | None = None,
-              out: str | Path = "runs/reproduce", data: str | Path | None = None, cache: str | Path | None = None,
-              log: Log = print, show_progress: bool = False) -> dict[str, Any]:
+def reproduce(
+    base: str = "smollm2-135m",
+    profile: str | Profile = "quick",
+    tasks: list[str] | None = None,
+    out: str | Path = "runs/reproduce",
+    data: str | Path | None = None,
+    cache: str | Path | None = None,
+    log: Log = print,
+    show_progress: bool = False,
+) -> dict[str, Any]:
     """Run the grid and write OUT/report.json, OUT/report.md and OUT/*.png."""
     from .evolve import EvolveConfig, corpus_files, evolve
     from .models import cache_root, fingerprint, resolve_base
@@ -128,9 +146,15 @@ def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", task
     log(f"θ  = {base} ({fp_theta})")
 
     # θ': continued pretraining, cached by parent, corpus and recipe
-    ecfg = EvolveConfig(mode=prof.evolve_mode, steps=prof.evolve_steps, lr=prof.evolve_lr, batch_size=prof.batch_size,
-                        max_length=prof.evolve_max_length, seed=prof.seed,
-                        dtype="float32" if prof.evolve_mode == "full" else prof.dtype)  # bf16 AdamW would lose small updates
+    ecfg = EvolveConfig(
+        mode=prof.evolve_mode,
+        steps=prof.evolve_steps,
+        lr=prof.evolve_lr,
+        batch_size=prof.batch_size,
+        max_length=prof.evolve_max_length,
+        seed=prof.seed,
+        dtype="float32" if prof.evolve_mode == "full" else prof.dtype,
+    )  # bf16 AdamW would lose small updates
     evolved = cache / "evolved" / _key(fp_theta, prof.corpus, _files_key(corpus_files(prof.corpus, data)), ecfg.key())
     t0 = time.perf_counter()
     if not (evolved / "portllm_lineage.json").is_file():
@@ -142,39 +166,86 @@ def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", task
     log(f"θ' = {evolved} ({fp_evolved}); drift {_fmt_drift(lineage['drift'])}")
 
     report: dict[str, Any] = {
-        "profile": prof.name, "base": {"name": base, "fingerprint": fp_theta},
-        "evolved": {"path": str(evolved), "fingerprint": fp_evolved, "corpus": prof.corpus, "steps": lineage["steps"],
-                    "mode": prof.evolve_mode, "drift": lineage["drift"], "wall_s": lineage["wall_s"]},
-        "settings": {"train": {"rank": 8, "alpha": 16, "targets": "q,k,v,o,gate,up,down", "batch_size": prof.batch_size,
-                               "dtype": prof.dtype, "seed": prof.seed},
-                     "eval_dtype": prof.eval_dtype, "notes": prof.notes},
-        "tasks": {}, "efficiency": {}, "flips": {}, "per_task_cost": {},
+        "profile": prof.name,
+        "base": {"name": base, "fingerprint": fp_theta},
+        "evolved": {
+            "path": str(evolved),
+            "fingerprint": fp_evolved,
+            "corpus": prof.corpus,
+            "steps": lineage["steps"],
+            "mode": prof.evolve_mode,
+            "drift": lineage["drift"],
+            "wall_s": lineage["wall_s"],
+        },
+        "settings": {
+            "train": {
+                "rank": 8,
+                "alpha": 16,
+                "targets": "q,k,v,o,gate,up,down",
+                "batch_size": prof.batch_size,
+                "dtype": prof.dtype,
+                "seed": prof.seed,
+            },
+            "eval_dtype": prof.eval_dtype,
+            "notes": prof.notes,
+        },
+        "tasks": {},
+        "efficiency": {},
+        "flips": {},
+        "per_task_cost": {},
     }
     for name, plan in prof.tasks.items():
         task = get_task(name)
         log(f"\n[{name}] {plan.steps} steps x {prof.batch_size}, eval on {plan.eval_limit or 'all'} examples")
-        targs = ["--steps", str(plan.steps), "--batch-size", str(prof.batch_size), "--lr", str(plan.lr), "--max-length",
-                 str(plan.max_length), "--seed", str(prof.seed), "--dtype", prof.dtype, "--eval-limit", "0", "--data-dir", str(data)]
+        targs = [
+            "--steps",
+            str(plan.steps),
+            "--batch-size",
+            str(prof.batch_size),
+            "--lr",
+            str(plan.lr),
+            "--max-length",
+            str(plan.max_length),
+            "--seed",
+            str(prof.seed),
+            "--dtype",
+            prof.dtype,
+            "--eval-limit",
+            "0",
+            "--data-dir",
+            str(data),
+        ]
         tkey = _key(name, targs, ENGINE_VERSION)
         patch = cache / "patches" / f"{name}-{_key(fp_theta, tkey)}"
         retuned = cache / "patches" / f"{name}-{_key(fp_evolved, tkey)}"
         for where, base_dir, dest in (("θ", theta, patch), ("θ'", evolved, retuned)):
             if not (dest / "portllm.json").is_file():
                 log(f"  training Δ on {where}...")
-                _child(["train", "--base", str(base_dir), "--task", name, "--out", str(dest), "--overwrite", *targs], log)
+                _child(
+                    ["train", "--base", str(base_dir), "--task", name, "--out", str(dest), "--overwrite", *targs], log
+                )
         train_rec = json.loads((retuned / "portllm.json").read_text())["extra"]["training"]
 
         # the port itself, measured in its own process; the ported directory is evaluated, then dropped
         port_rec_file = cache / "ports" / f"{_key(_patch_sha(patch), fp_evolved)}.json"
         ported = cache / "ported" / port_rec_file.stem
         evals: dict[str, dict[str, Any]] = {}
-        specs = {"base": (theta, None), "evolved": (evolved, None), "base+patch": (theta, patch),
-                 "evolved+patch": (ported, None), "evolved+retuned": (evolved, retuned)}
+        specs = {
+            "base": (theta, None),
+            "evolved": (evolved, None),
+            "base+patch": (theta, patch),
+            "evolved+patch": (ported, None),
+            "evolved+retuned": (evolved, retuned),
+        }
         fps = {"base": fp_theta, "evolved": fp_evolved}
         for v in VARIANTS:
             model_fp = fps.get(v, fp_evolved if v != "base+patch" else fp_theta)
-            pkey = _patch_sha(patch if v in ("base+patch", "evolved+patch") else retuned if v == "evolved+retuned" else None)
-            ekey = _key(model_fp, pkey, v == "evolved+patch", name, plan.eval_limit, prof.eval_dtype, ENGINE_VERSION, str(data))
+            pkey = _patch_sha(
+                patch if v in ("base+patch", "evolved+patch") else retuned if v == "evolved+retuned" else None
+            )
+            ekey = _key(
+                model_fp, pkey, v == "evolved+patch", name, plan.eval_limit, prof.eval_dtype, ENGINE_VERSION, str(data)
+            )
             edir = cache / "evals" / f"{name}-{v.replace('+', '_')}-{ekey}"
             if not (edir / "results.json").is_file():
                 if v == "evolved+patch" and not (ported / "config.json").is_file():
@@ -189,7 +260,8 @@ def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", task
             shutil.rmtree(ported, ignore_errors=True)
         port_rec = json.loads(port_rec_file.read_text()) if port_rec_file.is_file() else {}
         report["tasks"][name] = {v: evals[v]["value"] for v in VARIANTS} | {
-            "metric": evals["base"]["metric"], "n": evals["base"]["n"],
+            "metric": evals["base"]["metric"],
+            "n": evals["base"]["n"],
             "stderr": {v: evals[v]["stderr"] for v in VARIANTS},
             "ported_minus_retuned": evals["evolved+patch"]["value"] - evals["evolved+retuned"]["value"],
             "ported_minus_evolved": evals["evolved+patch"]["value"] - evals["evolved"]["value"],
@@ -198,10 +270,19 @@ def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", task
 
         report["flips"][name] = compare(evals["base+patch"]["dir"], evals["evolved+patch"]["dir"])["tasks"][name]
         report["per_task_cost"][name] = {
-            "port": {"wall_s": port_rec.get("wall_s"), "peak_rss_mb": port_rec.get("peak_rss_mb"), "trainable_params": 0},
-            "retune": {"wall_s": train_rec["wall_s"], "peak_rss_mb": train_rec["peak_rss_mb"],
-                       "peak_gpu_mb": train_rec.get("peak_gpu_mb"), "trainable_params": train_rec["trainable_params"],
-                       "steps": train_rec["steps"], "examples_seen": train_rec["examples_seen"]},
+            "port": {
+                "wall_s": port_rec.get("wall_s"),
+                "peak_rss_mb": port_rec.get("peak_rss_mb"),
+                "trainable_params": 0,
+            },
+            "retune": {
+                "wall_s": train_rec["wall_s"],
+                "peak_rss_mb": train_rec["peak_rss_mb"],
+                "peak_gpu_mb": train_rec.get("peak_gpu_mb"),
+                "trainable_params": train_rec["trainable_params"],
+                "steps": train_rec["steps"],
+                "examples_seen": train_rec["examples_seen"],
+            },
         }
         r = report["tasks"][name]
         log(f"  {name}: " + "  ".join(f"{LABELS[v]} {r[v]:.3f}" for v in VARIANTS))
@@ -210,22 +291,36 @@ def reproduce(base: str = "smollm2-135m", profile: str | Profile = "quick", task
     costs = report["per_task_cost"].values()
     port_ok = [c["port"] for c in costs if c["port"]["wall_s"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    port = {"wall_s": mean([c["wall_s"] for c in port_ok]), "peak_rss_mb": max((c["peak_rss_mb"] for c in port_ok), default=None),
-            "trainable_params": 0}
-    retune = {"wall_s": mean([c["retune"]["wall_s"] for c in costs]), "peak_rss_mb": max(c["retune"]["peak_rss_mb"] for c in costs),
-              "trainable_params": max(c["retune"]["trainable_params"] for c in costs)}
+    port = {
+        "wall_s": mean([c["wall_s"] for c in port_ok]),
+        "peak_rss_mb": max((c["peak_rss_mb"] for c in port_ok), default=None),
+        "trainable_params": 0,
+    }
+    retune = {
+        "wall_s": mean([c["retune"]["wall_s"] for c in costs]),
+        "peak_rss_mb": max(c["retune"]["peak_rss_mb"] for c in costs),
+        "trainable_params": max(c["retune"]["trainable_params"] for c in costs),
+    }
     report["efficiency"] = {
-        "port": port, "retune": retune,
-        "ratios": {"memory_retune_over_port": retune["peak_rss_mb"] / port["peak_rss_mb"] if port["peak_rss_mb"] else None,
-                   "time_retune_over_port": retune["wall_s"] / port["wall_s"] if port["wall_s"] else None},
+        "port": port,
+        "retune": retune,
+        "ratios": {
+            "memory_retune_over_port": retune["peak_rss_mb"] / port["peak_rss_mb"] if port["peak_rss_mb"] else None,
+            "time_retune_over_port": retune["wall_s"] / port["wall_s"] if port["wall_s"] else None,
+        },
         "note": "wall time and peak RSS of each step's own process (CPU); port = merged port of Δθ onto θ' "
-                "(mean time, max memory over tasks); retune = LoRA fine-tuning of θ' with the same recipe",
+        "(mean time, max memory over tasks); retune = LoRA fine-tuning of θ' with the same recipe",
     }
     rows = list(report["tasks"].values())
     report["average"] = {v: mean([r[v] for r in rows]) for v in VARIANTS} | {
-        "ported_minus_retuned": mean([r["ported_minus_retuned"] for r in rows])}
-    report["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                         "cpus": os.cpu_count(), "python": platform.python_version()}
+        "ported_minus_retuned": mean([r["ported_minus_retuned"] for r in rows])
+    }
+    report["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     timings["total"] = time.perf_counter() - t_start
     report["timings_s"] = timings
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -240,8 +335,16 @@ def _patch_sha(p: Path | None) -> str | None:
     return json.loads((p / "portllm.json").read_text())["files"]["adapter_model.safetensors"]
 
 
-def _eval_into(model: Path, patch: Path | None, task: Any, limit: int | None, prof: Profile, data: Path, out: Path,
-               show_progress: bool) -> None:
+def _eval_into(
+    model: Path,
+    patch: Path | None,
+    task: Any,
+    limit: int | None,
+    prof: Profile,
+    data: Path,
+    out: Path,
+    show_progress: bool,
+) -> None:
     from .evaluate import evaluate, open_lm
 
     lm = open_lm(model, patch, dtype=prof.eval_dtype)
@@ -262,35 +365,74 @@ def _fmt_drift(d: dict[str, float]) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     """The report as a person reads it: Table 2 (accuracy), Table 6 (cost), flips, settings."""
-    lines = [f"# PortLLM reproduction ({r['profile']} profile)", "",
-             f"Base θ: `{r['base']['name']}` ({r['base']['fingerprint']}). Evolved θ': continued pretraining "
-             f"({r['evolved']['mode']}, {r['evolved']['steps']} steps on `{r['evolved']['corpus']}`), "
-             f"{r['evolved']['fingerprint']}. Drift ||θ'−θ||/||θ||: {_fmt_drift(r['evolved']['drift'])}.", "",
-             "## Accuracy (Table 2 of the paper)", "",
-             "| task | n | metric | " + " | ".join(LABELS[v] for v in VARIANTS) + " | ported − re-tuned |",
-             "|---|---|---|" + "---|" * len(VARIANTS) + "---|"]
+    lines = [
+        f"# PortLLM reproduction ({r['profile']} profile)",
+        "",
+        f"Base θ: `{r['base']['name']}` ({r['base']['fingerprint']}). Evolved θ': continued pretraining "
+        f"({r['evolved']['mode']}, {r['evolved']['steps']} steps on `{r['evolved']['corpus']}`), "
+        f"{r['evolved']['fingerprint']}. Drift ||θ'−θ||/||θ||: {_fmt_drift(r['evolved']['drift'])}.",
+        "",
+        "## Accuracy (Table 2 of the paper)",
+        "",
+        "| task | n | metric | " + " | ".join(LABELS[v] for v in VARIANTS) + " | ported − re-tuned |",
+        "|---|---|---|" + "---|" * len(VARIANTS) + "---|",
+    ]
     for name, t in r["tasks"].items():
-        lines.append(f"| {name} | {t['n']} | {t['metric']} | " + " | ".join(f"{100 * t[v]:.1f} ± {100 * t['stderr'][v]:.1f}" for v in VARIANTS)
-                     + f" | {100 * t['ported_minus_retuned']:+.1f} |")
+        lines.append(
+            f"| {name} | {t['n']} | {t['metric']} | "
+            + " | ".join(f"{100 * t[v]:.1f} ± {100 * t['stderr'][v]:.1f}" for v in VARIANTS)
+            + f" | {100 * t['ported_minus_retuned']:+.1f} |"
+        )
     a = r["average"]
-    lines.append("| **average** | | | " + " | ".join(f"**{100 * a[v]:.1f}**" for v in VARIANTS) + f" | **{100 * a['ported_minus_retuned']:+.1f}** |")
+    lines.append(
+        "| **average** | | | "
+        + " | ".join(f"**{100 * a[v]:.1f}**" for v in VARIANTS)
+        + f" | **{100 * a['ported_minus_retuned']:+.1f}** |"
+    )
     e = r["efficiency"]
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-    lines += ["", "## Cost of porting vs re-tuning (Table 6 of the paper)", "",
-              "| | trainable parameters | peak memory (RSS, MB) | wall time (s) |", "|---|---|---|---|",
-              f"| port θ' + Δθ (no training) | 0 | {fmt(e['port']['peak_rss_mb'], '.0f')} | {fmt(e['port']['wall_s'], '.1f')} |",
-              f"| re-tune Δθ' on θ' (LoRA) | {e['retune']['trainable_params']:,} | {fmt(e['retune']['peak_rss_mb'], '.0f')} | {fmt(e['retune']['wall_s'], '.1f')} |",
-              f"| ratio re-tune / port | | {fmt(e['ratios']['memory_retune_over_port'], '.1f')}x | {fmt(e['ratios']['time_retune_over_port'], '.1f')}x |",
-              "", e["note"] + ".", "",
-              "## What the update broke: θ' + Δθ against θ + Δθ", "",
-              "| task | n | agreement | negative flips (right before, wrong after) | positive flips | negative flip rate |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Cost of porting vs re-tuning (Table 6 of the paper)",
+        "",
+        "| | trainable parameters | peak memory (RSS, MB) | wall time (s) |",
+        "|---|---|---|---|",
+        f"| port θ' + Δθ (no training) | 0 | {fmt(e['port']['peak_rss_mb'], '.0f')} | "
+        f"{fmt(e['port']['wall_s'], '.1f')} |",
+        f"| re-tune Δθ' on θ' (LoRA) | {e['retune']['trainable_params']:,} | "
+        f"{fmt(e['retune']['peak_rss_mb'], '.0f')} | {fmt(e['retune']['wall_s'], '.1f')} |",
+        f"| ratio re-tune / port | | {fmt(e['ratios']['memory_retune_over_port'], '.1f')}x | "
+        f"{fmt(e['ratios']['time_retune_over_port'], '.1f')}x |",
+        "",
+        e["note"] + ".",
+        "",
+        "## What the update broke: θ' + Δθ against θ + Δθ",
+        "",
+        "| task | n | agreement | negative flips (right before, wrong after) | positive flips | negative flip rate |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, f in r["flips"].items():
-        lines.append(f"| {name} | {f['n']} | {100 * f['agreement']:.1f}% | {f['negative_flips']} | {f['positive_flips']} | {100 * f['negative_flip_rate']:.1f}% |")
-    lines += ["", "## Settings", "", f"- LoRA: {json.dumps(r['settings']['train'])}", f"- eval dtype: {r['settings']['eval_dtype']}"]
+        lines.append(
+            f"| {name} | {f['n']} | {100 * f['agreement']:.1f}% | {f['negative_flips']} | {f['positive_flips']} "
+            f"| {100 * f['negative_flip_rate']:.1f}% |"
+        )
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"- LoRA: {json.dumps(r['settings']['train'])}",
+        f"- eval dtype: {r['settings']['eval_dtype']}",
+    ]
     lines += [f"- {n}" for n in r["settings"]["notes"]]
-    lines += [f"- machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs", f"- total time: {r['timings_s']['total'] / 60:.1f} min",
-              "", "![accuracy](accuracy.png)", "", "![cost](efficiency.png)", ""]
+    lines += [
+        f"- machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs",
+        f"- total time: {r['timings_s']['total'] / 60:.1f} min",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        "![cost](efficiency.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -305,8 +447,14 @@ def charts(r: dict[str, Any], out: Path) -> None:
     w = 0.8 / len(VARIANTS)
     for k, v in enumerate(VARIANTS):
         xs = [i + (k - 2) * w for i in range(len(names))]
-        ax.bar(xs, [100 * r["tasks"][n][v] for n in names], w, label=LABELS[v],
-               yerr=[100 * r["tasks"][n]["stderr"][v] for n in names], capsize=2)
+        ax.bar(
+            xs,
+            [100 * r["tasks"][n][v] for n in names],
+            w,
+            label=LABELS[v],
+            yerr=[100 * r["tasks"][n]["stderr"][v] for n in names],
+            capsize=2,
+        )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("PortLLM: does the patch survive the base update?")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass
@@ -23,8 +23,12 @@ class Usage:
     rss_reset: bool = False  # False: the peak covers the whole process so far, not just this block
 
     def to_dict(self) -> dict[str, float | None | bool]:
-        return {"wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1), "rss_reset": self.rss_reset}
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
+            "rss_reset": self.rss_reset,
+        }
 
 
 def _status_kb(field: str) -> float | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .patch import Patch
 
 
-def heldout_scorer(base: str | Path, tasks: str, limit: int = 100, data: str | Path | None = None) -> Callable[[Patch], float]:
+def heldout_scorer(
+    base: str | Path, tasks: str, limit: int = 100, data: str | Path | None = None
+) -> Callable[[Patch], float]:
     """Mean score over `tasks` of base + patch on the last `limit` rows of each task's train part."""
     import tempfile
 
@@ -23,7 +25,9 @@ def heldout_scorer(base: str | Path, tasks: str, limit: int = 100, data: str | P
 
     def score(patch: Patch) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            Patch(patch.config, patch.tensors, patch.manifest).save(Path(tmp) / "p")  # a copy: the caller's patch keeps its path
+            Patch(patch.config, patch.tensors, patch.manifest).save(
+                Path(tmp) / "p"
+            )  # a copy: the caller's patch keeps its path
             lm = open_lm(base, Path(tmp) / "p")
             return sum(run_task(lm, t, slices[t.name]).value for t in task_list) / len(task_list)
 

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from .errors import PortLLMError
@@ -70,7 +71,9 @@ def read_header(path: str | Path) -> Header:
     except PortLLMError:
         raise
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise PortLLMError(f"{path}: cannot read safetensors header ({e.__class__.__name__}); re-export or re-download it") from None
+        raise PortLLMError(
+            f"{path}: cannot read safetensors header ({e.__class__.__name__}); re-export or re-download it"
+        ) from None
     if not isinstance(header, dict):
         raise PortLLMError(f"{path}: corrupt safetensors header; re-export or re-download it")
     meta = header.pop("__metadata__", None) or {}
@@ -115,7 +118,9 @@ def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> to
 class ShardWriter:
     """Write a safetensors file tensor by tensor; the layout is fixed before the first byte."""
 
-    def __init__(self, path: str | Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: str | Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ):
         self.path = Path(path)
         header: dict = {}
         if metadata:

@@ -16,9 +16,10 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import PortLLMError
 
@@ -104,7 +105,7 @@ def with_labels(reader: Callable[[Path], list[dict[str, Any]]], suffix: str = "-
         rows = reader(path)
         lst = path.with_name(path.stem + suffix)
         if lst.is_file():
-            labels = [l.strip() for l in lst.read_text().splitlines() if l.strip()]
+            labels = [line.strip() for line in lst.read_text().splitlines() if line.strip()]
             if len(labels) != len(rows):
                 raise PortLLMError(f"{lst}: {len(labels)} labels for {len(rows)} rows in {path.name}")
             for r, lab in zip(rows, labels):
@@ -149,7 +150,12 @@ def make_boolq(i: int, r: dict[str, Any]) -> Example:
 
 def make_sst2(i: int, r: dict[str, Any]) -> Example:
     sentence, label = _need(r, "sentence", "label")
-    return _mc(i, f"{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:", ["negative", "positive"], _truthy(r, label))
+    return _mc(
+        i,
+        f"{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+        ["negative", "positive"],
+        _truthy(r, label),
+    )
 
 
 def make_mrpc(i: int, r: dict[str, Any]) -> Example:
@@ -158,8 +164,12 @@ def make_mrpc(i: int, r: dict[str, Any]) -> Example:
     label = r.get("label", r.get("Quality"))
     if s1 is None or s2 is None or label is None:
         raise _bad(r, "MRPC row needs #1 String, #2 String and Quality")
-    return _mc(i, f"Sentence 1: {s1}\nSentence 2: {s2}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
-               ["no", "yes"], _truthy(r, label))
+    return _mc(
+        i,
+        f"Sentence 1: {s1}\nSentence 2: {s2}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+        ["no", "yes"],
+        _truthy(r, label),
+    )
 
 
 def _entail(r: dict[str, Any], v: Any) -> int:
@@ -223,7 +233,9 @@ def make_arc(i: int, r: dict[str, Any]) -> Example:
 
 def make_piqa(i: int, r: dict[str, Any]) -> Example:
     goal, s1, s2, label = _need(r, "goal", "sol1", "sol2", "label")
-    return Example(i, int(label), (f"Question: {goal}\nAnswer:",) * 2, (" " + s1, " " + s2), target=" " + (s1, s2)[int(label)])
+    return Example(
+        i, int(label), (f"Question: {goal}\nAnswer:",) * 2, (" " + s1, " " + s2), target=" " + (s1, s2)[int(label)]
+    )
 
 
 def make_obqa(i: int, r: dict[str, Any]) -> Example:
@@ -242,39 +254,132 @@ _GLUE_PAIR = ["index", "sentence1", "sentence2", "label"]
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("boolq", "mc", "acc", Split("boolq/val.jsonl", (2000, None), "BoolQ validation rows 2000-3269 (no train split with passages is available)"),
-             Split("boolq/val.jsonl", (0, 2000), "BoolQ validation rows 0-1999"), read_jsonl, make_boolq,
-             hub=("super_glue", "boolq", {"train": "train", "eval": "validation"}), description="yes/no questions about a passage"),
-        Task("sst2", "mc", "acc", Split("sst2/train.tsv", note="GLUE SST-2 train (ALPS train part, 60,614)"),
-             Split("sst2/test.tsv", note="GLUE SST-2 dev (872; the file is named test.tsv)"), read_tsv, make_sst2,
-             hub=("glue", "sst2", {"train": "train", "eval": "validation"}), description="movie-review sentiment"),
-        Task("mrpc", "mc", "acc", Split("mrpc/train.tsv", note="GLUE MRPC train (3,668)"), Split("mrpc/dev.tsv", note="GLUE MRPC dev (408)"),
-             read_tsv, make_mrpc, hub=("glue", "mrpc", {"train": "train", "eval": "validation"}), description="paraphrase detection"),
-        Task("rte", "mc", "acc", Split("rte/val.jsonl", (177, None), "RTE validation rows 177-276 (the train split is not available)"),
-             Split("rte/val.jsonl", (0, 177), "RTE validation rows 0-176"), read_jsonl, make_rte,
-             hub=("super_glue", "rte", {"train": "train", "eval": "validation"}), description="textual entailment"),
-        Task("wnli", "mc", "acc", Split("wnli/train.tsv+wnli/val.tsv", note="GLUE WNLI train (518 + 117 = 635)"),
-             Split("wnli/dev.tsv", note="GLUE WNLI dev (71)"), lambda p: read_tsv(p, None if p.name != "val.tsv" else _GLUE_PAIR),
-             make_wnli, hub=("glue", "wnli", {"train": "train", "eval": "validation"}), description="Winograd NLI"),
-        Task("winogrande", "mc", "acc", Split("winogrande/train_l.jsonl", note="WinoGrande train_l (10,234)"),
-             Split("winogrande/dev.jsonl", note="WinoGrande v1.1 dev (1,267)"), with_labels(read_jsonl), make_winogrande,
-             hub=("winogrande", "winogrande_xl", {"train": "train", "eval": "validation"}), description="pronoun resolution, partial scoring"),
-        Task("gsm8k", "gen", "exact_match", Split("gsm8k/train.jsonl", note="GSM8K train (7,473)"),
-             Split("gsm8k/test.jsonl", note="GSM8K test (1,319)"), read_jsonl, make_gsm8k,
-             hub=("gsm8k", "main", {"train": "train", "eval": "test"}), stop=("Question:", "</s>", "<|im_end|>"),
-             description="grade-school math, greedy generation, '#### N' answers"),
-        Task("arc_easy", "mc", "acc_norm", Split("arc/ARC-Easy-Dev.jsonl", note="ARC-Easy dev (570)"),
-             Split("arc/ARC-Easy-Test.jsonl", note="ARC-Easy test (2,376)"), read_jsonl, make_arc,
-             hub=("allenai/ai2_arc", "ARC-Easy", {"train": "validation", "eval": "test"}), description="grade-school science (easy)"),
-        Task("arc_challenge", "mc", "acc_norm", Split("arc/ARC-Challenge-Dev.jsonl", note="ARC-Challenge dev (299)"),
-             Split("arc/ARC-Challenge-Test.jsonl", note="ARC-Challenge test (1,172)"), read_jsonl, make_arc,
-             hub=("allenai/ai2_arc", "ARC-Challenge", {"train": "validation", "eval": "test"}), description="grade-school science (hard)"),
-        Task("piqa", "mc", "acc_norm", Split("piqa/valid.jsonl", (1338, None), "PIQA validation rows 1338-1837 (train not available)"),
-             Split("piqa/valid.jsonl", (0, 1338), "PIQA validation rows 0-1337"), with_labels(read_jsonl, "-labels.lst"), make_piqa,
-             hub=("piqa", None, {"train": "train", "eval": "validation"}), description="physical commonsense"),
-        Task("openbookqa", "mc", "acc_norm", Split("obqa/train.tsv", note="OpenBookQA train (4,957)"),
-             Split("obqa/test.tsv", note="OpenBookQA test (500)"), read_tsv, make_obqa,
-             hub=None, description="open-book science questions"),
+        Task(
+            "boolq",
+            "mc",
+            "acc",
+            Split(
+                "boolq/val.jsonl",
+                (2000, None),
+                "BoolQ validation rows 2000-3269 (no train split with passages is available)",
+            ),
+            Split("boolq/val.jsonl", (0, 2000), "BoolQ validation rows 0-1999"),
+            read_jsonl,
+            make_boolq,
+            hub=("super_glue", "boolq", {"train": "train", "eval": "validation"}),
+            description="yes/no questions about a passage",
+        ),
+        Task(
+            "sst2",
+            "mc",
+            "acc",
+            Split("sst2/train.tsv", note="GLUE SST-2 train (ALPS train part, 60,614)"),
+            Split("sst2/test.tsv", note="GLUE SST-2 dev (872; the file is named test.tsv)"),
+            read_tsv,
+            make_sst2,
+            hub=("glue", "sst2", {"train": "train", "eval": "validation"}),
+            description="movie-review sentiment",
+        ),
+        Task(
+            "mrpc",
+            "mc",
+            "acc",
+            Split("mrpc/train.tsv", note="GLUE MRPC train (3,668)"),
+            Split("mrpc/dev.tsv", note="GLUE MRPC dev (408)"),
+            read_tsv,
+            make_mrpc,
+            hub=("glue", "mrpc", {"train": "train", "eval": "validation"}),
+            description="paraphrase detection",
+        ),
+        Task(
+            "rte",
+            "mc",
+            "acc",
+            Split("rte/val.jsonl", (177, None), "RTE validation rows 177-276 (the train split is not available)"),
+            Split("rte/val.jsonl", (0, 177), "RTE validation rows 0-176"),
+            read_jsonl,
+            make_rte,
+            hub=("super_glue", "rte", {"train": "train", "eval": "validation"}),
+            description="textual entailment",
+        ),
+        Task(
+            "wnli",
+            "mc",
+            "acc",
+            Split("wnli/train.tsv+wnli/val.tsv", note="GLUE WNLI train (518 + 117 = 635)"),
+            Split("wnli/dev.tsv", note="GLUE WNLI dev (71)"),
+            lambda p: read_tsv(p, None if p.name != "val.tsv" else _GLUE_PAIR),
+            make_wnli,
+            hub=("glue", "wnli", {"train": "train", "eval": "validation"}),
+            description="Winograd NLI",
+        ),
+        Task(
+            "winogrande",
+            "mc",
+            "acc",
+            Split("winogrande/train_l.jsonl", note="WinoGrande train_l (10,234)"),
+            Split("winogrande/dev.jsonl", note="WinoGrande v1.1 dev (1,267)"),
+            with_labels(read_jsonl),
+            make_winogrande,
+            hub=("winogrande", "winogrande_xl", {"train": "train", "eval": "validation"}),
+            description="pronoun resolution, partial scoring",
+        ),
+        Task(
+            "gsm8k",
+            "gen",
+            "exact_match",
+            Split("gsm8k/train.jsonl", note="GSM8K train (7,473)"),
+            Split("gsm8k/test.jsonl", note="GSM8K test (1,319)"),
+            read_jsonl,
+            make_gsm8k,
+            hub=("gsm8k", "main", {"train": "train", "eval": "test"}),
+            stop=("Question:", "</s>", "<|im_end|>"),
+            description="grade-school math, greedy generation, '#### N' answers",
+        ),
+        Task(
+            "arc_easy",
+            "mc",
+            "acc_norm",
+            Split("arc/ARC-Easy-Dev.jsonl", note="ARC-Easy dev (570)"),
+            Split("arc/ARC-Easy-Test.jsonl", note="ARC-Easy test (2,376)"),
+            read_jsonl,
+            make_arc,
+            hub=("allenai/ai2_arc", "ARC-Easy", {"train": "validation", "eval": "test"}),
+            description="grade-school science (easy)",
+        ),
+        Task(
+            "arc_challenge",
+            "mc",
+            "acc_norm",
+            Split("arc/ARC-Challenge-Dev.jsonl", note="ARC-Challenge dev (299)"),
+            Split("arc/ARC-Challenge-Test.jsonl", note="ARC-Challenge test (1,172)"),
+            read_jsonl,
+            make_arc,
+            hub=("allenai/ai2_arc", "ARC-Challenge", {"train": "validation", "eval": "test"}),
+            description="grade-school science (hard)",
+        ),
+        Task(
+            "piqa",
+            "mc",
+            "acc_norm",
+            Split("piqa/valid.jsonl", (1338, None), "PIQA validation rows 1338-1837 (train not available)"),
+            Split("piqa/valid.jsonl", (0, 1338), "PIQA validation rows 0-1337"),
+            with_labels(read_jsonl, "-labels.lst"),
+            make_piqa,
+            hub=("piqa", None, {"train": "train", "eval": "validation"}),
+            description="physical commonsense",
+        ),
+        Task(
+            "openbookqa",
+            "mc",
+            "acc_norm",
+            Split("obqa/train.tsv", note="OpenBookQA train (4,957)"),
+            Split("obqa/test.tsv", note="OpenBookQA test (500)"),
+            read_tsv,
+            make_obqa,
+            hub=None,
+            description="open-book science questions",
+        ),
     ]
 }
 PAPER_TASKS = ("boolq", "sst2", "mrpc", "rte", "wnli", "winogrande", "gsm8k")
@@ -303,7 +408,9 @@ def data_dir(explicit: str | Path | None = None) -> Path | None:
         return None
     d = Path(d).expanduser()
     if not d.is_dir():
-        raise PortLLMError(f"data directory {d} does not exist; point --data-dir or PORTLLM_DATA at a copy of the benchmark data")
+        raise PortLLMError(
+            f"data directory {d} does not exist; point --data-dir or PORTLLM_DATA at a copy of the benchmark data"
+        )
     return d
 
 
@@ -321,7 +428,9 @@ def load_rows(task: Task, split: str, data: str | Path | None = None) -> list[di
     return rows[sp.rows[0] : sp.rows[1]]
 
 
-def load_examples(task: Task, split: str = "eval", data: str | Path | None = None, limit: int | None = None) -> list[Example]:
+def load_examples(
+    task: Task, split: str = "eval", data: str | Path | None = None, limit: int | None = None
+) -> list[Example]:
     """The split's examples in file order; `limit` keeps the first N."""
     rows = load_rows(task, split, data)
     if limit is not None:
@@ -346,7 +455,10 @@ def _hub_rows(task: Task, split: str) -> list[dict[str, Any]]:
     for n, r in enumerate(ds):
         r = dict(r, _line=n + 1, _file=f"hub:{path}/{name}/{splits[split]}")
         if task.name == "arc_easy" or task.name == "arc_challenge":  # hub layout: choices{label,text}
-            r["question"] = {"stem": r["question"], "choices": [{"label": l, "text": t} for l, t in zip(r["choices"]["label"], r["choices"]["text"])]}
+            r["question"] = {
+                "stem": r["question"],
+                "choices": [{"label": lab, "text": t} for lab, t in zip(r["choices"]["label"], r["choices"]["text"])],
+            }
         if task.name == "rte" and isinstance(r.get("label"), int):
             r["label"] = str(r["label"])
         if task.name == "winogrande":

@@ -12,9 +12,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -66,8 +67,9 @@ class TrainResult:
     eval: dict[str, Any] | None = None
 
 
-def training_examples(task: Any, tok: Any, max_length: int, data: str | Path | None = None,
-                      limit: int | None = None) -> list[tuple[list[int], list[int]]]:
+def training_examples(
+    task: Any, tok: Any, max_length: int, data: str | Path | None = None, limit: int | None = None
+) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per train example; labels are -100 on the prompt, so only the answer is learned."""
     from .evaluate import encode_pair
     from .tasks import load_examples
@@ -78,8 +80,8 @@ def training_examples(task: Any, tok: Any, max_length: int, data: str | Path | N
         p, t = encode_pair(tok, prompt, e.target)
         if task.kind == "gen" and tok.eos_token_id is not None:
             t = t + [tok.eos_token_id]
-        t = t[:max_length - 1]
-        p = p[-(max_length - len(t)):] if max_length - len(t) > 0 else []
+        t = t[: max_length - 1]
+        p = p[-(max_length - len(t)) :] if max_length - len(t) > 0 else []
         out.append((p + t, [-100] * len(p) + t))
     return out
 
@@ -101,9 +103,17 @@ def _lr_at(step: int, cfg: Any) -> float:
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
-def train(base: str | Path, task_name: str, out: str | Path, cfg: TrainConfig | None = None,
-          data: str | Path | None = None, eval_limit: int = 0, overwrite: bool = False, progress: bool = False,
-          callback: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(
+    base: str | Path,
+    task_name: str,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    data: str | Path | None = None,
+    eval_limit: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch."""
     from peft import LoraConfig, get_peft_model
 
@@ -127,17 +137,33 @@ def train(base: str | Path, task_name: str, out: str | Path, cfg: TrainConfig | 
             tok.pad_token = tok.eos_token
         examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
         if len(examples) < cfg.batch_size:
-            raise PortLLMError(f"too few examples: {task.name} has {len(examples)} train examples, fewer than one batch of {cfg.batch_size}")
+            raise PortLLMError(
+                f"too few examples: {task.name} has {len(examples)} train examples, fewer than one batch of "
+                f"{cfg.batch_size}"
+            )
         if cfg.steps * cfg.batch_size > len(examples) * cfg.max_epochs:
             raise PortLLMError(
-                f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {task.name} has {len(examples)} train examples, "
-                f"each would be seen more than {cfg.max_epochs} times; lower --steps or use more examples")
+                f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {task.name} has {len(examples)} "
+                "train examples, "
+                f"each would be seen more than {cfg.max_epochs} times; lower --steps or use more examples"
+            )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
-        losses, start, n_trainable = fit(model, examples, cfg, tok.pad_token_id, ckpt, f"train {task.name}", progress, callback)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.alpha,
+                target_modules=list(cfg.target_modules),
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        losses, start, n_trainable = fit(
+            model, examples, cfg, tok.pad_token_id, ckpt, f"train {task.name}", progress, callback
+        )
     result = TrainResult(out, losses, usage.wall_s, usage.peak_rss_mb, usage.peak_gpu_mb, n_trainable, start)
     if eval_limit:
         result.eval = _self_eval(model, tok, task, data, eval_limit, base)
@@ -145,21 +171,43 @@ def train(base: str | Path, task_name: str, out: str | Path, cfg: TrainConfig | 
         model.save_pretrained(tmp)
         config, tensors = read_adapter(Path(tmp))
     info = base_info(base)
-    extra = {"training": {**asdict(cfg), "target_modules": list(cfg.target_modules), "task": task.name,
-                          "examples_available": len(examples), "examples_seen": cfg.steps * cfg.batch_size,
-                          "trainable_params": result.trainable_params, "wall_s": round(result.wall_s, 2),
-                          "peak_rss_mb": round(result.peak_rss_mb, 1), "peak_gpu_mb": result.peak_gpu_mb, "device": device,
-                          "resumed_from": start, "loss_first": losses[0] if losses else None,
-                          "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None, "losses": [round(x, 4) for x in losses]},
-             "eval_on_base": result.eval}
+    extra = {
+        "training": {
+            **asdict(cfg),
+            "target_modules": list(cfg.target_modules),
+            "task": task.name,
+            "examples_available": len(examples),
+            "examples_seen": cfg.steps * cfg.batch_size,
+            "trainable_params": result.trainable_params,
+            "wall_s": round(result.wall_s, 2),
+            "peak_rss_mb": round(result.peak_rss_mb, 1),
+            "peak_gpu_mb": result.peak_gpu_mb,
+            "device": device,
+            "resumed_from": start,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "losses": [round(x, 4) for x in losses],
+        },
+        "eval_on_base": result.eval,
+    }
     config = dict(config, base_model_name_or_path=str(base))
-    Patch(config, tensors, new_manifest(info, config, tensors, "trained", task.name, extra)).save(out, overwrite=overwrite)
+    Patch(config, tensors, new_manifest(info, config, tensors, "trained", task.name, extra)).save(
+        out, overwrite=overwrite
+    )
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
 
 
-def fit(model: Any, examples: list[tuple[list[int], list[int]]], cfg: Any, pad_id: int, ckpt: Path, label: str,
-        progress: bool = False, callback: Callable[[int, float], None] | None = None) -> tuple[list[float], int, int]:
+def fit(
+    model: Any,
+    examples: list[tuple[list[int], list[int]]],
+    cfg: Any,
+    pad_id: int,
+    ckpt: Path,
+    label: str,
+    progress: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[list[float], int, int]:
     """The shared training loop (patches and evolved bases): seeded order, AdamW, warmup + linear decay,
     checkpoints every `cfg.checkpoint_every` steps, resuming from one if its recipe matches."""
     device = next(model.parameters()).device
@@ -171,7 +219,7 @@ def fit(model: Any, examples: list[tuple[list[int], list[int]]], cfg: Any, pad_i
     model.train()
     with Bar(progress, cfg.steps, label, start=start, loss="-") as bar:
         for step in range(start, cfg.steps):
-            batch = [examples[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+            batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             ids, labels, mask = _collate(batch, pad_id, device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
@@ -203,8 +251,15 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def _save_ckpt(ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor], opt: torch.optim.Optimizer,
-               step: int, losses: list[float]) -> None:
+def _save_ckpt(
+    ckpt: Path,
+    cfg: Any,
+    names: list[str],
+    params: list[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    step: int,
+    losses: list[float],
+) -> None:
     from safetensors.torch import save_file
 
     tmp = ckpt.parent / f"{ckpt.name}.tmp"
@@ -221,8 +276,9 @@ def _save_ckpt(ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor
     tmp.rename(ckpt)
 
 
-def _resume(ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor],
-            opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def _resume(
+    ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor], opt: torch.optim.Optimizer
+) -> tuple[int, list[float]]:
     if not (ckpt / "state.json").is_file():
         return 0, []
     from safetensors.torch import load_file
@@ -241,7 +297,9 @@ def _resume(ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor],
     return int(meta["step"]), list(meta["losses"])
 
 
-def _self_eval(model: Any, tok: Any, task: Any, data: str | Path | None, limit: int, base: str | Path) -> dict[str, Any]:
+def _self_eval(
+    model: Any, tok: Any, task: Any, data: str | Path | None, limit: int, base: str | Path
+) -> dict[str, Any]:
     from .evaluate import LM, run_task
     from .tasks import load_examples
 

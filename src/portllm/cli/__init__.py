@@ -1,0 +1,64 @@
+"""`portllm` command line: a thin layer over the library API, one module per group of commands.
+
+Exit codes: 0 success (check: compatible), 1 check: compatible with warnings,
+2 check: incompatible, 3 any error (printed as one line), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import PortLLMError
+from . import base, evaluation, merging, patches, training  # noqa: F401  (registers the commands)
+from ._app import app, err
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Typer >= 0.20 raises its own vendored copy of click's exceptions, older ones click's."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+
+        found.append(getattr(vendored, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(found)
+
+
+_ABORTS = _click_classes("Abort")
+_USAGE_ERRORS = _click_classes("ClickException")
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (transformers' FutureWarnings, hub progress bars) is not the CLI's output."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main() -> None:
+    """Entry point: one-line errors, meaningful exit codes, no tracebacks for user mistakes."""
+    _quiet_libraries()
+    try:
+        rc = app(standalone_mode=False)
+    except PortLLMError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(3)
+    except (KeyboardInterrupt, *_ABORTS):
+        err.print("interrupted")
+        sys.exit(130)
+    except _USAGE_ERRORS as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        if not e.format_message():  # the help was just shown for a bare command
+            sys.exit(0)
+        err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(3)  # not click's 2, which `check` uses for "incompatible"
+    sys.exit(rc if isinstance(rc, int) else 0)

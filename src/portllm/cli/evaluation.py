@@ -1,0 +1,131 @@
+"""Evaluation: eval, compare, the task list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import PortLLMError
+from ._app import SPEC_HELP, _json, app, err, out
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help=f"base or ported model: {SPEC_HELP}"),
+    tasks: str = typer.Option(
+        "sst2,boolq,winogrande", "--tasks", help="comma-separated task names, or 'paper' for the seven"
+    ),
+    patch: Optional[Path] = typer.Option(None, "--patch", help="attach this patch at runtime (PEFT)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of each eval split"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="write results.json and samples_<task>.jsonl here"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="at most this many rows per forward pass"),
+    max_batch_tokens: Optional[int] = typer.Option(
+        None, "--max-batch-tokens", min=1, help="at most this many padded tokens per forward pass (default 640 on CPU)"
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
+) -> None:
+    """Score a model (optionally with a patch) on the task suite."""
+    from ..evaluate import evaluate, open_lm
+    from ..tasks import parse_tasks
+
+    if limit is not None and limit < 1:
+        raise PortLLMError("--limit must be at least 1")
+    task_list = parse_tasks(tasks)
+    from ..tasks import data_dir as resolve_data
+
+    data = resolve_data(data_dir)
+    lm = open_lm(model, patch, dtype=dtype, threads=threads)
+    res = evaluate(
+        lm,
+        task_list,
+        limit=limit,
+        data=data,
+        out=out_dir,
+        batch_size=batch_size,
+        show_progress=not as_json and err.is_terminal,
+        max_tokens=max_batch_tokens,
+    )
+    if as_json:
+        _json(res)
+        return
+    out.print(results_table(res))
+    if out_dir:
+        out.print(f"[dim]results: {out_dir / 'results.json'}[/dim]")
+
+
+def results_table(res: dict[str, Any]) -> Table:
+    title = f"{res['model']}" + (f" + {res['patch']}" if res.get("patch") else "") + f" ({res['dtype']})"
+    t = Table(title=title)
+    for c in ("task", "metric", "value", "± stderr", "n", "time s", "tokens/s"):
+        t.add_column(c, justify="right")
+    for name, r in res["tasks"].items():
+        t.add_row(
+            name,
+            r["metric"],
+            f"{r['value']:.4f}",
+            f"{r['stderr']:.4f}",
+            str(r["n"]),
+            f"{r['time_s']:.1f}",
+            f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
+        )
+    return t
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="eval output directory A (e.g. before the update)"),
+    run_b: Path = typer.Argument(..., help="eval output directory B (e.g. after)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Accuracy, agreement and negative/positive flips between two eval runs, per task."""
+    from ..evaluate import compare
+
+    c = compare(run_a, run_b)
+    if as_json:
+        _json(c)
+        return
+    t = Table(title=f"A = {run_a}   B = {run_b}", caption="neg flip: right in A, wrong in B; NFR: negative flip rate")
+    for col in ("task", "n", "acc A", "acc B", "agree", "neg flips", "pos flips", "NFR"):
+        t.add_column(col, justify="right")
+    for name, f in c["tasks"].items():
+        if not f["n"]:
+            t.add_row(name, "0", *["-"] * 6)
+            continue
+        t.add_row(
+            name,
+            str(f["n"]),
+            f"{f['acc_a']:.4f}",
+            f"{f['acc_b']:.4f}",
+            f"{f['agreement']:.4f}",
+            f"[red]{f['negative_flips']}[/red]",
+            f"[green]{f['positive_flips']}[/green]",
+            f"{f['negative_flip_rate']:.2%}",
+        )
+    out.print(t)
+
+
+@app.command("tasks")
+def tasks_cmd() -> None:
+    """List the tasks, their splits and metrics."""
+    from ..tasks import PAPER_TASKS, TASKS
+
+    t = Table(title="tasks (* = the seven of the PortLLM paper)")
+    for c in ("task", "kind", "metric", "train split", "eval split"):
+        t.add_column(c)
+    for name, task in TASKS.items():
+        t.add_row(
+            name + (" *" if name in PAPER_TASKS else ""),
+            task.kind,
+            task.metric,
+            task.train.note or task.train.file,
+            task.eval.note or task.eval.file,
+        )
+    out.print(t)

@@ -1,0 +1,148 @@
+"""Patches from full fine-tunes, merging, similarity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import PortLLMError
+from ._app import SPEC_HELP, _json, app, err, out
+
+
+@app.command("extract")
+def extract_cmd(
+    tuned: str = typer.Option(..., "--tuned", help=f"the fully fine-tuned model: {SPEC_HELP}"),
+    base: str = typer.Option(..., "--base", help="the base it was fine-tuned from"),
+    out_path: Path = typer.Option(..., "--out", help="patch directory to write"),
+    rank: int = typer.Option(8, "--rank", help="rank of every layer (ignored with --energy)"),
+    energy: Optional[float] = typer.Option(
+        None, "--energy", help="per-layer rank: smallest keeping this share of Σσ², e.g. 0.9"
+    ),
+    embeddings: bool = typer.Option(
+        False, "--embeddings", help="keep changed embedding/lm_head tensors whole (modules_to_save)"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Turn a full fine-tune into a LoRA patch: SVD of W_tuned − W_base per linear layer."""
+    from ..extract import extract
+
+    r = extract(
+        tuned,
+        base,
+        out_path,
+        rank=None if energy else rank,
+        energy=energy,
+        include_embeddings=embeddings,
+        overwrite=overwrite,
+        progress=err.is_terminal,
+    )
+    if as_json:
+        _json(r)
+        return
+    t = Table(title=f"extracted {out_path}: share of each layer's ||ΔW||_F kept")
+    for c in ("module", "rank", "norm kept", "||ΔW||/||W||"):
+        t.add_column(c, justify="right")
+    for row in r["rows"]:
+        t.add_row(row["module"], str(row["rank"] or "full"), f"{row['kept']:.2%}", f"{row['rel_change']:.3%}")
+    out.print(t)
+    out.print(
+        f"[green]patch written[/green] {out_path}: {r['layers']} layers, ranks {r['ranks']}, mean norm kept "
+        f"{r['mean_norm_kept']:.2%} (min {r['min_norm_kept']:.2%})"
+        + (f"; {len(r['skipped_1d'])} changed 1-D tensors not represented" if r["skipped_1d"] else "")
+    )
+
+
+@app.command("merge")
+def merge_cmd(
+    patches: list[Path] = typer.Argument(..., help="patch directories (same base)"),
+    method: str = typer.Option(
+        "linear", "--method", help="linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs"
+    ),
+    weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per patch (default all 1)"),
+    density: float = typer.Option(0.5, "--density", help="share of entries kept (ties, dare, breadcrumbs)"),
+    lam: float = typer.Option(1.0, "--lambda", help="scale of the merged update"),
+    gamma: float = typer.Option(0.01, "--gamma", help="breadcrumbs: share of largest entries dropped"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="rank of the merged patch (default: largest input rank)"),
+    seed: int = typer.Option(0, "--seed", help="DARE's random drop"),
+    normalize: Optional[bool] = typer.Option(
+        None, "--normalize/--no-normalize", help="divide by the weights' sum (default: per method, as mergekit)"
+    ),
+    select: Optional[str] = typer.Option(None, "--select", help="'greedy': Model-GLUE selective merging"),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="with --select: task(s) scoring each step, comma-separated"
+    ),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="with --select: base to score on (default: the patches' base)"
+    ),
+    select_limit: int = typer.Option(
+        100, "--select-limit", help="held-out examples per task (from the train part's end)"
+    ),
+    order: str = typer.Option("score", "--order", help="with --select: score or similarity"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    out_path: Path = typer.Option(..., "--out", help="patch directory to write"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Merge patches into one patch (PEFT-loadable), on the full updates, re-factored by SVD."""
+    from ..merge import greedy_select, merge
+    from ..patch import Patch
+
+    ws = [float(w) for w in weights.split(",")] if weights else None
+    kw = dict(density=density, lam=lam, rank=rank, seed=seed, gamma=gamma, normalize=normalize)
+    if select:
+        if select != "greedy" or not task:
+            raise PortLLMError("selective merging needs --select greedy and --task T")
+        from ..selection import heldout_scorer
+
+        ps = [Patch.load(p) for p in patches]
+        scorer = heldout_scorer(base or ps[0].source.get("name"), task, select_limit, data_dir)
+        merged, traj = greedy_select(ps, scorer, method, order=order, log=lambda m: err.print(m, highlight=False), **kw)
+        report = merged.manifest["extra"]["merge"] | {"selection": traj}
+    else:
+        merged, report = merge(patches, method, ws, **kw)
+    merged.save(out_path, overwrite=overwrite)
+    if as_json:
+        _json({k: v for k, v in report.items() if k != "energy_kept"} | {"out": str(out_path)})
+        return
+    out.print(
+        f"[green]merged[/green] {len(report['inputs'])} patches with {report['method']} -> {out_path} (rank "
+        f"{report['rank']}, "
+        f"energy kept mean {report['energy_kept_mean']:.2%}, min {report['energy_kept_min']:.2%})"
+    )
+
+
+@app.command("similarity")
+def similarity_cmd(
+    patches: list[Path] = typer.Argument(..., help="patch directories"),
+    threshold: float = typer.Option(0.3, "--threshold", help="cosine at or above which patches group together"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Cosine similarity of patches' updates, and the groups that look mergeable."""
+    from ..merge import clusters, similarity
+    from ..patch import Patch
+
+    ps = [Patch.load(p) for p in patches]
+    sim = similarity(ps)
+    groups = clusters(sim, threshold)
+    if as_json:
+        _json(
+            {
+                "patches": [str(p) for p in patches],
+                "cosine": sim,
+                "groups": [[str(patches[i]) for i in g] for g in groups],
+            }
+        )
+        return
+    t = Table(title="cosine similarity of the updates ΔW (all layers)")
+    t.add_column("")
+    for i in range(len(ps)):
+        t.add_column(str(i), justify="right")
+    for i, row in enumerate(sim):
+        t.add_row(f"{i} {patches[i]}", *[f"{v:+.3f}" for v in row])
+    out.print(t)
+    for g in groups:
+        out.print(f"group (cos ≥ {threshold}): " + ", ".join(str(patches[i]) for i in g))
