@@ -165,6 +165,24 @@ class Patch:
     def source(self) -> dict[str, Any]:
         return (self.manifest or {}).get("base", {})
 
+    @property
+    def source_fingerprint(self) -> str | None:
+        """Fingerprint of the base the factors were learned on (None for a plain adapter)."""
+        return self.source.get("fingerprint")
+
+    @property
+    def source_name(self) -> str | None:
+        return self.source.get("name")
+
+    @property
+    def task(self) -> str | None:
+        return (self.manifest or {}).get("task")
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of adapter_model.safetensors as recorded in the manifest (None before the first save)."""
+        return (self.manifest or {}).get("files", {}).get(ADAPTER_WEIGHTS)
+
     # ------------------------------------------------------------ writing
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,28 @@ def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> to
         if own:
             os.close(fd)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+Index = dict[str, tuple[Path, TensorInfo]]  # tensor name -> (file, location), as models.weight_index returns
+
+
+def paired_tensors(
+    a: Index, b: Index, names: Iterable[str] | None = None, on_mismatch: str = "skip"
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The same tensor from two models side by side, as fp32, one pair in memory at a time.
+
+    `names` defaults to every tensor of `a`; names absent from `b` are skipped. Pairs whose
+    shapes differ are skipped (`on_mismatch="skip"`) or refused with a one-line error ("raise").
+    """
+    for name in a if names is None else names:
+        if name not in a or name not in b:
+            continue
+        (fa, ia), (fb, ib) = a[name], b[name]
+        if tuple(ia.shape) != tuple(ib.shape):
+            if on_mismatch == "raise":
+                raise PortLLMError(f"{name} is {tuple(ia.shape)} in one model but {tuple(ib.shape)} in the other")
+            continue
+        yield name, read_tensor(ia, fa).float(), read_tensor(ib, fb).float()
 
 
 class ShardWriter:
