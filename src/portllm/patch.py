@@ -179,6 +179,13 @@ class Patch:
         return (self.manifest or {}).get("task")
 
     @property
+    def extra(self) -> dict[str, Any]:
+        """Tool-specific records in the manifest (training, merge, selection, ...); a live dict."""
+        if self.manifest is None:
+            self.manifest = {}
+        return self.manifest.setdefault("extra", {})
+
+    @property
     def weights_sha256(self) -> str | None:
         """sha256 of adapter_model.safetensors as recorded in the manifest (None before the first save)."""
         return (self.manifest or {}).get("files", {}).get(ADAPTER_WEIGHTS)
