@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: install lint
-	PORTLLM_TEST_CACHE=$(PORTLLM_CACHE) $(PY) -m pytest -q -p no:cacheprovider
+	PORTLLM_REQUIRE_DATA=1 PORTLLM_TEST_CACHE=$(PORTLLM_CACHE) $(PY) -m pytest -q -rs -p no:cacheprovider
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"

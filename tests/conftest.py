@@ -8,6 +8,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """`make test` sets PORTLLM_REQUIRE_DATA=1: missing benchmark data fails the run instead of skipping tests."""
+    if os.environ.get("PORTLLM_REQUIRE_DATA") != "1":
+        return
+    d = os.environ.get("PORTLLM_DATA")
+    if not d or not Path(d).is_dir() or not any(Path(d).iterdir()):
+        pytest.exit(
+            f"benchmark data directory {d!r} is missing or empty (PORTLLM_DATA); the data-dependent tests would be "
+            "skipped: point PORTLLM_DATA at the data, or run pytest without PORTLLM_REQUIRE_DATA=1",
+            returncode=4,
+        )
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Unit tests never touch the user's cache; integration tests share one per session."""
