@@ -40,8 +40,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from portllm.evaluate import EvalResult, TaskResult
+
     console = Console(width=120)
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, TaskResult]] = {}
     for label, flags in SETTINGS.items():
         console.print(f"[dim]{label}...[/dim]")
         r = subprocess.run(
@@ -67,7 +69,7 @@ def main() -> None:
         )
         if r.returncode != 0:
             raise SystemExit(f"portllm eval failed ({label}): {r.stderr.strip()[-2000:]}")
-        results[label] = json.loads(r.stdout)["tasks"]
+        results[label] = EvalResult.from_dict(json.loads(r.stdout)).tasks
     t = Table(title=f"{args.model}, first {args.limit} eval examples, fp32, model tokens/s (time s)")
     tasks = args.tasks.split(",")
     t.add_column("setting")
@@ -80,14 +82,15 @@ def main() -> None:
             *[
                 c
                 for task in tasks
-                for c in (f"{res[task]['tokens_per_s']:.0f} ({res[task]['time_s']:.1f})", f"{res[task]['value']:.4f}")
+                for c in (f"{res[task].tokens_per_s:.0f} ({res[task].time_s:.1f})", f"{res[task].value:.4f}")
             ],
         )
     console.print(t)
-    same = all(len({res[task]["value"] for res in results.values()}) == 1 for task in tasks)
+    same = all(len({res[task].value for res in results.values()}) == 1 for task in tasks)
     console.print(f"accuracy identical across settings: {'[green]yes[/green]' if same else '[red]NO[/red]'}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        as_dicts = {label: {t: r.to_dict() for t, r in res.items()} for label, res in results.items()}
+        args.json.write_text(json.dumps(as_dicts, indent=2))
 
 
 if __name__ == "__main__":

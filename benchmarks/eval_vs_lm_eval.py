@@ -146,6 +146,7 @@ def main() -> None:
     from rich.table import Table
 
     from portllm import resolve_base
+    from portllm.evaluate import EvalResult
 
     console = Console(width=130)
     tasks = args.tasks.split(",")
@@ -246,8 +247,8 @@ def main() -> None:
         ours = {
             r["idx"]: r for r in map(json.loads, (runs["float32"] / f"samples_{task}.jsonl").read_text().splitlines())
         }
-        res = json.loads((runs["float32"] / "results.json").read_text())["tasks"][task]
-        total_tokens += res["tokens"]
+        res = EvalResult.read(runs["float32"]).tasks[task]
+        total_tokens += res.tokens
         agree, max_diff = 0, 0.0
         for i, r in ours.items():
             lls = [float(x[0]) for x in lm_rows[i]["filtered_resps"]]
@@ -256,8 +257,8 @@ def main() -> None:
         lm_acc = sum(float(r["acc"]) for r in lm_rows.values()) / len(lm_rows)
         row = {
             "lm_eval_acc": lm_acc,
-            "portllm_acc": res["value"],
-            "n": res["n"],
+            "portllm_acc": res.value,
+            "n": res.n,
             "agreement": agree / len(ours),
             "max_abs_loglik_diff": max_diff,
         }
@@ -272,8 +273,8 @@ def main() -> None:
         cells = [
             task,
             f"{lm_acc:.4f}",
-            f"{res['value']:.4f}",
-            f"{100 * (res['value'] - lm_acc):+.2f}",
+            f"{res.value:.4f}",
+            f"{100 * (res.value - lm_acc):+.2f}",
             f"{row['agreement']:.2%}",
             f"{max_diff:.1e}",
         ]

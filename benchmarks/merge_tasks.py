@@ -17,15 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = [
-    ("linear", {}),
-    ("task_arithmetic", {"lam": 1.0}),
-    ("ties", {"density": 0.5}),
-    ("dare_linear", {"density": 0.5}),
-    ("dare_ties", {"density": 0.5}),
-    ("breadcrumbs", {"density": 0.5, "gamma": 0.01}),
-]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,7 +33,7 @@ def main() -> None:
 
     from portllm import port
     from portllm.evaluate import evaluate, open_lm
-    from portllm.merge import merge, similarity
+    from portllm.merge import DENSITY, METHODS, merge, methods_with, similarity
     from portllm.patch import Patch
     from portllm.tasks import get_task
 
@@ -55,7 +46,7 @@ def main() -> None:
     def score(model: str | Path, patch: Path | None) -> dict[str, float]:
         lm = open_lm(model, patch)
         res = evaluate(lm, tasks, limit=args.limit, data=args.data_dir)
-        return {t: r["value"] for t, r in res["tasks"].items()}
+        return {t: r.value for t, r in res.tasks.items()}
 
     rows: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
@@ -64,15 +55,15 @@ def main() -> None:
     for t, p in pairs:
         rows[f"single: {t}"] = score(args.base, Path(p))
     energy = {}
-    for method, kw in METHODS:
+    for method in METHODS:  # every registered method, at its parameters' defaults
         console.print(f"[dim]merging with {method}...[/dim]")
-        merged, rep = merge(list(singles.values()), method, rank=args.rank, seed=0, **kw)
+        merged, rep = merge(list(singles.values()), method, rank=args.rank, seed=0)
         merged.save(work / method)
-        energy[method] = rep["energy_kept_mean"]
+        energy[method] = rep.energy_kept_mean
         rows[f"merge: {method}"] = score(args.base, work / method)
     ported = {}
     if args.evolved:
-        best = max((m for m, _ in METHODS), key=lambda m: sum(rows[f"merge: {m}"].values()))
+        best = max(METHODS, key=lambda m: sum(rows[f"merge: {m}"].values()))
         console.print(f"[dim]porting the {best} merge onto the evolved base...[/dim]")
         port(work / best, args.evolved, work / "ported")
         rows["evolved base (zero-shot)"] = score(args.evolved, None)
@@ -86,7 +77,8 @@ def main() -> None:
         "",
         f"Each row scores one model on the first {args.limit} eval examples of each task (accuracy, %). Merges: "
         f"rank-{args.rank} "
-        "patches re-factored by SVD from the merged full updates; TIES/DARE/Breadcrumbs at density 0.5, DARE seed 0.",
+        f"patches re-factored by SVD from the merged full updates; {'/'.join(methods_with('density'))} at density "
+        f"{DENSITY.default}, DARE seed 0.",
         "",
         "| model | " + " | ".join(names) + " | mean |",
         "|---|" + "---|" * (len(names) + 1),

@@ -81,17 +81,14 @@ def timed(cmd: list[str]) -> dict:
 def weights_diff(a: Path, b: Path) -> tuple[float, float]:
     """Max |difference| over all weights, and the share of entries differing by more than 1e-5."""
     from portllm.models import weight_index
-    from portllm.stream import read_tensor
+    from portllm.stream import paired_tensors
 
     ia, ib = weight_index(a), weight_index(b)
+    missing = [n for n in ia if n not in ib and n != "lm_head.weight"]  # lm_head is tied: one side may store it
+    if missing:
+        raise SystemExit(f"{missing[0]} missing from {b}")
     worst, differ, total = 0.0, 0, 0
-    for name, (f, info) in ia.items():
-        if name not in ib:
-            if name == "lm_head.weight":
-                continue  # tied to embed_tokens; one side may store it
-            raise SystemExit(f"{name} missing from {b}")
-        x = read_tensor(info, f).float()
-        y = read_tensor(ib[name][1], ib[name][0]).float()
+    for _, x, y in paired_tensors(ia, ib, on_mismatch="raise"):
         worst = max(worst, float((x - y).abs().max()))
         differ += int(((x - y).abs() > 1e-5).sum())
         total += x.numel()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import tiny
+from portllm import Patch
 
 
 def run(*args, env=None):
@@ -88,7 +89,7 @@ def test_export_base_and_import_adapter(world, tmp_path):
     assert fp == run("fingerprint", world["new"]).stdout.strip()
     r = run("import-adapter", world["adapter"], "--base", world["old"], "--out", tmp_path / "pp", "--task", "toy")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "pp" / "portllm.json").read_text())["task"] == "toy"
+    assert Patch.load(tmp_path / "pp").task == "toy"
     assert run("import-adapter", world["adapter"], "--base", world["old"], "--out", tmp_path / "pp").returncode == 3
 
 
@@ -125,3 +126,27 @@ def test_merge_similarity_extract_cli(world, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["layers"] == 14
+
+
+def _header(stdout, first_column):
+    """The header row of the table whose first column is `first_column`."""
+    return next(line for line in stdout.splitlines() if line.startswith("┃") and f"{first_column} ┃" in line)
+
+
+def test_eval_prints_full_width_when_piped_and_no_library_warnings(world, tmp_path):
+    """Piped (as in `portllm eval ... | tee log`), the table keeps every column whole even when the
+    environment claims a narrow terminal; transformers' warnings never reach the user."""
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    (tmp_path / "data" / "sst2" / "test.tsv").write_text("sentence\tlabel\nw4 w5 w6\t1\nw7 w8\t0\nw9\t1\n")
+    args = ("eval", "--model", world["new"], "--patch", world["patch"], "--tasks", "sst2", "--data-dir")
+    r = run(*args, tmp_path / "data", "--out", tmp_path / "run", env={"COLUMNS": "50"})
+    assert r.returncode == 0, r.stderr
+    header = _header(r.stdout, "task")
+    assert "…" not in header and "± stderr" in header and "tokens/s" in header and "…" not in r.stdout
+    assert "Warning" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr
+    r = run(*args, tmp_path / "data", "--json")
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+    printed = json.loads(r.stdout)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(printed) == list(saved) and list(printed["tasks"]["sst2"]) == list(saved["tasks"]["sst2"])
+    assert printed["tasks"]["sst2"]["value"] == saved["tasks"]["sst2"]["value"]

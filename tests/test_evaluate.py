@@ -9,6 +9,7 @@ import tiny
 from portllm import PortLLMError
 from portllm.evaluate import (
     LM,
+    EvalResult,
     compare,
     encode_pair,
     evaluate,
@@ -181,13 +182,28 @@ def test_flips_on_hand_built_runs(tmp_path):
         {"idx": i, "pred": p, "gold": g, "correct": p == g} for i, (p, g) in enumerate(zip(preds, gold))
     ]
     f = flips(mk(a), mk(b))
-    assert (f["negative_flips"], f["positive_flips"]) == (1, 2)
-    assert f["negative_flip_idx"] == [1]
-    assert f["acc_a"] == 0.6 and f["acc_b"] == 0.8 and f["agreement"] == 0.4
+    assert (f.negative_flips, f.positive_flips) == (1, 2)
+    assert f.negative_flip_idx == [1]
+    assert f.acc_a == 0.6 and f.acc_b == 0.8 and f.agreement == 0.4
+    assert list(f.to_dict()) == [
+        "n",
+        "acc_a",
+        "acc_b",
+        "agreement",
+        "negative_flips",
+        "positive_flips",
+        "negative_flip_rate",
+        "positive_flip_rate",
+        "negative_flip_idx",
+    ]
+    assert flips(mk(a), []).to_dict() == {"n": 0}
     _write_run(tmp_path / "A", "sst2", mk(a))
     _write_run(tmp_path / "B", "sst2", mk(b))
     c = compare(tmp_path / "A", tmp_path / "B")
-    assert c["tasks"]["sst2"]["negative_flip_rate"] == 0.2
+    assert c.tasks["sst2"].negative_flip_rate == 0.2
+    d = c.to_dict()
+    assert d["a"] == {"dir": str(tmp_path / "A"), "model": "m", "patch": None}
+    assert d["tasks"]["sst2"] == f.to_dict()
 
 
 def test_compare_bad_input(tmp_path):
@@ -204,11 +220,37 @@ def test_evaluate_writes_results_and_samples(lm, tmp_path, monkeypatch):
     (data / "sst2").mkdir(parents=True)
     (data / "sst2" / "test.tsv").write_text("sentence\tlabel\nThe movie was great .\t1\nawful and boring\t0\nfine\t1\n")
     res = evaluate(lm, [get_task("sst2")], limit=2, data=data, out=tmp_path / "run")
-    r = res["tasks"]["sst2"]
-    assert r["n"] == 2 and r["metric"] == "acc" and r["tokens_per_s"] > 0
+    r = res.tasks["sst2"]
+    assert r.n == 2 and r.metric == "acc" and r.tokens_per_s > 0 and set(r.extra) == {"acc", "acc_norm"}
     lines = (tmp_path / "run" / "samples_sst2.jsonl").read_text().splitlines()
     assert [json.loads(x)["idx"] for x in lines] == [0, 1]
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]["sst2"]["n"] == 2
+    text = (tmp_path / "run" / "results.json").read_text()
+    assert json.loads(text) == res.to_dict() and text == json.dumps(res.to_dict(), indent=2)
+    assert list(res.to_dict()) == [
+        "model",
+        "patch",
+        "patch_fingerprint",
+        "dtype",
+        "limit",
+        "batch_size",
+        "max_batch_tokens",
+        "tasks",
+    ]
+    assert list(res.to_dict()["tasks"]["sst2"])[:12] == [
+        "task",
+        "metric",
+        "value",
+        "stderr",
+        "n",
+        "model",
+        "patch",
+        "patch_fingerprint",
+        "dtype",
+        "time_s",
+        "tokens",
+        "tokens_per_s",
+    ]
+    assert EvalResult.read(tmp_path / "run") == res  # read back, typed
 
 
 def test_patch_attached_at_runtime_changes_scores(world):

@@ -43,7 +43,7 @@ def test_smollm2_port_matches_peft(smol, tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     del pm, model
     patch = import_adapter(tmp_path / "adapter", "smollm2-135m", tmp_path / "patch", task="demo")
-    assert len(patch.modules) == 30 * 7 and patch.source["fingerprint"] == fp
+    assert len(patch.modules) == 30 * 7 and patch.source_fingerprint == fp
 
     rep = check(tmp_path / "patch", evolved, old="smollm2-135m")
     assert rep.verdict == "compatible" and len(rep.drift) == 210
@@ -76,7 +76,7 @@ def test_smollm2_train_few_steps_on_real_sst2(smol, tmp_path):
     r = train("smollm2-135m", "sst2", tmp_path / "p", cfg, data=data)
     assert len(r.losses) == 4 and all(x == x for x in r.losses)  # finite
     p = Patch.load(tmp_path / "p")
-    assert len(p.modules) == 210 and p.manifest["extra"]["training"]["examples_seen"] == 8
+    assert len(p.modules) == 210 and p.extra["training"]["examples_seen"] == 8
     assert any(float(m.B.abs().max()) > 0 for m in p.modules.values())  # B moved off its zero init
 
 

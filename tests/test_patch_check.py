@@ -13,15 +13,15 @@ from portllm.patch import describe
 def test_manifest_records_provenance(world):
     p = Patch.load(world["patch"])
     m = p.manifest
-    assert m["format"] == "portllm-patch" and m["task"] == "toy"
-    assert m["base"]["fingerprint"] == fingerprint(world["old"])
-    assert m["base"]["architecture"] == "LlamaForCausalLM"
-    assert (m["base"]["num_layers"], m["base"]["hidden_size"], m["base"]["vocab_size"]) == (2, 32, 96)
-    assert m["base"]["tokenizer"]["size"] == 96
-    assert m["lora"]["rank"] == 4 and m["lora"]["alpha"] == 8
-    assert set(m["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
-    assert m["lineage"][0]["event"] == "imported"
-    assert set(m["lora"]["target_modules"]) == {
+    assert m.format == "portllm-patch" and m.task == "toy" == p.task
+    assert m.base.fingerprint == fingerprint(world["old"]) == p.source_fingerprint
+    assert m.base.architecture == "LlamaForCausalLM"
+    assert (m.base.num_layers, m.base.hidden_size, m.base.vocab_size) == (2, 32, 96)
+    assert m.base.tokenizer["size"] == 96
+    assert m.lora["rank"] == 4 and m.lora["alpha"] == 8
+    assert set(m.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert m.lineage[0]["event"] == "imported"
+    assert set(m.lora["target_modules"]) == {
         "q_proj",
         "k_proj",
         "v_proj",
@@ -224,3 +224,85 @@ def test_modules_to_save_ported(world, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["new"]), ad).merge_and_unload()
     assert torch.allclose(merged.lm_head.weight, ref.lm_head.weight)
+
+
+# ---------------------------------------------------------------- typed manifest, save, import graph
+
+
+def test_manifest_round_trip_keeps_unknown_keys(world, tmp_path):
+    from portllm.models import BaseInfo
+    from portllm.patch import Manifest
+
+    raw = json.loads((world["patch"] / "portllm.json").read_text())
+    assert Manifest.from_dict(raw).to_dict() == raw
+    assert list(Manifest.from_dict(raw).to_dict()) == list(raw)  # same key order on disk
+    raw["from_the_future"] = {"x": [1, 2]}
+    raw["base"]["also_new"] = 7
+    raw["extra"]["someone_elses"] = {"y": 1}
+    m = Manifest.from_dict(raw)
+    assert m.to_dict() == raw and m.other == {"from_the_future": {"x": [1, 2]}}
+    assert m.base.other == {"also_new": 7} and BaseInfo.from_dict(raw["base"]).to_dict() == raw["base"]
+    # and through a save and a load
+    p = Patch.load(world["patch"])
+    p.manifest = m
+    saved = json.loads((p.save(tmp_path / "future").path / "portllm.json").read_text())
+    assert saved["from_the_future"] == {"x": [1, 2]} and saved["base"]["also_new"] == 7
+    assert Patch.load(tmp_path / "future").manifest.to_dict() == saved
+
+
+def test_save_leaves_the_patch_unchanged(world, tmp_path):
+    from portllm.patch import new_manifest
+
+    p = Patch.load(world["patch"])
+    before = json.loads(json.dumps(p.manifest.to_dict()))
+    q = p.save(tmp_path / "copy")
+    assert p.path == world["patch"] and p.manifest.to_dict() == before
+    assert q.path == tmp_path / "copy" and q.weights_sha256 == p.weights_sha256
+    q.extra["note"] = 1
+    assert "note" not in p.extra  # the saved patch's records are its own
+    fresh = Patch(p.config, p.tensors, new_manifest(p.source, p.config, p.tensors, "created"))
+    r = fresh.save(tmp_path / "fresh")
+    assert fresh.path is None and fresh.manifest.files == {} and fresh.weights_sha256 is None
+    assert r.weights_sha256 and Patch.load(tmp_path / "fresh").weights_sha256 == r.weights_sha256
+
+
+def _portllm_imports(module: str) -> set[str]:
+    """portllm modules a module imports anywhere in its source (lazy imports in functions included)."""
+    import ast
+    from pathlib import Path
+
+    import portllm
+
+    root = Path(portllm.__file__).parent
+    rel = module.split(".")[1:]
+    f = root.joinpath(*rel).with_suffix(".py")
+    pkg = rel[:-1]
+    if not f.is_file():
+        f, pkg = root.joinpath(*rel, "__init__.py"), rel
+    found = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - node.level + 1]
+            parts = base + (node.module.split(".") if node.module else [])
+            names = [parts] if node.module else [parts + [a.name] for a in node.names]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            names = [m.split(".")[1:] for m in mods if m.startswith("portllm.")]
+        else:
+            continue
+        for parts in names:
+            if parts and (root.joinpath(*parts).with_suffix(".py").is_file() or root.joinpath(*parts).is_dir()):
+                found.add(".".join(["portllm", *parts]))
+    return found
+
+
+def test_patch_does_not_import_check():
+    """The patch format stands alone: check builds on it, never the other way (no import circle)."""
+    seen, todo = set(), ["portllm.patch"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += _portllm_imports(m)
+    assert "portllm.models" in seen and "portllm.check" not in seen and "portllm.port" not in seen
+    assert "portllm.patch" in _portllm_imports("portllm.check")

@@ -63,9 +63,9 @@ def test_as_adapter_restamps_manifest_and_lineage(world, tmp_path):
     port(world["patch"], world["new"], tmp_path / "re", as_adapter=True, scale=0.5)
     p = Patch.load(tmp_path / "re")
     src = Patch.load(world["patch"])
-    assert p.source["fingerprint"] == fingerprint(world["new"]) != src.source["fingerprint"]
-    assert [e["event"] for e in p.manifest["lineage"]] == ["imported", "ported"]
-    assert p.manifest["lineage"][-1]["from"]["fingerprint"] == src.source["fingerprint"]
+    assert p.source_fingerprint == fingerprint(world["new"]) != src.source_fingerprint
+    assert [e["event"] for e in p.manifest.lineage] == ["imported", "ported"]
+    assert p.manifest.lineage[-1]["from"]["fingerprint"] == src.source_fingerprint
     m, m0 = next(iter(p.modules.values())), next(iter(src.modules.values()))
     assert torch.allclose(m.delta(), 0.5 * m0.delta(), atol=1e-7)
     # a re-stamped patch now checks clean against its new base
@@ -182,3 +182,31 @@ def test_streaming_port_reads_by_tensor(world, tmp_path, monkeypatch):
     monkeypatch.setattr(st, "safe_open", boom, raising=False)
     port(patch, world["new"], tmp_path / "z")
     assert os.path.isdir(tmp_path / "z")
+
+
+def test_port_resolves_a_hub_spec_once(world, tmp_path, monkeypatch):
+    """check, the merge and the provenance share one resolution: a hub id is fetched once per port."""
+    from portllm import import_adapter, models
+
+    calls = []
+
+    def snapshot(repo_id):
+        calls.append(repo_id)
+        return world["new"]
+
+    monkeypatch.setattr(models, "_hub_snapshot", snapshot)
+    res = port(world["patch"], "someorg/theta-v2", tmp_path / "merged")
+    assert calls == ["someorg/theta-v2"] and res.applied == 14
+    prov = json.loads((tmp_path / "merged" / "portllm_provenance.json").read_text())
+    assert prov["port"]["base"] == {"name": "someorg/theta-v2", "fingerprint": fingerprint(world["new"])}
+    assert prov["base"]["name"] == "someorg/theta-v2" and prov["patch"]["task"] == "toy"
+    calls.clear()
+    port(world["patch"], "someorg/theta-v2", tmp_path / "adapter", as_adapter=True)
+    assert calls == ["someorg/theta-v2"]
+    assert Patch.load(tmp_path / "adapter").source_name == "someorg/theta-v2"
+    calls.clear()
+    p = import_adapter(world["adapter"], "someorg/theta-v2", tmp_path / "imported")
+    assert calls == ["someorg/theta-v2"] and p.path == tmp_path / "imported"
+    assert (
+        p.source_fingerprint == fingerprint(world["new"]) and p.config["base_model_name_or_path"] == "someorg/theta-v2"
+    )

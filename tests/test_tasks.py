@@ -1,13 +1,28 @@
 """Task loaders on the real benchmark files, prompt snapshots, and bad data."""
 
+import dataclasses
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from portllm import PortLLMError
-from portllm.tasks import PAPER_TASKS, TASKS, get_task, load_examples, load_rows, parse_tasks
+from portllm.tasks import (
+    DEFS,
+    PAPER_TASKS,
+    TASKS,
+    Example,
+    get_task,
+    load_dir,
+    load_examples,
+    load_rows,
+    load_task_file,
+    markdown_table,
+    parse_tasks,
+)
 
 DATA = Path(os.environ.get("PORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data directory not present")
@@ -185,3 +200,89 @@ def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
     (tmp_path / rel).write_text(text)
     with pytest.raises(PortLLMError, match=error):
         load_examples(get_task(task), "eval", tmp_path)
+
+
+# ---------------------------------------------------------------- tasks as definition files
+
+
+def test_every_shipped_definition_loads():
+    files = sorted(DEFS.glob("*.yaml"))
+    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 11
+    for f in files:
+        t = load_task_file(f)
+        assert t.name == f.stem and t.source == str(f)
+        assert t.kind in ("mc", "gen") and t.metric in ("acc", "acc_norm", "exact_match")
+    assert list(load_dir(DEFS)) == list(TASKS)  # `order:` keeps the suite's order (boolq first)
+    assert PAPER_TASKS == ("boolq", "sst2", "mrpc", "rte", "wnli", "winogrande", "gsm8k")
+    g = dataclasses.replace(get_task("gsm8k"), max_new_tokens=32)  # reproduce.py shortens generation this way
+    assert g.max_new_tokens == 32 and g.stop == ("Question:", "</s>", "<|im_end|>") and g.kind == "gen"
+
+
+NEW_TASK = """
+name: toy_nli
+description: a task added without Python
+kind: mc
+metric: acc
+reader: {format: jsonl}
+train: {file: toy/all.jsonl, rows: [2, null], note: rows 2 on}
+eval: {file: toy/all.jsonl, rows: [0, 2], note: rows 0-1}
+fields: {premise: text, hypothesis: claim, label: verdict}
+gold: {field: label, map: {"yes/true": 1, "no/false": 0}}
+prompt: "{{ premise }}\\nQuestion: {{ hypothesis | lower }}?\\nAnswer:"
+choices: ["no", "yes"]
+"""
+
+
+def test_a_dropped_in_definition_is_a_usable_task(tmp_path):
+    (tmp_path / "defs").mkdir()
+    (tmp_path / "defs" / "toy_nli.yaml").write_text(NEW_TASK)
+    (tmp_path / "data" / "toy").mkdir(parents=True)
+    (tmp_path / "data" / "toy" / "all.jsonl").write_text(
+        '{"text": "A cat sat.", "claim": "A CAT SAT", "verdict": "Yes"}\n'
+        '{"text": "It rained.", "claim": "It was dry", "verdict": "no"}\n'
+        '{"text": "x", "claim": "y", "verdict": "true"}\n'
+    )
+    task = load_dir(tmp_path / "defs")["toy_nli"]
+    ev = load_examples(task, "eval", tmp_path / "data")
+    ctx = "A cat sat.\nQuestion: a cat sat?\nAnswer:"
+    assert ev[0] == Example(0, 1, (ctx, ctx), (" no", " yes"), target=" yes")
+    assert [e.gold for e in ev] == [1, 0] and len(load_examples(task, "train", tmp_path / "data")) == 1
+    (tmp_path / "data" / "toy" / "all.jsonl").write_text('{"text": "a", "verdict": "no"}\n')
+    with pytest.raises(PortLLMError, match=r"all.jsonl:1: missing field 'claim'"):
+        load_examples(task, "eval", tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    "edit,error",
+    [
+        (("metric: acc\n", ""), r"toy_nli.yaml: metric: missing"),
+        (("kind: mc", "kind: ranking"), r"toy_nli.yaml: kind: unknown kind 'ranking'"),
+        (("metric: acc\n", "metric: f1\n"), r"toy_nli.yaml: metric: unknown metric 'f1'"),
+        (("metric: acc\n", "metric: exact_match\n"), r"toy_nli.yaml: metric: exact_match does not score a mc task"),
+        (("kind: mc", "kind: mc\nbuilder: magic"), r"toy_nli.yaml: builder: unknown hook 'magic'; known: arc_choices"),
+        (("kind: mc", "kind: mc\nprompts: x"), r"toy_nli.yaml: prompts: unknown key"),
+        (('["no", "yes"]', "[no, yes]"), r"toy_nli.yaml: choices\[0\]: expected a template string \(quote yes/no"),
+        (("{{ premise }}", "{{ passage }}"), r"toy_nli.yaml: prompt: unknown variable 'passage'"),
+        (("{{ premise }}", "{{ premise }"), r"toy_nli.yaml: prompt: bad template"),
+        (("field: label", "field: answer"), r"toy_nli.yaml: gold.field: unknown variable 'answer'"),
+        (("rows: [2, null]", "rows: [2]"), r"toy_nli.yaml: train.rows: expected \[start, stop\]"),
+        (("format: jsonl", "format: csv"), r"toy_nli.yaml: reader.format: unknown format 'csv'"),
+        (("name: toy_nli", "name: other"), r"toy_nli.yaml: name: 'other' differs from the file name"),
+        (("kind: mc", "kind: [mc"), r"toy_nli.yaml:\d+: malformed YAML"),
+    ],
+)
+def test_malformed_definition_is_one_line_naming_file_and_field(tmp_path, edit, error):
+    assert edit[0] in NEW_TASK
+    (tmp_path / "toy_nli.yaml").write_text(NEW_TASK.replace(*edit))
+    with pytest.raises(PortLLMError, match=error) as e:
+        load_dir(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_readme_task_table_is_the_generated_one():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
+    r = subprocess.run(
+        [sys.executable, "-m", "portllm.cli", "tasks", "--markdown"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == markdown_table()

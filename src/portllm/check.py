@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
-from .models import base_info, resolve_base, token_strings, weight_index
-from .patch import Patch
-from .stream import TensorInfo, read_tensor
+from .errors import PortLLMError
+from .models import BaseInfo, BaseRef, token_strings
+from .patch import Patch, structural_problems
+from .stream import Index, paired_tensors
+
+__all__ = ["CheckReport", "Finding", "check", "drift_summary", "measure_drift", "structural_problems"]
 
 LEVELS = ("ok", "info", "warn", "error")
 DRIFT_WARN = 1.0  # a matrix that moved by more than its own norm is a different model
@@ -38,7 +41,7 @@ class CheckReport:
     target_fingerprint: str
     findings: list[Finding] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
-    target_info: dict[str, Any] = field(default_factory=dict)
+    target_info: BaseInfo = field(default_factory=BaseInfo)
 
     @property
     def verdict(self) -> str:
@@ -73,49 +76,31 @@ class CheckReport:
         }
 
 
-def structural_problems(patch: Patch, index: dict[str, tuple[Path, TensorInfo]]) -> list[str]:
-    """Target matrices the base lacks or has in another shape."""
-    problems = []
-    for m in patch.modules.values():
-        if m.weight_name not in index:
-            problems.append(f"target {m.weight_name} is absent from the base")
-        elif tuple(index[m.weight_name][1].shape) != m.weight_shape:
-            problems.append(
-                f"{m.weight_name} is {tuple(index[m.weight_name][1].shape)} in the base but the patch expects "
-                f"{m.weight_shape}"
-            )
-    for name, t in patch.full_weights.items():
-        if name not in index:
-            problems.append(f"replaced tensor {name} is absent from the base")
-        elif tuple(index[name][1].shape) != tuple(t.shape):
-            problems.append(
-                f"{name} is {tuple(index[name][1].shape)} in the base but the patch replaces it with {tuple(t.shape)}"
-            )
-    return problems
-
-
-def check(patch: Patch | str | Path, base: str | Path, old: str | Path | None = None) -> CheckReport:
+def check(
+    patch: Patch | str | Path, base: str | Path | BaseRef, old: str | Path | BaseRef | None = None
+) -> CheckReport:
     """Compare a patch with a target base (and, with `old`, measure the drift under the patch)."""
     if not isinstance(patch, Patch):
         patch = Patch.load(patch)
-    src = patch.source
-    new_dir = resolve_base(base)
-    new = base_info(base)
-    rep = CheckReport(str(patch.path), str(base), src.get("fingerprint"), new["fingerprint"], target_info=new)
+    src = patch.source or BaseInfo()
+    target = BaseRef.of(base)
+    new = target.info
+    rep = CheckReport(str(patch.path), target.name, src.fingerprint, new.fingerprint, target_info=new)
 
     # architecture
-    if src.get("model_type") and new["model_type"] and src["model_type"] != new["model_type"]:
-        rep.add("error", "architecture", f"patch made on a {src['model_type']} model, target is {new['model_type']}")
-    elif src.get("architecture") and new["architecture"] and src["architecture"] != new["architecture"]:
-        rep.add("warn", "architecture", f"class changed: {src['architecture']} -> {new['architecture']}")
+    if src.model_type and new.model_type and src.model_type != new.model_type:
+        rep.add("error", "architecture", f"patch made on a {src.model_type} model, target is {new.model_type}")
+    elif src.architecture and new.architecture and src.architecture != new.architecture:
+        rep.add("warn", "architecture", f"class changed: {src.architecture} -> {new.architecture}")
     else:
-        rep.add("ok", "architecture", f"{new['architecture'] or new['model_type']}")
+        rep.add("ok", "architecture", f"{new.architecture or new.model_type}")
     for key in ("hidden_size", "num_layers"):
-        if src.get(key) is not None and new[key] is not None and src[key] != new[key]:
-            rep.add("info", "shape", f"{key} {src[key]} -> {new[key]}")
+        a, b = getattr(src, key), getattr(new, key)
+        if a is not None and b is not None and a != b:
+            rep.add("info", "shape", f"{key} {a} -> {b}")
 
     # targets
-    index = weight_index(new_dir)
+    index = target.index
     problems = structural_problems(patch, index)
     for p in problems[:20]:
         rep.add("error", "targets", p)
@@ -130,42 +115,50 @@ def check(patch: Patch | str | Path, base: str | Path, old: str | Path | None = 
         )
 
     # identity
-    if src.get("fingerprint") == new["fingerprint"]:
+    if src.fingerprint == new.fingerprint:
         rep.add("info", "identity", "target is the very base this patch was made on")
-    elif src.get("fingerprint"):
-        rep.add("info", "identity", f"base changed: {src['fingerprint']} -> {new['fingerprint']}")
+    elif src.fingerprint:
+        rep.add("info", "identity", f"base changed: {src.fingerprint} -> {new.fingerprint}")
 
-    _check_vocab(rep, patch, src, new)
-    _check_tokenizer(rep, src.get("tokenizer"), new["tokenizer"], old, new_dir)
+    _check_vocab(rep, patch, src, target)
+    from_ref = BaseRef.of(old) if old is not None else None
+    _check_tokenizer(rep, src.tokenizer, new.tokenizer, from_ref, target.path)
 
-    if old is not None:
-        old_dir = resolve_base(old)
-        old_fp = base_info(old)["fingerprint"] if src.get("fingerprint") else None
-        if old_fp and src.get("fingerprint") and old_fp != src["fingerprint"]:
+    if from_ref is not None:
+        old_fp = from_ref.fingerprint if src.fingerprint else None
+        if old_fp and old_fp != src.fingerprint:
             rep.add(
-                "warn", "identity", f"--from base {old_fp} is not the one the patch was made on ({src['fingerprint']})"
+                "warn", "identity", f"--from base {old_fp} is not the one the patch was made on ({src.fingerprint})"
             )
         if not problems:
-            rep.drift = measure_drift(patch, weight_index(old_dir), index)
+            rep.drift = measure_drift(patch, from_ref.index, index)
             _judge_drift(rep)
     return rep
 
 
-def _check_vocab(rep: CheckReport, patch: Patch, src: dict[str, Any], new: dict[str, Any]) -> None:
-    a, b = src.get("vocab_size"), new["vocab_size"]
+def _check_vocab(rep: CheckReport, patch: Patch, src: BaseInfo, target: BaseRef) -> None:
+    a, b = src.vocab_size, target.info.vocab_size
     if a is None or b is None or a == b:
         rep.add("ok", "vocabulary", f"{b} tokens")
         return
-    touches = [n for n in patch.full_weights if "embed" in n or "lm_head" in n]
+    touches = [n for n, t in patch.full_weights.items() if _follows_vocab(target, n, t.shape, a)]
     level = "error" if touches else "warn"
     rep.add(level, "vocabulary", f"vocab size {a} -> {b}" + (f"; the patch replaces {touches[0]}" if touches else ""))
+
+
+def _follows_vocab(target: BaseRef, name: str, shape: tuple[int, ...], vocab: int) -> bool:
+    """An embedding or head tensor, by the architecture table (by its shape where the architecture is unknown)."""
+    try:
+        return target.arch.is_vocab_tensor(name)
+    except PortLLMError:
+        return vocab in tuple(shape)
 
 
 def _check_tokenizer(
     rep: CheckReport,
     old_tok: dict[str, Any] | None,
     new_tok: dict[str, Any] | None,
-    old_spec: str | Path | None,
+    old_ref: BaseRef | None,
     new_dir: Path,
 ) -> None:
     if not old_tok or not new_tok:
@@ -179,7 +172,7 @@ def _check_tokenizer(
         rep.add("ok", "tokenizer", f"same token strings ({new_tok['size']})")
     else:
         n = min(old_tok["size"], new_tok["size"])
-        exact = _changed_tokens(old_spec, new_dir, n) if old_spec is not None else None
+        exact = _changed_tokens(old_ref.path, new_dir, n) if old_ref is not None else None
         if exact is not None:
             detail = f"{exact} of the first {n} token strings changed"
         else:
@@ -206,10 +199,9 @@ def _check_tokenizer(
         rep.add("warn", "chat template", "changed: prompts formatted for the old template may behave differently")
 
 
-def _changed_tokens(old_spec: str | Path, new_dir: Path, n: int) -> int | None:
+def _changed_tokens(old_dir: Path, new_dir: Path, n: int) -> int | None:
     from transformers import AutoTokenizer
 
-    old_dir = resolve_base(old_spec)
     try:
         a = token_strings(AutoTokenizer.from_pretrained(old_dir))
         b = token_strings(AutoTokenizer.from_pretrained(new_dir))
@@ -218,9 +210,7 @@ def _changed_tokens(old_spec: str | Path, new_dir: Path, n: int) -> int | None:
     return sum(1 for x, y in zip(a[:n], b[:n]) if x != y)
 
 
-def measure_drift(
-    patch: Patch, old_index: dict[str, tuple[Path, TensorInfo]], new_index: dict[str, tuple[Path, TensorInfo]]
-) -> list[dict[str, Any]]:
+def measure_drift(patch: Patch, old_index: Index, new_index: Index) -> list[dict[str, Any]]:
     """Per patched matrix: how far the base moved, and how much of that move lies along the patch.
 
     rel_drift = ||W_new - W_old|| / ||W_old||; cos = <D, ΔW> / (||D|| ||ΔW||) with D = W_new - W_old;
@@ -228,13 +218,9 @@ def measure_drift(
     patch_to_drift = ||ΔW|| / ||D||.
     """
     rows = []
-    for m in patch.modules.values():
-        if m.weight_name not in old_index:
-            continue
-        w_old = read_tensor(old_index[m.weight_name][1], old_index[m.weight_name][0]).float()
-        w_new = read_tensor(new_index[m.weight_name][1], new_index[m.weight_name][0]).float()
-        if w_old.shape != w_new.shape:
-            continue
+    by_weight = {m.weight_name: m for m in patch.modules.values()}
+    for name, w_old, w_new in paired_tensors(old_index, new_index, by_weight):
+        m = by_weight[name]
         d = w_new - w_old
         dn, on = float(d.norm()), float(w_old.norm())
         delta = m.delta()

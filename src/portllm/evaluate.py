@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,7 @@ def open_lm(
 
         from .patch import Patch
 
-        p = Patch.load(patch, require_manifest=False)
-        fp = (p.manifest or {}).get("files", {}).get("adapter_model.safetensors")
+        fp = Patch.load(patch, require_manifest=False).weights_sha256
         model = PeftModel.from_pretrained(model, str(patch)).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -335,7 +334,79 @@ def _choice_len(cont: str) -> int:
 
 
 @dataclass
+class TaskResult:
+    """One task's score for one model: a row of results.json."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    n: int
+    model: str
+    patch: str | None
+    patch_fingerprint: str | None
+    dtype: str
+    time_s: float
+    tokens: int
+    tokens_per_s: float | None
+    extra: dict[str, float] = field(default_factory=dict)  # acc and acc_norm, or GSM8K's strict/flexible match
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "value": self.value,
+            "stderr": self.stderr,
+            "n": self.n,
+            "model": self.model,
+            "patch": self.patch,
+            "patch_fingerprint": self.patch_fingerprint,
+            "dtype": self.dtype,
+            "time_s": self.time_s,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskResult:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: d.get(k) for k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass
+class EvalResult:
+    """A model's scores on a set of tasks: what results.json holds."""
+
+    model: str
+    patch: str | None
+    patch_fingerprint: str | None
+    dtype: str
+    limit: int | None
+    batch_size: int
+    max_batch_tokens: int
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tasks"}
+        return d | {"tasks": {name: t.to_dict() for name, t in self.tasks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        known = {f.name for f in fields(cls)} - {"tasks"}
+        tasks = {name: TaskResult.from_dict(t) for name, t in d.get("tasks", {}).items()}
+        return cls(**{k: d.get(k) for k in known}, tasks=tasks)
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> EvalResult:
+        """The results.json of an eval run directory."""
+        return cls.from_dict(read_run(run_dir, samples=False)[0])
+
+
+@dataclass
 class TaskRun:
+    """One task scored: the per-example records (samples_<task>.jsonl) and the totals."""
+
     task: str
     metric: str
     value: float
@@ -346,22 +417,22 @@ class TaskRun:
     tokens: int
     extra: dict[str, float] = field(default_factory=dict)
 
-    def summary(self, lm: LM) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "metric": self.metric,
-            "value": self.value,
-            "stderr": self.stderr,
-            "n": self.n,
-            "model": lm.spec,
-            "patch": lm.patch,
-            "patch_fingerprint": lm.patch_fingerprint,
-            "dtype": lm.dtype,
-            "time_s": round(self.time_s, 2),
-            "tokens": self.tokens,
-            "tokens_per_s": round(self.tokens / self.time_s, 1) if self.time_s else None,
-            **self.extra,
-        }
+    def result(self, lm: LM) -> TaskResult:
+        return TaskResult(
+            self.task,
+            self.metric,
+            self.value,
+            self.stderr,
+            self.n,
+            lm.spec,
+            lm.patch,
+            lm.patch_fingerprint,
+            lm.dtype,
+            round(self.time_s, 2),
+            self.tokens,
+            round(self.tokens / self.time_s, 1) if self.time_s else None,
+            dict(self.extra),
+        )
 
 
 def run_task(
@@ -447,39 +518,39 @@ def evaluate(
     batch_size: int = 16,
     show_progress: bool = False,
     max_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Run tasks, write OUT/samples_<task>.jsonl and OUT/results.json, return the results dict."""
+) -> EvalResult:
+    """Run tasks; with `out`, write OUT/samples_<task>.jsonl and OUT/results.json (the result's to_dict())."""
     loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
-    results: dict[str, Any] = {
-        "model": lm.spec,
-        "patch": lm.patch,
-        "patch_fingerprint": lm.patch_fingerprint,
-        "dtype": lm.dtype,
-        "limit": limit,
-        "batch_size": batch_size,
-        "max_batch_tokens": _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
-        "tasks": {},
-    }
+    result = EvalResult(
+        lm.spec,
+        lm.patch,
+        lm.patch_fingerprint,
+        lm.dtype,
+        limit,
+        batch_size,
+        _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
+    )
     total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
     with Bar(show_progress, total, "eval") as bar:
         for t in tasks:
             bar.describe(t.name)
             run = run_task(lm, t, loaded[t.name], batch_size, bar.advance, max_tokens)
-            results["tasks"][t.name] = run.summary(lm)
+            result.tasks[t.name] = run.result(lm)
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 write_text_atomic(
                     Path(out) / f"samples_{t.name}.jsonl", "".join(json.dumps(r) + "\n" for r in run.records)
                 )
     if out is not None:
-        write_text_atomic(Path(out) / "results.json", json.dumps(results, indent=2))
-    return results
+        write_text_atomic(Path(out) / "results.json", json.dumps(result.to_dict(), indent=2))
+    return result
 
 
 # ---------------------------------------------------------------- comparing two runs
 
 
-def read_run(d: str | Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+def read_run(d: str | Path, samples: bool = True) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """An eval run directory as written by `evaluate`: results.json, and each task's records."""
     d = Path(d)
     f = d / "results.json"
     if not f.is_file():
@@ -488,8 +559,8 @@ def read_run(d: str | Path) -> tuple[dict[str, Any], dict[str, list[dict[str, An
         res = json.loads(f.read_text())
     except ValueError as e:
         raise PortLLMError(f"{f}: not valid JSON ({e})") from None
-    samples = {}
-    for t in res.get("tasks", {}):
+    records = {}
+    for t in res.get("tasks", {}) if samples else ():
         sf = d / f"samples_{t}.jsonl"
         if not sf.is_file():
             raise PortLLMError(f"{d}: samples_{t}.jsonl is missing")
@@ -499,41 +570,89 @@ def read_run(d: str | Path) -> tuple[dict[str, Any], dict[str, list[dict[str, An
                 rows.append(json.loads(line))
             except ValueError:
                 raise PortLLMError(f"{sf}:{n}: malformed JSON line") from None
-        samples[t] = rows
-    return res, samples
+        records[t] = rows
+    return res, records
 
 
-def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Negative flips: right in A, wrong in B (what an update broke); positive: the reverse."""
+@dataclass
+class TaskFlips:
+    """How two runs' answers to the same examples differ. Negative flips: right in A, wrong in B (what an
+    update broke); positive flips: the reverse."""
+
+    n: int
+    acc_a: float = 0.0
+    acc_b: float = 0.0
+    agreement: float = 0.0
+    negative_flips: int = 0
+    positive_flips: int = 0
+    negative_flip_rate: float = 0.0
+    positive_flip_rate: float = 0.0
+    negative_flip_idx: list[Any] = field(default_factory=list)  # the first 50
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.n:
+            return {"n": 0}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskFlips:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> TaskFlips:
+    """Compare two runs' records of one task on the examples they share."""
     ra, rb = {r["idx"]: r for r in a}, {r["idx"]: r for r in b}
     common = sorted(set(ra) & set(rb))
     n = len(common)
     if not n:
-        return {"n": 0}
+        return TaskFlips(0)
     neg = [i for i in common if ra[i]["correct"] and not rb[i]["correct"]]
     pos = [i for i in common if not ra[i]["correct"] and rb[i]["correct"]]
     agree = sum(1 for i in common if ra[i]["pred"] == rb[i]["pred"])
-    return {
-        "n": n,
-        "acc_a": sum(ra[i]["correct"] for i in common) / n,
-        "acc_b": sum(rb[i]["correct"] for i in common) / n,
-        "agreement": agree / n,
-        "negative_flips": len(neg),
-        "positive_flips": len(pos),
-        "negative_flip_rate": len(neg) / n,
-        "positive_flip_rate": len(pos) / n,
-        "negative_flip_idx": neg[:50],
-    }
+    return TaskFlips(
+        n=n,
+        acc_a=sum(ra[i]["correct"] for i in common) / n,
+        acc_b=sum(rb[i]["correct"] for i in common) / n,
+        agreement=agree / n,
+        negative_flips=len(neg),
+        positive_flips=len(pos),
+        negative_flip_rate=len(neg) / n,
+        positive_flip_rate=len(pos) / n,
+        negative_flip_idx=neg[:50],
+    )
 
 
-def compare(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
+@dataclass
+class RunRef:
+    """Which run a comparison side is: its directory and what it scored."""
+
+    dir: str
+    model: str | None
+    patch: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dir": self.dir, "model": self.model, "patch": self.patch}
+
+
+@dataclass
+class CompareResult:
+    a: RunRef
+    b: RunRef
+    tasks: dict[str, TaskFlips]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a.to_dict(), "b": self.b.to_dict(), "tasks": {t: f.to_dict() for t, f in self.tasks.items()}}
+
+
+def compare(run_a: str | Path, run_b: str | Path) -> CompareResult:
+    """Flips between two eval runs, per task they share."""
     ra, sa = read_run(run_a)
     rb, sb = read_run(run_b)
     shared = [t for t in sa if t in sb]
     if not shared:
         raise PortLLMError(f"{run_a} and {run_b} share no task")
-    return {
-        "a": {"dir": str(run_a), "model": ra.get("model"), "patch": ra.get("patch")},
-        "b": {"dir": str(run_b), "model": rb.get("model"), "patch": rb.get("patch")},
-        "tasks": {t: flips(sa[t], sb[t]) for t in shared},
-    }
+    return CompareResult(
+        RunRef(str(run_a), ra.get("model"), ra.get("patch")),
+        RunRef(str(run_b), rb.get("model"), rb.get("patch")),
+        {t: flips(sa[t], sb[t]) for t in shared},
+    )

@@ -9,7 +9,8 @@ merged back in. The result is an ordinary model directory with its lineage and d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from .atomic import atomic_dir
 from .errors import PortLLMError
 from .resources import measure
-from .train import PAPER_TARGETS, LoopConfig
+from .train import LoopConfig
 
 LINEAGE = "portllm_lineage.json"
 PRESETS = {
@@ -34,7 +35,47 @@ class EvolveConfig(LoopConfig):
     mode: str = "full"  # "full" or "lora"
     rank: int = 64  # lora mode
     alpha: float = 128.0
-    targets: tuple[str, ...] = PAPER_TARGETS
+    targets: tuple[str, ...] = ()  # lora mode; empty = the architecture's linear projections
+
+
+@dataclass
+class EvolveResult:
+    """An evolved base's lineage: what it came from, how it was trained, how far it drifted.
+
+    `to_dict()` is the model directory's portllm_lineage.json and `portllm evolve --json`.
+    """
+
+    parent: dict[str, str]  # name, fingerprint
+    corpus: dict[str, Any]  # spec, files, windows
+    config: dict[str, Any]
+    steps: int
+    tokens_at_most: int
+    resumed_from: int
+    trainable_params: int
+    loss_first: float | None
+    loss_last: float
+    wall_s: float
+    peak_rss_mb: float
+    drift: dict[str, float]  # ||θ' − θ|| / ||θ|| per layer type
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvolveResult:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> EvolveResult:
+        """The lineage an evolved model directory carries."""
+        f = Path(model_dir) / LINEAGE
+        if not f.is_file():
+            raise PortLLMError(f"{model_dir} has no {LINEAGE}: it was not made by `portllm evolve`")
+        try:
+            return cls.from_dict(json.loads(f.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PortLLMError(f"{f}: not a valid lineage ({e})") from None
 
 
 def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:
@@ -121,9 +162,9 @@ def evolve(
     data: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> EvolveResult:
     """Continue pretraining `base` on `corpus` and write the evolved model with its lineage."""
-    from .models import copy_side_files, fingerprint, load_base, resolve_base
+    from .models import architecture_of, copy_side_files, fingerprint, load_base, resolve_base
     from .train import fit
 
     cfg = cfg or EvolveConfig()
@@ -135,6 +176,8 @@ def evolve(
     files = corpus_files(corpus, data)
     base_dir = resolve_base(base)
     parent_fp = fingerprint(base_dir)
+    if not cfg.targets:
+        cfg = replace(cfg, targets=architecture_of(base_dir).lora_targets)
     ckpt = out.parent / f".{out.name}.ckpt"
     with measure() as usage:
         model, tok = load_base(base_dir, dtype=cfg.dtype)
@@ -167,23 +210,21 @@ def evolve(
         copy_side_files(base_dir, tmp)
         model.save_pretrained(tmp)
         drift = drift_by_type(base_dir, tmp)
-        lineage = {
-            "parent": {"name": str(base), "fingerprint": parent_fp},
-            "corpus": {"spec": corpus, "files": [str(f) for f in files], "windows": len(examples)},
-            "config": {**asdict(cfg), "targets": list(cfg.targets)},
-            "steps": cfg.steps,
-            "tokens_at_most": tokens,
-            "resumed_from": start,
-            "trainable_params": n_trainable,
-            "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
-            "wall_s": round(usage.wall_s, 2),
-            "peak_rss_mb": round(usage.peak_rss_mb, 1),
-            "drift": drift,
-            "fingerprint": fingerprint(tmp),
-        }
-        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
-    import shutil
-
+        lineage = EvolveResult(
+            parent={"name": str(base), "fingerprint": parent_fp},
+            corpus={"spec": corpus, "files": [str(f) for f in files], "windows": len(examples)},
+            config={**asdict(cfg), "targets": list(cfg.targets)},
+            steps=cfg.steps,
+            tokens_at_most=tokens,
+            resumed_from=start,
+            trainable_params=n_trainable,
+            loss_first=losses[0] if losses else None,
+            loss_last=sum(losses[-10:]) / max(1, len(losses[-10:])),
+            wall_s=round(usage.wall_s, 2),
+            peak_rss_mb=round(usage.peak_rss_mb, 1),
+            drift=drift,
+            fingerprint=fingerprint(tmp),
+        )
+        (tmp / LINEAGE).write_text(json.dumps(lineage.to_dict(), indent=2))
     shutil.rmtree(ckpt, ignore_errors=True)
     return lineage

@@ -8,44 +8,70 @@ of the Frobenius norm kept is reported per layer.
 
 from __future__ import annotations
 
-import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import PortLLMError
+from .linalg import factor
 from .progress import Bar
 
-EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
+if TYPE_CHECKING:
+    from .models import BaseRef
 
 
-def factor(
-    delta: torch.Tensor, rank: int | None = None, energy: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """B (out×k), A (k×in) with B·A the best rank-k approximation of delta, and the norm share kept."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return _cut(u, s, vh, rank, energy)
+@dataclass
+class ExtractedLayer:
+    """One changed tensor: a LoRA of some rank, or kept whole ("full", embeddings)."""
+
+    module: str
+    kind: str  # "lora" or "full"
+    rank: int | None
+    kept: float  # share of ||ΔW||_F kept
+    rel_change: float  # ||ΔW|| / ||W_base||
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _cut(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int | None, energy: float | None):
-    total = float((s * s).sum())
-    if energy is not None:
-        cum = torch.cumsum(s * s, 0) / max(total, 1e-30)
-        k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
-    else:
-        k = rank or 8
-    k = max(1, min(k, s.numel()))
-    root = s[:k].sqrt()
-    b = u[:, :k] * root
-    a = root[:, None] * vh[:k]
-    kept = math.sqrt(float((s[:k] ** 2).sum()) / total) if total > 0 else 1.0
-    return b.contiguous(), a.contiguous(), kept
+@dataclass
+class ExtractResult:
+    """What extract() wrote; the summary goes into the manifest (extra["extract"]), all of it to `--json`."""
+
+    rank: int | None
+    energy: float | None
+    layers: int
+    mean_norm_kept: float
+    min_norm_kept: float
+    ranks: list[int]
+    skipped_1d: list[str]  # changed 1-D tensors (norms, biases): a LoRA cannot carry them
+    full_tensors: list[str]
+    tuned: dict[str, Any]
+    rows: list[ExtractedLayer]
+    out: str
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "energy": self.energy,
+            "layers": self.layers,
+            "mean_norm_kept": self.mean_norm_kept,
+            "min_norm_kept": self.min_norm_kept,
+            "ranks": self.ranks,
+            "skipped_1d": self.skipped_1d,
+            "full_tensors": self.full_tensors,
+            "tuned": self.tuned,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "rows": [r.to_dict() for r in self.rows], "out": self.out}
 
 
 def extract(
-    tuned: str | Path,
-    base: str | Path,
+    tuned: str | Path | BaseRef,
+    base: str | Path | BaseRef,
     out: str | Path,
     rank: int | None = 8,
     energy: float | None = None,
@@ -53,57 +79,47 @@ def extract(
     min_change: float = 0.0,
     overwrite: bool = False,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> ExtractResult:
     """Write the low-rank patch that takes `base` to (approximately) `tuned`."""
-    from .models import base_info, resolve_base, weight_index
+    from .models import BaseRef
     from .patch import Patch, lora_config, new_manifest
-    from .stream import read_tensor
+    from .stream import paired_tensors
 
     if energy is not None and not 0 < energy <= 1:
         raise PortLLMError(f"--energy must be in (0, 1], got {energy}")
     if energy is None and (rank is None or rank < 1):
         raise PortLLMError("--rank must be at least 1")
-    tdir, bdir = resolve_base(tuned), resolve_base(base)
-    ti, bi = weight_index(tdir), weight_index(bdir)
-    tinfo, binfo = base_info(tdir), base_info(base)
-    if tinfo["model_type"] != binfo["model_type"]:
+    tref, bref = BaseRef.of(tuned), BaseRef.of(base)
+    ti, bi = tref.index, bref.index
+    tinfo, binfo = tref.info, bref.info
+    if tinfo.model_type != binfo.model_type:
         raise PortLLMError(
-            f"tuned model is {tinfo['model_type']}, base is {binfo['model_type']}: not a fine-tune of this base"
+            f"tuned model is {tinfo.model_type}, base is {binfo.model_type}: not a fine-tune of this base"
         )
+    names = [n for n in bi if n.endswith(".weight") and n in ti]
+    for name in names:  # from the headers, before any tensor is read
+        b_shape, t_shape = tuple(bi[name][1].shape), tuple(ti[name][1].shape)
+        if b_shape != t_shape:
+            raise PortLLMError(f"{name} is {t_shape} in the tuned model but {b_shape} in the base")
     tensors: dict[str, torch.Tensor] = {}
-    rows: list[dict[str, Any]] = []
+    rows: list[ExtractedLayer] = []
     ranks: dict[str, int] = {}
     skipped_1d: list[str] = []
     saved_full: list[str] = []
-    names = [n for n in bi if n.endswith(".weight") and n in ti]
     with Bar(progress, len(names), "extract") as bar:
-        for name in names:
+        for name, w_b, w_t in paired_tensors(bi, ti, names, on_mismatch="raise"):
             bar.advance()
-            (bf, b_inf), (tf, t_inf) = bi[name], ti[name]
-            if tuple(b_inf.shape) != tuple(t_inf.shape):
-                raise PortLLMError(
-                    f"{name} is {tuple(t_inf.shape)} in the tuned model but {tuple(b_inf.shape)} in the base"
-                )
-            w_b, w_t = read_tensor(b_inf, bf).float(), read_tensor(t_inf, tf).float()
             d = w_t - w_b
             dn = float(d.norm())
             if dn <= min_change * max(float(w_b.norm()), 1e-30) or dn == 0.0:
                 continue
             module = name[: -len(".weight")]
             short = module.rsplit(".", 1)[-1]
-            if any(h in module for h in EMBEDDING_HINTS):
+            if bref.arch.is_vocab_tensor(module):
                 if include_embeddings:
                     tensors[name] = w_t.to(torch.float32)
                     saved_full.append(short)
-                    rows.append(
-                        {
-                            "module": module,
-                            "kind": "full",
-                            "rank": None,
-                            "kept": 1.0,
-                            "rel_change": dn / float(w_b.norm()),
-                        }
-                    )
+                    rows.append(ExtractedLayer(module, "full", None, 1.0, dn / float(w_b.norm())))
                 continue
             if d.ndim != 2:
                 skipped_1d.append(name)
@@ -112,30 +128,25 @@ def extract(
             tensors[f"{module}.lora_A.weight"] = a
             tensors[f"{module}.lora_B.weight"] = b
             ranks[module] = a.shape[0]
-            rows.append(
-                {
-                    "module": module,
-                    "kind": "lora",
-                    "rank": a.shape[0],
-                    "kept": kept,
-                    "rel_change": dn / float(w_b.norm()),
-                }
-            )
+            rows.append(ExtractedLayer(module, "lora", a.shape[0], kept, dn / float(w_b.norm())))
     if not ranks:
         raise PortLLMError("the tuned model's linear layers do not differ from the base: nothing to extract")
     config = lora_config(ranks, str(base), sorted(set(saved_full)))
-    tot = [r["kept"] for r in rows if r["kind"] == "lora"]
-    summary = {
-        "rank": rank if energy is None else None,
-        "energy": energy,
-        "layers": len(ranks),
-        "mean_norm_kept": sum(tot) / len(tot),
-        "min_norm_kept": min(tot),
-        "ranks": sorted(set(ranks.values())),
-        "skipped_1d": skipped_1d,
-        "full_tensors": saved_full,
-        "tuned": {"name": str(tuned), "fingerprint": tinfo["fingerprint"]},
-    }
-    manifest = new_manifest(binfo, config, tensors, "extracted", None, {"extract": summary, "layers": rows})
+    tot = [r.kept for r in rows if r.kind == "lora"]
+    result = ExtractResult(
+        rank=rank if energy is None else None,
+        energy=energy,
+        layers=len(ranks),
+        mean_norm_kept=sum(tot) / len(tot),
+        min_norm_kept=min(tot),
+        ranks=sorted(set(ranks.values())),
+        skipped_1d=skipped_1d,
+        full_tensors=saved_full,
+        tuned={"name": str(tuned), "fingerprint": tinfo.fingerprint},
+        rows=rows,
+        out=str(out),
+    )
+    extra = {"extract": result.summary(), "layers": [r.to_dict() for r in rows]}
+    manifest = new_manifest(binfo, config, tensors, "extracted", None, extra)
     Patch(config, tensors, manifest).save(out, overwrite=overwrite)
-    return {**summary, "rows": rows, "out": str(out)}
+    return result

@@ -3,7 +3,9 @@
 A spec is a local model directory, a Hugging Face hub id, a `.gguf` file, or an embedded
 name (`smollm2-135m`, `gemma3-270m`). Everything downstream (fingerprint, check, port)
 works on a plain safetensors directory, so every spec is first resolved to one; GGUF files
-and embedded models are exported once into a cache and reused.
+and embedded models are exported once into a cache and reused. A `BaseRef` is a spec
+resolved once: a command that needs a base's directory, fingerprint and identity card asks
+the hub (or the export cache) a single time.
 """
 
 from __future__ import annotations
@@ -13,28 +15,17 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from .architectures import Architecture, arch_for, side_files
 from .atomic import atomic_dir
 from .errors import PortLLMError
-from .stream import Header, TensorInfo, read_header
+from .stream import Header, Index, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass(frozen=True)
@@ -70,8 +61,10 @@ def cache_root() -> Path:
 # ---------------------------------------------------------------- resolving specs
 
 
-def resolve_base(spec: str | Path) -> Path:
+def resolve_base(spec: str | Path | BaseRef) -> Path:
     """Turn any base spec into a local directory of safetensors weights + config + tokenizer."""
+    if isinstance(spec, BaseRef):
+        return spec.path
     s = str(spec)
     if s in EMBEDDED:
         return _export_gguf(_embedded_gguf(s), name=s)
@@ -120,9 +113,11 @@ def weight_files(d: Path) -> list[Path]:
     raise PortLLMError(f"{d} has no .safetensors weights")
 
 
-def weight_index(d: Path) -> dict[str, tuple[Path, TensorInfo]]:
+def weight_index(d: Path | BaseRef) -> Index:
     """Every tensor name of a model directory -> (file, location), from headers only."""
-    out: dict[str, tuple[Path, TensorInfo]] = {}
+    if isinstance(d, BaseRef):
+        return d.index
+    out: Index = {}
     for f in weight_files(d):
         h: Header = read_header(f)
         for name, info in h.tensors.items():
@@ -233,15 +228,113 @@ def _hub_snapshot(repo_id: str) -> Path:
 # ---------------------------------------------------------------- identity
 
 
-def fingerprint(spec: str | Path) -> str:
+@dataclass(frozen=True)
+class BaseInfo:
+    """Identity card of a base, stored in patch manifests (`base`) and compared by `check`.
+
+    `tokenizer` is `tokenizer_summary`'s dict; `other` keeps keys this version does not know,
+    so a manifest written by a newer portllm survives a load and save unchanged.
+    """
+
+    name: str | None = None
+    fingerprint: str | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    tokenizer: dict[str, Any] | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar[tuple[str, ...]] = (
+        "name",
+        "fingerprint",
+        "architecture",
+        "model_type",
+        "hidden_size",
+        "num_layers",
+        "vocab_size",
+        "tokenizer",
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | BaseInfo | None) -> BaseInfo:
+        if isinstance(d, BaseInfo):
+            return d
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise PortLLMError(f"base record must be a JSON object, got {type(d).__name__}")
+        return cls(**{k: d.get(k) for k in cls._KEYS}, other={k: v for k, v in d.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._KEYS} | self.other
+
+    def brief(self) -> dict[str, Any]:
+        """Name and fingerprint: how lineage entries name a base."""
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A base spec resolved once to its local directory; fingerprint, index and identity are read lazily, once.
+
+    Hold one for the length of a command: it assumes the directory does not change meanwhile.
+    """
+
+    name: str  # the spec as given (what manifests and reports call the base)
+    path: Path
+
+    @classmethod
+    def of(cls, spec: str | Path | BaseRef) -> BaseRef:
+        return spec if isinstance(spec, BaseRef) else cls(str(spec), resolve_base(spec))
+
+    def __str__(self) -> str:
+        return self.name
+
+    @cached_property
+    def index(self) -> Index:
+        return weight_index(self.path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.index)
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """config.json as written (multimodal models keep their text model under `text_config`)."""
+        return read_config(self.path)
+
+    @cached_property
+    def arch(self) -> Architecture:
+        return arch_for(self.config.get("model_type"), self.config)
+
+    @cached_property
+    def info(self) -> BaseInfo:
+        cfg = _text_config(self.config)
+        return BaseInfo(
+            name=self.name,
+            fingerprint=self.fingerprint,
+            architecture=(cfg.get("architectures") or [None])[0],
+            model_type=cfg.get("model_type"),
+            hidden_size=cfg.get("hidden_size"),
+            num_layers=cfg.get("num_hidden_layers"),
+            vocab_size=cfg.get("vocab_size"),
+            tokenizer=tokenizer_summary(self.path),
+        )
+
+
+def fingerprint(spec: str | Path | BaseRef) -> str:
     """Content-derived identity of a base's weights, independent of sharding, in seconds even at 7B.
 
     Hashes every tensor's name, dtype and shape, small tensors whole, and 64 strided
     256-byte samples of each large one.
     """
-    d = resolve_base(spec)
+    return BaseRef.of(spec).fingerprint
+
+
+def _fingerprint(idx: Index) -> str:
     h = hashlib.sha256(b"portllm-fp1")
-    idx = weight_index(d)
     fds: dict[Path, int] = {}
     try:
         for name in sorted(idx):
@@ -270,6 +363,11 @@ def read_config(d: Path) -> dict[str, Any]:
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, **cfg.get("text_config", {})} if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def architecture_of(spec: str | Path | BaseRef) -> Architecture:
+    """The architecture facts (LoRA targets, embedding names, ...) of a base."""
+    return BaseRef.of(spec).arch
 
 
 def tokenizer_summary(d: Path) -> dict[str, Any] | None:
@@ -314,26 +412,15 @@ def token_strings(tok: Any) -> list[str]:
     return out
 
 
-def base_info(spec: str | Path) -> dict[str, Any]:
+def base_info(spec: str | Path | BaseRef) -> BaseInfo:
     """Identity card of a base, stored in patch manifests and compared by `check`."""
-    d = resolve_base(spec)
-    cfg = _text_config(read_config(d))
-    return {
-        "name": str(spec),
-        "fingerprint": fingerprint(d),
-        "architecture": (cfg.get("architectures") or [None])[0],
-        "model_type": cfg.get("model_type"),
-        "hidden_size": cfg.get("hidden_size"),
-        "num_layers": cfg.get("num_hidden_layers"),
-        "vocab_size": cfg.get("vocab_size"),
-        "tokenizer": tokenizer_summary(d),
-    }
+    return BaseRef.of(spec).info
 
 
 # ---------------------------------------------------------------- loading and exporting
 
 
-def load_base(spec: str | Path, dtype: str = "float32", device: str = "cpu"):
+def load_base(spec: str | Path | BaseRef, dtype: str = "float32", device: str = "cpu"):
     """Open a base as a transformers causal LM (plus its tokenizer, or None)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -360,12 +447,16 @@ def has_tokenizer(d: Path) -> bool:
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """Config, generation config, tokenizer and chat template: everything but the weights."""
-    for name in SIDE_FILES:
+    try:
+        model_type = read_config(src).get("model_type")
+    except PortLLMError:
+        model_type = None
+    for name in side_files(model_type):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 
 
-def export_base(spec: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_base(spec: str | Path | BaseRef, out: str | Path, overwrite: bool = False) -> Path:
     """Write any base as a plain safetensors model directory with tokenizer and config."""
     d = resolve_base(spec)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -4,26 +4,30 @@ A patch directory is loadable by PEFT as it stands (`adapter_config.json` +
 `adapter_model.safetensors`); `portllm.json` adds what PEFT does not record: which base the
 factors were learned on (by content fingerprint), the tokenizer it saw, file checksums, and
 a lineage of every port, so a patch can be checked before it is applied to another base.
+The manifest is typed (`Manifest`, with the source base as a `models.BaseInfo`) and keeps any
+key it does not know, so files written by another portllm version load and save unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from . import __version__
 from .atomic import atomic_dir
 from .errors import PortLLMError
-from .stream import read_header
+from .models import BaseInfo, BaseRef
+from .stream import Index, read_header
 
 MANIFEST = "portllm.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,11 +83,82 @@ class LoraModule:
 
 
 @dataclass
+class Manifest:
+    """`portllm.json`: what PEFT does not record about a patch (source base, checksums, lineage, records).
+
+    `lora`, `lineage` entries and `extra` stay plain dicts: they are records, read by people and
+    by the command that wrote them. `other` holds unknown top-level keys, written back as read.
+    """
+
+    base: BaseInfo = field(default_factory=BaseInfo)
+    task: str | None = None
+    lora: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, set by Patch.save
+    format: str = "portllm-patch"
+    format_version: int = FORMAT_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=now)
+    other: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar[tuple[str, ...]] = (
+        "format",
+        "format_version",
+        "tool_version",
+        "created",
+        "task",
+        "base",
+        "lora",
+        "lineage",
+        "extra",
+        "files",
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise PortLLMError(f"manifest must be a JSON object, got {type(d).__name__}")
+        known = {k: d[k] for k in cls._KEYS if k in d and d[k] is not None and k != "task"}
+        known["base"] = BaseInfo.from_dict(d.get("base"))
+        return cls(**known, task=d.get("task"), other={k: v for k, v in d.items() if k not in cls._KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object on disk; `files` appears once the patch has been saved."""
+        out = {k: getattr(self, k) for k in self._KEYS if k != "files" or self.files}
+        out["base"] = self.base.to_dict()
+        return out | self.other
+
+    def copy(self) -> Manifest:
+        """An independent copy (records included), for derived patches."""
+        return copy.deepcopy(self)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse and vet `portllm.json`: refuse other formats and newer format versions with one line."""
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise PortLLMError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != "portllm-patch":
+        raise PortLLMError(f"{path}: not a portllm patch manifest")
+    if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+        raise PortLLMError(
+            f"{path.parent}: patch format {raw['format_version']} is newer than this portllm; upgrade portllm"
+        )
+    return Manifest.from_dict(raw)
+
+
+@dataclass
 class Patch:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     path: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.manifest, dict):  # a manifest as read from JSON
+            self.manifest = Manifest.from_dict(self.manifest)
 
     # ------------------------------------------------------------ reading
 
@@ -95,23 +170,14 @@ class Patch:
             raise PortLLMError(f"patch {path} does not exist or is not a directory")
         manifest = None
         if (path / MANIFEST).is_file():
-            try:
-                manifest = json.loads((path / MANIFEST).read_text())
-            except ValueError as e:
-                raise PortLLMError(f"{path / MANIFEST}: not valid JSON ({e})") from None
-            if manifest.get("format") != "portllm-patch":
-                raise PortLLMError(f"{path / MANIFEST}: not a portllm patch manifest")
-            if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-                raise PortLLMError(
-                    f"{path}: patch format {manifest['format_version']} is newer than this portllm; upgrade portllm"
-                )
+            manifest = read_manifest(path / MANIFEST)
         elif require_manifest:
             raise PortLLMError(
                 f"{path} has no {MANIFEST}: it is a plain adapter; run `portllm import-adapter {path} --base "
                 "BASE --out PATCH` first"
             )
         if verify and manifest:
-            for name, digest in manifest.get("files", {}).items():
+            for name, digest in manifest.files.items():
                 f = path / name
                 if not f.is_file():
                     raise PortLLMError(f"patch {path}: {name} listed in {MANIFEST} is missing")
@@ -162,40 +228,46 @@ class Patch:
         return sum(t.numel() for t in self.tensors.values())
 
     @property
-    def source(self) -> dict[str, Any]:
-        return (self.manifest or {}).get("base", {})
+    def source(self) -> BaseInfo | None:
+        """The base the factors were learned on (None for a plain adapter)."""
+        return self.manifest.base if self.manifest else None
 
     @property
     def source_fingerprint(self) -> str | None:
         """Fingerprint of the base the factors were learned on (None for a plain adapter)."""
-        return self.source.get("fingerprint")
+        return self.manifest.base.fingerprint if self.manifest else None
 
     @property
     def source_name(self) -> str | None:
-        return self.source.get("name")
+        return self.manifest.base.name if self.manifest else None
 
     @property
     def task(self) -> str | None:
-        return (self.manifest or {}).get("task")
+        return self.manifest.task if self.manifest else None
 
     @property
     def extra(self) -> dict[str, Any]:
         """Tool-specific records in the manifest (training, merge, selection, ...); a live dict."""
         if self.manifest is None:
-            self.manifest = {}
-        return self.manifest.setdefault("extra", {})
+            self.manifest = Manifest()
+        return self.manifest.extra
 
     @property
     def weights_sha256(self) -> str | None:
         """sha256 of adapter_model.safetensors as recorded in the manifest (None before the first save)."""
-        return (self.manifest or {}).get("files", {}).get(ADAPTER_WEIGHTS)
+        return self.manifest.files.get(ADAPTER_WEIGHTS) if self.manifest else None
 
     # ------------------------------------------------------------ writing
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write the patch atomically, with checksums of every file in the manifest."""
+    def save(self, out: str | Path, overwrite: bool = False) -> Patch:
+        """Write the patch atomically, with checksums of every file in the manifest.
+
+        Returns the saved patch (its path set, its manifest checksummed); `self` is left as it
+        was, so a caller may save one patch to several places or keep using it unsaved.
+        """
         from safetensors.torch import save_file
 
+        manifest = self.manifest.copy() if self.manifest else Manifest()
         with atomic_dir(out, overwrite=overwrite) as tmp:
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True))
             save_file(
@@ -203,23 +275,44 @@ class Patch:
                 str(tmp / ADAPTER_WEIGHTS),
                 metadata={"format": "pt"},
             )
-            manifest = dict(self.manifest or {})
-            manifest["files"] = {n: sha256_file(tmp / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        self.manifest, self.path = manifest, Path(out)
-        return Path(out)
+            manifest.files = {n: sha256_file(tmp / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        return replace(self, manifest=manifest, path=Path(out))
 
-    def restamped(self, base: dict[str, Any], event: dict[str, Any], scale: float = 1.0) -> Patch:
+    def restamped(self, base: BaseInfo | dict[str, Any], event: dict[str, Any], scale: float = 1.0) -> Patch:
         """The same factors declared for another base, with a lineage entry (and B scaled by `scale`)."""
+        base = BaseInfo.from_dict(base)
         tensors = dict(self.tensors)
         if scale != 1.0:
             tensors = {k: (v * scale if ".lora_B" in k else v) for k, v in tensors.items()}
-        manifest = json.loads(json.dumps(self.manifest or {}))
-        manifest["base"] = base
-        manifest.setdefault("lineage", []).append(event)
-        manifest["tool_version"] = __version__
-        config = dict(self.config, base_model_name_or_path=base.get("name"))
+        manifest = self.manifest.copy() if self.manifest else Manifest()
+        manifest.base = base
+        manifest.lineage.append(event)
+        manifest.tool_version = __version__
+        manifest.files = {}
+        config = dict(self.config, base_model_name_or_path=base.name)
         return Patch(config, tensors, manifest)
+
+
+def structural_problems(patch: Patch, index: Index) -> list[str]:
+    """Target matrices the base lacks or has in another shape (shared by `check` and `import_adapter`)."""
+    problems = []
+    for m in patch.modules.values():
+        if m.weight_name not in index:
+            problems.append(f"target {m.weight_name} is absent from the base")
+        elif tuple(index[m.weight_name][1].shape) != m.weight_shape:
+            problems.append(
+                f"{m.weight_name} is {tuple(index[m.weight_name][1].shape)} in the base but the patch expects "
+                f"{m.weight_shape}"
+            )
+    for name, t in patch.full_weights.items():
+        if name not in index:
+            problems.append(f"replaced tensor {name} is absent from the base")
+        elif tuple(index[name][1].shape) != tuple(t.shape):
+            problems.append(
+                f"{name} is {tuple(index[name][1].shape)} in the base but the patch replaces it with {tuple(t.shape)}"
+            )
+    return problems
 
 
 def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -267,60 +360,52 @@ def peft_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def new_manifest(
-    base: dict[str, Any],
+    base: BaseInfo | dict[str, Any],
     config: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     event: str,
     task: str | None = None,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """A fresh manifest for factors made on `base`."""
+    base = BaseInfo.from_dict(base)
     mods = sorted({m["module"].rsplit(".", 1)[-1] for k in tensors if (m := _LORA_KEY.match(k))})
     ranks = sorted({t.shape[0] for k, t in tensors.items() if ".lora_A" in k})
-    return {
-        "format": "portllm-patch",
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "created": now(),
-        "task": task,
-        "base": base,
-        "lora": {
+    return Manifest(
+        task=task,
+        base=base,
+        lora={
             "target_modules": mods,
             "rank": ranks[0] if len(ranks) == 1 else ranks,
             "alpha": config.get("lora_alpha"),
             "use_rslora": bool(config.get("use_rslora")),
             "n_params": sum(t.numel() for t in tensors.values()),
         },
-        "lineage": [
-            {"event": event, "time": now(), "base": {"name": base.get("name"), "fingerprint": base.get("fingerprint")}}
-        ],
-        "extra": extra or {},
-    }
+        lineage=[{"event": event, "time": now(), "base": base.brief()}],
+        extra=extra or {},
+    )
 
 
 def import_adapter(
-    adapter_dir: str | Path, base: str | Path, out: str | Path, task: str | None = None, overwrite: bool = False
+    adapter_dir: str | Path,
+    base: str | Path | BaseRef,
+    out: str | Path,
+    task: str | None = None,
+    overwrite: bool = False,
 ) -> Patch:
-    """Turn any PEFT LoRA adapter into a patch stamped with the base it was trained on."""
-    from .check import structural_problems
-    from .models import base_info, resolve_base, weight_index
-
+    """Turn any PEFT LoRA adapter into a patch stamped with the base it was trained on; returns the saved patch."""
     adapter_dir = Path(adapter_dir)
     config, tensors = read_adapter(adapter_dir)
-    patch = Patch(config, tensors)
-    problems = structural_problems(patch, weight_index(resolve_base(base)))
+    ref = BaseRef.of(base)
+    problems = structural_problems(Patch(config, tensors), ref.index)
     if problems:
         raise PortLLMError(
-            f"adapter {adapter_dir} does not fit base {base}: {problems[0]}"
+            f"adapter {adapter_dir} does not fit base {ref.name}: {problems[0]}"
             + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
         )
-    info = base_info(base)
-    patch.manifest = new_manifest(
-        info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())}
-    )
-    patch.config = dict(config, base_model_name_or_path=str(base))
-    patch.save(out, overwrite=overwrite)
-    return patch
+    manifest = new_manifest(ref.info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())})
+    patch = Patch(dict(config, base_model_name_or_path=ref.name), tensors, manifest)
+    return patch.save(out, overwrite=overwrite)
 
 
 def _natural(s: str) -> list:
@@ -349,7 +434,7 @@ def describe(patch: Patch) -> dict[str, Any]:
         "replaced": {k: list(v.shape) for k, v in patch.full_weights.items()},
         "total_delta_norm": math.sqrt(sum(m["delta_norm"] ** 2 for m in mods)),
         "modules": mods,
-        "manifest": patch.manifest,
+        "manifest": patch.manifest.to_dict() if patch.manifest else None,
     }
 
 

@@ -18,7 +18,7 @@ from . import __version__
 from .atomic import atomic_dir
 from .check import CheckReport, check
 from .errors import PortLLMError
-from .models import copy_side_files, fingerprint, resolve_base, weight_files
+from .models import BaseRef, copy_side_files, fingerprint, weight_files
 from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
@@ -51,7 +51,7 @@ class PortResult:
 
 def port(
     patch: Patch | str | Path,
-    base: str | Path,
+    base: str | Path | BaseRef,
     out: str | Path,
     scale: float = 1.0,
     as_adapter: bool = False,
@@ -63,7 +63,8 @@ def port(
     with measure() as usage:
         if not isinstance(patch, Patch):
             patch = Patch.load(patch)
-        rep = check(patch, base)
+        ref = BaseRef.of(base)  # resolved once: check, the merge and the provenance share it
+        rep = check(patch, ref)
         if rep.verdict == "incompatible":
             reason = rep.first_error()
             if not force:
@@ -76,8 +77,8 @@ def port(
             "event": "ported",
             "time": now(),
             "mode": "adapter" if as_adapter else "merged",
-            "from": {"name": patch.source.get("name"), "fingerprint": patch.source.get("fingerprint")},
-            "base": {"name": str(base), "fingerprint": target["fingerprint"]},
+            "from": {"name": patch.source_name, "fingerprint": patch.source_fingerprint},
+            "base": {"name": ref.name, "fingerprint": target.fingerprint},
             "scale": scale,
             "forced": bool(force and rep.verdict == "incompatible"),
             "tool_version": __version__,
@@ -86,7 +87,7 @@ def port(
             patch.restamped(target, event, scale).save(out, overwrite=overwrite)
             result = PortResult(Path(out), "adapter", rep, applied=len(patch.modules))
         else:
-            result = _merge_streaming(patch, resolve_base(base), Path(out), scale, overwrite, event, rep, progress)
+            result = _merge_streaming(patch, ref.path, Path(out), scale, overwrite, event, rep, progress)
     result.usage = usage
     return result
 
@@ -137,8 +138,8 @@ def _merge_streaming(
         provenance = {
             "tool": "portllm",
             "tool_version": __version__,
-            "base": rep.target_info,
-            "patch": patch.manifest,
+            "base": rep.target_info.to_dict(),
+            "patch": patch.manifest.to_dict() if patch.manifest else None,
             "patch_path": str(patch.path) if patch.path else None,
             "port": event,
             "result_fingerprint": result.result_fingerprint,

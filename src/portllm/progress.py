@@ -1,4 +1,7 @@
-"""One progress bar for every long step (port, eval, train): rich when asked for, silent otherwise."""
+"""One progress bar for every long step (port, eval, train): rich when asked for, silent otherwise.
+
+It is drawn on stderr: a bar is not output, and `portllm eval | tee` or an isolated step keeps stdout clean.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ class Bar:
         self._p = None
         if not enabled:
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -22,7 +26,7 @@ class Bar:
         cols = [TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn()]
         cols += [TextColumn(f"{k} {{task.fields[{k}]}}") for k in fields]
         cols += [TimeElapsedColumn(), TimeRemainingColumn()]
-        self._p = Progress(*cols, transient=True)
+        self._p = Progress(*cols, transient=True, console=Console(stderr=True))
         self._id = self._p.add_task(label, total=total, completed=start, **fields)
 
     def __enter__(self) -> Bar:

@@ -2,7 +2,8 @@
 
 On CPU the peak is the process's resident-set high-water mark, reset at the start of the
 block through /proc/self/clear_refs (Linux) so successive steps are measured separately; on
-GPU it is torch.cuda.max_memory_allocated.
+GPU it is torch.cuda.max_memory_allocated. Blocks nest: before an inner block resets the
+high-water mark, the outer blocks take note of it, so each block's peak covers its whole span.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Usage:
         }
 
 
+_open: list[Usage] = []  # the blocks being measured, outermost first
+
+
 def _status_kb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -42,6 +46,10 @@ def _status_kb(field: str) -> float | None:
 
 
 def reset_peak_rss() -> bool:
+    if _open:  # the high-water mark is about to be lost: the enclosing blocks keep it
+        peak = peak_rss_mb()
+        for u in _open:
+            u.peak_rss_mb = max(u.peak_rss_mb, peak)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -61,15 +69,20 @@ def measure() -> Iterator[Usage]:
     """`with measure() as u: ...` fills u.wall_s and u.peak_rss_mb (and u.peak_gpu_mb on CUDA)."""
     import torch
 
-    u = Usage(rss_reset=reset_peak_rss())
     cuda = torch.cuda.is_available()
     if cuda:
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+        for outer in _open:
+            outer.peak_gpu_mb = max(outer.peak_gpu_mb or 0.0, gpu)
         torch.cuda.reset_peak_memory_stats()
+    u = Usage(rss_reset=reset_peak_rss())
+    _open.append(u)
     t0 = time.perf_counter()
     try:
         yield u
     finally:
         u.wall_s = time.perf_counter() - t0
-        u.peak_rss_mb = peak_rss_mb()
+        _open.remove(u)
+        u.peak_rss_mb = max(u.peak_rss_mb, peak_rss_mb())
         if cuda:
-            u.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+            u.peak_gpu_mb = max(u.peak_gpu_mb or 0.0, torch.cuda.max_memory_allocated() / 2**20)

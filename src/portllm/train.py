@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .errors import PortLLMError
 from .progress import Bar
 from .resources import measure
 
-PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAPER_TARGETS: tuple[str, ...] = ()  # empty = the architecture's own "all linear projections" (architectures.json)
 
 
 @dataclass
@@ -57,6 +57,8 @@ class TrainConfig(LoopConfig):
 
 @dataclass
 class TrainResult:
+    """What a training run made and cost; `to_dict()` is `portllm train --json`."""
+
     patch_dir: Path
     losses: list[float] = field(default_factory=list)
     wall_s: float = 0.0
@@ -64,7 +66,21 @@ class TrainResult:
     peak_gpu_mb: float | None = None
     trainable_params: int = 0
     resumed_from: int = 0
-    eval: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None  # metric, value, stderr, n on the base's eval split (eval_limit > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "patch": str(self.patch_dir),
+            "steps": len(self.losses),
+            "resumed_from": self.resumed_from,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,  # the last step's (the manifest's: last 10)
+            "trainable_params": self.trainable_params,
+            "wall_s": round(self.wall_s, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_gpu_mb": self.peak_gpu_mb,
+            "eval": self.eval,
+        }
 
 
 def training_examples(
@@ -117,11 +133,14 @@ def train(
     """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch."""
     from peft import LoraConfig, get_peft_model
 
-    from .models import base_info, load_base
+    from .models import BaseRef, load_base
     from .patch import Patch, new_manifest, read_adapter
     from .tasks import get_task
 
     cfg = cfg or TrainConfig()
+    base = BaseRef.of(base)  # resolved once for the model, its facts and the manifest
+    if not cfg.target_modules:
+        cfg = replace(cfg, target_modules=base.arch.lora_targets)
     out = Path(out)
     if out.exists() and not overwrite:
         raise PortLLMError(f"output {out} already exists; choose another path or pass --overwrite")
@@ -170,7 +189,7 @@ def train(
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         config, tensors = read_adapter(Path(tmp))
-    info = base_info(base)
+    info = base.info
     extra = {
         "training": {
             **asdict(cfg),

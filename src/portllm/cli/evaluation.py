@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import PortLLMError
 from ._app import SPEC_HELP, _json, app, err, out
+
+if TYPE_CHECKING:
+    from ..evaluate import EvalResult
 
 
 @app.command("eval")
@@ -54,27 +57,27 @@ def eval_cmd(
         max_tokens=max_batch_tokens,
     )
     if as_json:
-        _json(res)
+        _json(res.to_dict())
         return
     out.print(results_table(res))
     if out_dir:
         out.print(f"[dim]results: {out_dir / 'results.json'}[/dim]")
 
 
-def results_table(res: dict[str, Any]) -> Table:
-    title = f"{res['model']}" + (f" + {res['patch']}" if res.get("patch") else "") + f" ({res['dtype']})"
+def results_table(res: EvalResult) -> Table:
+    title = f"{res.model}" + (f" + {res.patch}" if res.patch else "") + f" ({res.dtype})"
     t = Table(title=title)
     for c in ("task", "metric", "value", "± stderr", "n", "time s", "tokens/s"):
         t.add_column(c, justify="right")
-    for name, r in res["tasks"].items():
+    for name, r in res.tasks.items():
         t.add_row(
             name,
-            r["metric"],
-            f"{r['value']:.4f}",
-            f"{r['stderr']:.4f}",
-            str(r["n"]),
-            f"{r['time_s']:.1f}",
-            f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
+            r.metric,
+            f"{r.value:.4f}",
+            f"{r.stderr:.4f}",
+            str(r.n),
+            f"{r.time_s:.1f}",
+            f"{r.tokens_per_s:.0f}" if r.tokens_per_s else "-",
         )
     return t
 
@@ -90,33 +93,38 @@ def compare_cmd(
 
     c = compare(run_a, run_b)
     if as_json:
-        _json(c)
+        _json(c.to_dict())
         return
     t = Table(title=f"A = {run_a}   B = {run_b}", caption="neg flip: right in A, wrong in B; NFR: negative flip rate")
     for col in ("task", "n", "acc A", "acc B", "agree", "neg flips", "pos flips", "NFR"):
         t.add_column(col, justify="right")
-    for name, f in c["tasks"].items():
-        if not f["n"]:
+    for name, f in c.tasks.items():
+        if not f.n:
             t.add_row(name, "0", *["-"] * 6)
             continue
         t.add_row(
             name,
-            str(f["n"]),
-            f"{f['acc_a']:.4f}",
-            f"{f['acc_b']:.4f}",
-            f"{f['agreement']:.4f}",
-            f"[red]{f['negative_flips']}[/red]",
-            f"[green]{f['positive_flips']}[/green]",
-            f"{f['negative_flip_rate']:.2%}",
+            str(f.n),
+            f"{f.acc_a:.4f}",
+            f"{f.acc_b:.4f}",
+            f"{f.agreement:.4f}",
+            f"[red]{f.negative_flips}[/red]",
+            f"[green]{f.positive_flips}[/green]",
+            f"{f.negative_flip_rate:.2%}",
         )
     out.print(t)
 
 
 @app.command("tasks")
-def tasks_cmd() -> None:
-    """List the tasks, their splits and metrics."""
-    from ..tasks import PAPER_TASKS, TASKS
+def tasks_cmd(
+    markdown: bool = typer.Option(False, "--markdown", help="print the README's task-suite table (Markdown)"),
+) -> None:
+    """List the tasks (one definition file each), their splits and metrics."""
+    from ..tasks import PAPER_TASKS, TASKS, markdown_table
 
+    if markdown:
+        typer.echo(markdown_table())
+        return
     t = Table(title="tasks (* = the seven of the PortLLM paper)")
     for c in ("task", "kind", "metric", "train split", "eval split"):
         t.add_column(c)

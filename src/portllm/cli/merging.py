@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import PortLLMError
+from ..merge.methods import DENSITY, GAMMA, METHODS, Param, methods_with
 from ._app import SPEC_HELP, _json, app, err, out
+
+MethodName = Literal[tuple(METHODS)]  # --method's choices: whatever is registered
+MERGE_HELP = "Merge patches into one patch (PEFT-loadable), on the full updates, re-factored by SVD.\n\n" + "\n\n".join(
+    f"{n}: {cls.summary()}" for n, cls in METHODS.items()
+)
+
+
+def _param_help(p: Param) -> str:
+    return f"{p.help} ({', '.join(methods_with(p.name))}; ignored by the others)"
 
 
 @app.command("extract")
@@ -41,33 +51,35 @@ def extract_cmd(
         progress=err.is_terminal,
     )
     if as_json:
-        _json(r)
+        _json(r.to_dict())
         return
     t = Table(title=f"extracted {out_path}: share of each layer's ||ΔW||_F kept")
     for c in ("module", "rank", "norm kept", "||ΔW||/||W||"):
         t.add_column(c, justify="right")
-    for row in r["rows"]:
-        t.add_row(row["module"], str(row["rank"] or "full"), f"{row['kept']:.2%}", f"{row['rel_change']:.3%}")
+    for row in r.rows:
+        t.add_row(row.module, str(row.rank or "full"), f"{row.kept:.2%}", f"{row.rel_change:.3%}")
     out.print(t)
     out.print(
-        f"[green]patch written[/green] {out_path}: {r['layers']} layers, ranks {r['ranks']}, mean norm kept "
-        f"{r['mean_norm_kept']:.2%} (min {r['min_norm_kept']:.2%})"
-        + (f"; {len(r['skipped_1d'])} changed 1-D tensors not represented" if r["skipped_1d"] else "")
+        f"[green]patch written[/green] {out_path}: {r.layers} layers, ranks {r.ranks}, mean norm kept "
+        f"{r.mean_norm_kept:.2%} (min {r.min_norm_kept:.2%})"
+        + (f"; {len(r.skipped_1d)} changed 1-D tensors not represented" if r.skipped_1d else "")
     )
 
 
-@app.command("merge")
+@app.command("merge", help=MERGE_HELP)
 def merge_cmd(
     patches: list[Path] = typer.Argument(..., help="patch directories (same base)"),
-    method: str = typer.Option(
-        "linear", "--method", help="linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs"
+    method: MethodName = typer.Option(
+        "linear", "--method", help="merge method (listed above); normalize defaults as mergekit's"
     ),
     weights: Optional[str] = typer.Option(None, "--weights", help="comma-separated, one per patch (default all 1)"),
-    density: float = typer.Option(0.5, "--density", help="share of entries kept (ties, dare, breadcrumbs)"),
+    density: float = typer.Option(DENSITY.default, "--density", help=_param_help(DENSITY)),
     lam: float = typer.Option(1.0, "--lambda", help="scale of the merged update"),
-    gamma: float = typer.Option(0.01, "--gamma", help="breadcrumbs: share of largest entries dropped"),
+    gamma: float = typer.Option(GAMMA.default, "--gamma", help=_param_help(GAMMA)),
     rank: Optional[int] = typer.Option(None, "--rank", help="rank of the merged patch (default: largest input rank)"),
-    seed: int = typer.Option(0, "--seed", help="DARE's random drop"),
+    seed: int = typer.Option(
+        0, "--seed", help=f"seed of the random drop ({', '.join(n for n, c in METHODS.items() if c.random)})"
+    ),
     normalize: Optional[bool] = typer.Option(
         None, "--normalize/--no-normalize", help="divide by the weights' sum (default: per method, as mergekit)"
     ),
@@ -87,7 +99,7 @@ def merge_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Merge patches into one patch (PEFT-loadable), on the full updates, re-factored by SVD."""
+    """Merge patches into one patch; the help text is MERGE_HELP (lists the registered methods)."""
     from ..merge import greedy_select, merge
     from ..patch import Patch
 
@@ -96,14 +108,15 @@ def merge_cmd(
     if select:
         if select != "greedy" or not task:
             raise PortLLMError("selective merging needs --select greedy and --task T")
-        from ..selection import heldout_scorer
+        from ..merge import heldout_scorer
 
         ps = [Patch.load(p) for p in patches]
-        scorer = heldout_scorer(base or ps[0].source.get("name"), task, select_limit, data_dir)
+        scorer = heldout_scorer(base or ps[0].source_name, task, select_limit, data_dir)
         merged, traj = greedy_select(ps, scorer, method, order=order, log=lambda m: err.print(m, highlight=False), **kw)
-        report = merged.manifest["extra"]["merge"] | {"selection": traj}
+        report = merged.extra["merge"] | {"selection": traj}
     else:
-        merged, report = merge(patches, method, ws, **kw)
+        merged, rep = merge(patches, method, ws, **kw)
+        report = rep.to_dict()
     merged.save(out_path, overwrite=overwrite)
     if as_json:
         _json({k: v for k, v in report.items() if k != "energy_kept"} | {"out": str(out_path)})

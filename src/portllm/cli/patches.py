@@ -27,7 +27,7 @@ def import_adapter_cmd(
     p = import_adapter(adapter_dir, base, out_path, task=task, overwrite=overwrite)
     out.print(
         f"[green]patch written[/green] {out_path}: {len(p.modules)} modules, {p.n_params:,} parameters, "
-        f"base {p.source['fingerprint']}"
+        f"base {p.source_fingerprint}"
     )
 
 

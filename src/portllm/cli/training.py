@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.console import Group
 from rich.table import Table
 
 from ..errors import PortLLMError
 from ._app import SPEC_HELP, _json, app, err, out
+
+if TYPE_CHECKING:
+    from ..reproduce import ReproduceReport
 
 
 @app.command("train")
@@ -23,9 +27,10 @@ def train_cmd(
     rank: int = typer.Option(8, "--rank", help="LoRA rank (paper: 8)"),
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (paper: 16)"),
     targets: str = typer.Option(
-        ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        "",
         "--targets",
-        help="comma-separated module names",
+        help="comma-separated module names (default: the architecture's linear projections, e.g. llama's "
+        "q,k,v,o,gate,up,down_proj, from architectures.json)",
     ),
     max_length: int = typer.Option(256, "--max-length", help="tokens per example (prompt cut from the left)"),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="use only the first N train examples"),
@@ -56,25 +61,13 @@ def train_cmd(
     r = train(
         base, task, out_path, cfg, data=data_dir, eval_limit=eval_limit, overwrite=overwrite, progress=err.is_terminal
     )
-    summary = {
-        "patch": str(out_path),
-        "steps": len(r.losses),
-        "resumed_from": r.resumed_from,
-        "loss_first": r.losses[0] if r.losses else None,
-        "loss_last": r.losses[-1] if r.losses else None,
-        "trainable_params": r.trainable_params,
-        "wall_s": round(r.wall_s, 2),
-        "peak_rss_mb": round(r.peak_rss_mb, 1),
-        "peak_gpu_mb": r.peak_gpu_mb,
-        "eval": r.eval,
-    }
     if as_json:
-        _json(summary)
+        _json(r.to_dict())
         return
     out.print(
         f"[green]patch written[/green] {out_path}: {r.trainable_params:,} trainable parameters, {len(r.losses)} steps"
         + (f" (resumed at {r.resumed_from})" if r.resumed_from else "")
-        + f", loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, {r.wall_s:.0f} s, peak RSS "
+        + f", loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, {r.wall_s:.0f} s, peak RSS "
         f"{r.peak_rss_mb:.0f} MB"
     )
     if r.eval:
@@ -120,17 +113,17 @@ def evolve_cmd(
     )
     lin = evolve(base, corpus, out_path, cfg, data=data_dir, overwrite=overwrite, progress=err.is_terminal)
     if as_json:
-        _json(lin)
+        _json(lin.to_dict())
         return
     t = Table(title=f"drift ||θ'−θ||/||θ|| per layer type ({out_path})")
     t.add_column("layer type")
     t.add_column("relative drift", justify="right")
-    for k, v in lin["drift"].items():
+    for k, v in lin.drift.items():
         t.add_row(k, f"{v:.4%}")
     out.print(t)
     out.print(
-        f"[green]evolved[/green] {base} -> {out_path} ({lin['fingerprint']}): {lin['steps']} steps on {corpus}, "
-        f"loss {lin['loss_first']:.3f} -> {lin['loss_last']:.3f}, {lin['wall_s']:.0f} s"
+        f"[green]evolved[/green] {base} -> {out_path} ({lin.fingerprint}): {lin.steps} steps on {corpus}, "
+        f"loss {lin.loss_first:.3f} -> {lin.loss_last:.3f}, {lin.wall_s:.0f} s"
     )
 
 
@@ -166,7 +159,7 @@ def reproduce_cmd(
         show_progress=err.is_terminal,
     )
     if as_json:
-        _json(r)
+        _json(r.to_dict())
         return
     out.print(reproduce_tables(r))
     out.print(
@@ -175,24 +168,24 @@ def reproduce_cmd(
     )
 
 
-def reproduce_tables(r: dict[str, Any]):
-    from rich.console import Group
-
+def reproduce_tables(r: ReproduceReport) -> Group:
+    """Table 2 (accuracy, flips) and Table 6 (cost) of the paper, as rich tables."""
     from ..reproduce import LABELS, VARIANTS
+    from ..reproduce.report import fmt
 
-    acc = Table(title=f"accuracy (%), {r['profile']} profile — cf. Table 2 of the paper")
+    acc = Table(title=f"accuracy (%), {r.profile} profile — cf. Table 2 of the paper")
     for c in ("task", "n", *[LABELS[v] for v in VARIANTS], "ported − re-tuned", "neg. flips"):
         acc.add_column(c, justify="right")
-    for name, t in r["tasks"].items():
-        f = r["flips"][name]
+    for name, t in r.tasks.items():
+        f = r.flips[name]
         acc.add_row(
             name,
-            str(t["n"]),
-            *[f"{100 * t[v]:.1f}" for v in VARIANTS],
-            f"{100 * t['ported_minus_retuned']:+.1f}",
-            f"{f['negative_flips']} ({100 * f['negative_flip_rate']:.1f}%)",
+            str(t.n),
+            *[f"{100 * t.scores[v]:.1f}" for v in VARIANTS],
+            f"{100 * t.ported_minus_retuned:+.1f}",
+            f"{f.negative_flips} ({100 * f.negative_flip_rate:.1f}%)",
         )
-    a = r["average"]
+    a = r.average
     acc.add_row(
         "average",
         "",
@@ -201,22 +194,22 @@ def reproduce_tables(r: dict[str, Any]):
         "",
         style="bold",
     )
-    e = r["efficiency"]
+    e = r.efficiency
     eff = Table(title="cost of porting vs re-tuning — cf. Table 6 of the paper")
     for c in ("", "trainable params", "peak RSS MB", "wall s"):
         eff.add_column(c, justify="right")
-    eff.add_row("port θ'+Δθ", "0", f"{e['port']['peak_rss_mb']:.0f}", f"{e['port']['wall_s']:.1f}")
+    eff.add_row("port θ'+Δθ", "0", fmt(e.port.peak_rss_mb, ".0f"), fmt(e.port.wall_s, ".1f"))
     eff.add_row(
         "re-tune Δθ'",
-        f"{e['retune']['trainable_params']:,}",
-        f"{e['retune']['peak_rss_mb']:.0f}",
-        f"{e['retune']['wall_s']:.1f}",
+        f"{e.retune.trainable_params:,}",
+        fmt(e.retune.peak_rss_mb, ".0f"),
+        fmt(e.retune.wall_s, ".1f"),
     )
     eff.add_row(
         "re-tune / port",
         "",
-        f"{e['ratios']['memory_retune_over_port']:.1f}x",
-        f"{e['ratios']['time_retune_over_port']:.1f}x",
+        fmt(e.memory_retune_over_port, ".1f") + "x",
+        fmt(e.time_retune_over_port, ".1f") + "x",
         style="bold",
     )
     return Group(acc, eff)

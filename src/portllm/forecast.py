@@ -1,0 +1,249 @@
+"""Before any labelled evaluation: what will porting this patch onto NEW cost?
+
+Three kinds of evidence a user has without labels:
+- the weights: how far the base moved under each patched matrix, and how much of that movement
+  falls inside the patch's own rank-r subspace, relative to the patch (needs OLD);
+- unlabeled task inputs: θ+Δθ and θ'+Δθ answer the same questions; where they disagree, θ+Δθ's
+  own choice probabilities are the best unlabeled belief about which answer is right, so the
+  expected accuracy change is Σ_i [p_A,i(answer_B) − p_A,i(answer_A)] / n and the expected
+  negative-flip rate is Σ_{i: answers differ} p_A,i(answer_A) / n (needs OLD to run θ+Δθ);
+- plain text: next-token disagreement and KL between the two (needs OLD).
+Without OLD only θ'+Δθ against θ' can be measured: whether the patch still changes answers on
+NEW, not what it lost. A calibration fitted on a drift sweep maps the raw signals to points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PortLLMError
+
+
+@dataclass(frozen=True)
+class WeightSignals:
+    """Means over the patched matrices (D = W_new − W_old, ΔW = the patch's update)."""
+
+    rel_drift: float  # ||D|| / ||W_old||
+    subspace_disturbance: float  # ||U_Bᵀ D V_A|| / ||ΔW||: drift inside the patch subspace, in patch units
+    cos: float  # cos(D, ΔW); negative means the update undoes part of the patch
+    drift_to_patch: float  # ||D|| / ||ΔW||
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> WeightSignals:
+        if not rows:
+            raise PortLLMError("no patched matrix was found in both bases: nothing to measure")
+        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+        inside = [r["overlap"] / r["patch_to_drift"] if r["patch_to_drift"] else 0.0 for r in rows]
+        d2p = [1 / r["patch_to_drift"] if r["patch_to_drift"] else 0.0 for r in rows]
+        return cls(mean("rel_drift"), sum(inside) / len(rows), mean("cos"), sum(d2p) / len(rows))
+
+
+@dataclass(frozen=True)
+class OutputSignals:
+    """θ+Δθ (A) against θ'+Δθ (B) on the same unlabeled inputs."""
+
+    source: str  # task name or file
+    kind: str  # "choices" (a task's answer options) or "next-token" (plain text)
+    n: int
+    disagreement: float
+    mean_kl: float  # KL(p_A || p_B)
+    confidence: float  # mean p_A of A's own answer
+    expected_change: float | None = None  # accuracy units; negative = loss
+    expected_change_ci: tuple[float, float] | None = None
+    expected_neg_flip_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """loss_points = a · raw_loss_points + b · subspace_disturbance + c (fitted on a sweep)."""
+
+    a: float = 1.0
+    b: float = 0.0
+    c: float = 0.0
+    flip_a: float = 1.0
+    flip_c: float = 0.0
+    residual_sd_points: float | None = None
+    source: str = "raw (uncalibrated): θ+Δθ's own probabilities as the belief about the right answer"
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> Calibration:
+        if path is None:
+            return cls()
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}) if isinstance(d, dict) else cls()
+        except (OSError, ValueError, TypeError) as e:
+            raise PortLLMError(f"calibration {path}: unreadable ({e.__class__.__name__}); omit --calibration") from None
+
+
+@dataclass
+class Forecast:
+    patch: str
+    base: str
+    old: str | None
+    weights: WeightSignals | None
+    outputs: OutputSignals | None
+    loss_points: float | None  # predicted acc(θ+Δθ) − acc(θ'+Δθ), in points
+    loss_interval: tuple[float, float] | None
+    neg_flip_rate_points: float | None
+    calibration: Calibration = field(default_factory=Calibration)
+    notes: list[str] = field(default_factory=list)
+
+    def sentence(self) -> str:
+        """The plain-language verdict `check` prints."""
+        if self.loss_points is None:
+            return "no forecast of the loss: " + (self.notes[0] if self.notes else "give --from OLD")
+        lo, hi = self.loss_interval or (self.loss_points, self.loss_points)
+        what = "lose" if self.loss_points >= 0 else "gain"
+        s = f"expected to {what} ~{abs(self.loss_points):.1f} points (95% interval {lo:+.1f} to {hi:+.1f} lost)"
+        if self.neg_flip_rate_points is not None:
+            s += f"; ~{self.neg_flip_rate_points:.1f}% of answers flip to wrong"
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdict"] = self.sentence()
+        return d
+
+
+def weight_signals(patch: Any, base: str | Path, old: str | Path) -> WeightSignals:
+    from .check import check
+
+    rep = check(patch, base, old)
+    if not rep.shape_compatible:
+        raise PortLLMError(f"patch does not fit {base}: {rep.first_error()}")
+    return WeightSignals.from_rows(rep.drift)
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def _choice_probs(record: dict[str, Any], metric: str, conts: tuple[str, ...]) -> list[float]:
+    scores = record["scores"]
+    if metric == "acc_norm":
+        scores = [v / max(1, len(c[1:] if c.startswith(" ") else c)) for v, c in zip(scores, conts)]
+    return _softmax(scores)
+
+
+def choice_signals(records_a: list[dict], records_b: list[dict], examples: list[Any], task: Any) -> OutputSignals:
+    """Disagreement, KL and the unlabeled expected change from two runs' per-choice scores."""
+    from .stats import paired_bootstrap
+
+    n = len(records_a)
+    if n == 0 or n != len(records_b):
+        raise PortLLMError("forecast needs the same, non-empty inputs for both models")
+    change, negs, kls, conf, dis = [], [], [], [], 0
+    for ra, rb, e in zip(records_a, records_b, examples):
+        pa = _choice_probs(ra, task.metric, e.continuations)
+        pb = _choice_probs(rb, task.metric, e.continuations)
+        a, b = ra["pred"], rb["pred"]
+        kls.append(sum(x * (math.log(max(x, 1e-30)) - math.log(max(y, 1e-30))) for x, y in zip(pa, pb)))
+        conf.append(pa[a])
+        change.append(pa[b] - pa[a])
+        negs.append(pa[a] if a != b else 0.0)
+        dis += a != b
+    _, lo, hi = paired_bootstrap([0.0] * n, change, iters=2000)
+    return OutputSignals(
+        task.name,
+        "choices",
+        n,
+        dis / n,
+        sum(kls) / n,
+        sum(conf) / n,
+        sum(change) / n,
+        (lo, hi),
+        sum(negs) / n,
+    )
+
+
+def _examples(inputs: str, n: int, data: str | Path | None) -> tuple[Any, list[Any]]:
+    from .tasks import get_task, load_examples
+
+    task = get_task(inputs)
+    if task.kind != "mc":
+        raise PortLLMError(f"{task.name} is a generation task; forecast needs answer options (or a text file)")
+    return task, load_examples(task, "eval", data, n)
+
+
+def _next_token_probs(lm: Any, texts: list[str]) -> list[Any]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for t in texts:
+            ids = lm.tokenizer(t, return_tensors="pt").input_ids[:, -lm.max_length :]
+            out.append(torch.softmax(lm.model(ids).logits[0, -1].float(), -1))
+    return out
+
+
+def text_signals(lm_a: Any, lm_b: Any, path: Path, n: int) -> OutputSignals:
+    """Next-token disagreement and KL on the first n non-empty lines of a text file."""
+    import torch
+
+    texts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()][:n]
+    if not texts:
+        raise PortLLMError(f"{path} has no non-empty lines to compare the models on")
+    pa, pb = _next_token_probs(lm_a, texts), _next_token_probs(lm_b, texts)
+    kl = [float((a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum()) for a, b in zip(pa, pb)]
+    dis = sum(int(torch.argmax(a) != torch.argmax(b)) for a, b in zip(pa, pb))
+    conf = [float(a.max()) for a in pa]
+    return OutputSignals(
+        str(path), "next-token", len(texts), dis / len(texts), sum(kl) / len(kl), sum(conf) / len(conf)
+    )
+
+
+def forecast(
+    patch: str | Path,
+    base: str | Path,
+    old: str | Path | None = None,
+    inputs: str | None = None,
+    n: int = 200,
+    data: str | Path | None = None,
+    calibration: str | Path | None = None,
+    dtype: str = "float32",
+) -> Forecast:
+    """Predict the accuracy lost and the negative-flip rate of porting `patch` onto `base`."""
+    from .evaluate import open_lm, run_task
+    from .patch import Patch
+
+    p = Patch.load(patch)
+    cal = Calibration.load(calibration)
+    notes: list[str] = []
+    if old is None:
+        old_name = p.source_name
+        notes.append(
+            "without --from OLD (the base the patch was made on) neither the drift under the patch nor θ+Δθ's "
+            f"answers can be measured{f'; the patch says it was made on {old_name}' if old_name else ''}"
+        )
+        return Forecast(str(patch), str(base), None, None, None, None, None, None, cal, notes)
+    weights = weight_signals(p, base, old)
+    outputs = None
+    if inputs:
+        lm_a = open_lm(old, patch, dtype=dtype)
+        lm_b = open_lm(base, patch, dtype=dtype)  # runtime attach equals the port (tested in test_port)
+        path = Path(inputs)
+        if path.is_file():
+            outputs = text_signals(lm_a, lm_b, path, n)
+        else:
+            task, examples = _examples(inputs, n, data)
+            ra = run_task(lm_a, task, examples).records
+            rb = run_task(lm_b, task, examples).records
+            outputs = choice_signals(ra, rb, examples, task)
+    if outputs is None or outputs.expected_change is None:
+        notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
+        return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
+    raw = -100 * outputs.expected_change
+    loss = cal.a * raw + cal.b * weights.subspace_disturbance + cal.c
+    lo_raw, hi_raw = (-100 * outputs.expected_change_ci[1], -100 * outputs.expected_change_ci[0])
+    spread = 1.96 * cal.residual_sd_points if cal.residual_sd_points else 0.0
+    interval = (cal.a * lo_raw + loss - cal.a * raw - spread, cal.a * hi_raw + loss - cal.a * raw + spread)
+    flips = cal.flip_a * 100 * outputs.expected_neg_flip_rate + cal.flip_c
+    return Forecast(str(patch), str(base), str(old), weights, outputs, loss, interval, max(0.0, flips), cal, notes)

@@ -1,0 +1,80 @@
+"""The steps experiments are made of: train a patch, port it, score a model on one task.
+
+`portllm reproduce` runs them on its grid; a drift sweep or a routing study runs the same steps on
+other grids. Training and porting each run in their own process (`isolate.run`), so the time and
+peak memory they record are the step's own and not the experiment's; scoring runs in the caller's
+process. The arguments are plain values (paths, names, a config), so any grid can cache by them.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import isolate
+
+if TYPE_CHECKING:
+    from .evaluate import TaskResult
+    from .port import PortResult
+    from .train import TrainConfig, TrainResult
+
+
+def train_patch_step(
+    base: str | Path, task: str, out: str | Path, cfg: TrainConfig, data: str | Path | None, progress: bool = False
+) -> TrainResult:
+    """Train a LoRA patch for `task` on `base` into `out` (replaced), in its own process.
+
+    The patch's manifest records the run's own wall time and peak RSS (extra.training).
+    """
+    from .train import train
+
+    result, _ = isolate.run(
+        train, str(base), task, Path(out), cfg, data=data, eval_limit=0, overwrite=True, progress=progress
+    )
+    return result
+
+
+def port_step(patch: str | Path, base: str | Path, out: str | Path, progress: bool = False) -> PortResult:
+    """Merge `patch` onto `base` into `out` (replaced), in its own process; `result.usage` is the port's own."""
+    from .port import port
+
+    result, _ = isolate.run(port, Path(patch), str(base), Path(out), overwrite=True, progress=progress)
+    return result
+
+
+def eval_step(
+    model: str | Path,
+    patch: str | Path | None,
+    task: str,
+    limit: int | None,
+    data: str | Path | None,
+    out: str | Path,
+    dtype: str = "float32",
+    gen_tokens: int | None = None,
+    show_progress: bool = False,
+) -> TaskResult:
+    """Score `model` (+ `patch` at runtime) on one task into the run directory `out`, all or nothing.
+
+    `gen_tokens` caps generation for generative tasks (GSM8K). A directory that exists is replaced.
+    """
+    from .evaluate import evaluate, open_lm
+    from .tasks import get_task
+
+    t = get_task(task)
+    if t.kind == "gen" and gen_tokens:
+        t = replace(t, max_new_tokens=gen_tokens)
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm = open_lm(model, patch, dtype=dtype)
+    try:
+        result = evaluate(lm, [t], limit=limit, data=data, out=tmp, show_progress=show_progress)
+    finally:
+        del lm
+        gc.collect()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return result.tasks[t.name]

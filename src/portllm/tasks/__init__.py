@@ -1,0 +1,45 @@
+"""The task suite: the seven tasks of the PortLLM paper plus four commonsense extras.
+
+Each task is one file in defs/ (after lm-evaluation-harness's task YAMLs): where its train and eval
+splits come from, how a row becomes a prompt (Jinja2), the answer choices (or the generation and
+extraction rule) and its metric. Prompts follow lm-evaluation-harness's zero-shot conventions so our
+numbers can be checked against theirs; what a template cannot say is a named hook in hooks.py.
+
+Data comes from a directory laid out like the project's shared data (flag `--data-dir`, env
+`PORTLLM_DATA`); without one, the Hugging Face hub is tried. Splits are fixed: where no
+labelled train split with the needed fields exists (BoolQ with passages, RTE, PIQA), a
+documented slice of the labelled file is held out for training and never evaluated on.
+"""
+
+from .data import data_dir, hub_rows, load_examples, load_rows
+from .hooks import HOOKS, gsm8k_reference
+from .loader import DEFS, load_dir, load_task_file
+from .readers import Reader, read_jsonl, read_tsv, with_labels
+from .registry import PAPER_TASKS, TASKS, get_task, markdown_table, parse_tasks
+from .schema import METRICS, Example, Hub, Split, Task
+
+__all__ = [
+    "DEFS",
+    "HOOKS",
+    "METRICS",
+    "PAPER_TASKS",
+    "TASKS",
+    "Example",
+    "Hub",
+    "Reader",
+    "Split",
+    "Task",
+    "data_dir",
+    "get_task",
+    "gsm8k_reference",
+    "hub_rows",
+    "load_dir",
+    "load_examples",
+    "load_rows",
+    "load_task_file",
+    "markdown_table",
+    "parse_tasks",
+    "read_jsonl",
+    "read_tsv",
+    "with_labels",
+]

@@ -1,0 +1,80 @@
+"""The few things a prompt template cannot say, as named hooks a definition's `builder:` picks.
+
+A hook sees the raw row and the template variables gathered from `fields:`, checks what it needs,
+and returns more variables for the templates and `gold:` (like lm-evaluation-harness's utils.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .readers import row_error
+
+Vars = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hook:
+    fn: Callable[[dict[str, Any], Vars], Vars]
+    needs: tuple[str, ...]  # template variables it reads (declared under `fields:`)
+    provides: tuple[str, ...]  # template variables it adds
+
+
+HOOKS: dict[str, Hook] = {}
+
+
+def hook(name: str, needs: tuple[str, ...] = (), provides: tuple[str, ...] = ()):
+    def register(fn):
+        HOOKS[name] = Hook(fn, needs, provides)
+        return fn
+
+    return register
+
+
+def gsm8k_reference(answer: str) -> str:
+    """The number after '####', commas dropped: what GSM8K generations are scored against."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+@hook("gsm8k_reference", needs=("answer",), provides=("reference",))
+def _gsm8k(row: dict[str, Any], v: Vars) -> Vars:
+    if "####" not in v["answer"]:
+        raise row_error(row, "GSM8K answer has no '#### N' line")
+    return {"reference": gsm8k_reference(v["answer"])}
+
+
+@hook("winogrande_partial", needs=("sentence",), provides=("before", "after"))
+def _winogrande(row: dict[str, Any], v: Vars) -> Vars:
+    """Partial scoring: each option fills the blank in its own context; the rest is the shared continuation."""
+    sentence = v["sentence"]
+    if "_" not in sentence:
+        raise row_error(row, "WinoGrande sentence has no '_' blank")
+    cut = sentence.index("_")
+    return {"before": sentence[:cut], "after": sentence[cut + 1 :].strip()}
+
+
+@hook("arc_choices", provides=("stem", "options", "answer_index"))
+def _arc(row: dict[str, Any], v: Vars) -> Vars:
+    """ARC has 3-5 choices with letter or digit labels; the answer key names one of them."""
+    q = row.get("question")
+    if not isinstance(q, dict) or "choices" not in q:
+        raise row_error(row, "ARC row needs question.stem and question.choices")
+    labels = [c["label"] for c in q["choices"]]
+    key = str(row.get("answerKey", "")).strip()
+    if key not in labels:
+        raise row_error(row, f"answerKey {key!r} not among {labels}")
+    return {"stem": q["stem"], "options": [c["text"] for c in q["choices"]], "answer_index": labels.index(key)}
+
+
+@hook("obqa_choices", needs=("choice_text", "answer_key"), provides=("options", "answer_index"))
+def _obqa(row: dict[str, Any], v: Vars) -> Vars:
+    """OpenBookQA's TSV packs the four choices into one '(A) ... (B) ... (C) ... (D) ...' string."""
+    parts = re.split(r"\(([A-D])\)\s*", v["choice_text"])
+    opts = {parts[k]: parts[k + 1].strip() for k in range(1, len(parts) - 1, 2)}
+    key = v["answer_key"]
+    if sorted(opts) != ["A", "B", "C", "D"] or key not in opts:
+        raise row_error(row, "OpenBookQA row needs choices (A)-(D) and an answer key")
+    return {"options": [opts[k] for k in "ABCD"], "answer_index": "ABCD".index(key)}

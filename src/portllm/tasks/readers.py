@@ -1,0 +1,93 @@
+"""Benchmark file readers; every row remembers its file and line so data errors can name them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import PortLLMError
+
+csv.field_size_limit(1 << 24)
+
+Rows = list[dict[str, Any]]
+
+
+def row_error(row: dict[str, Any], what: str) -> PortLLMError:
+    return PortLLMError(f"{row.get('_file', '?')}:{row.get('_line', '?')}: {what}")
+
+
+def read_jsonl(path: Path) -> Rows:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise PortLLMError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PortLLMError(f"{path}:{n}: expected a JSON object")
+            rows.append({**row, "_line": n, "_file": str(path)})
+    return rows
+
+
+def read_tsv(path: Path, header: list[str] | None = None) -> Rows:
+    """GLUE-style TSV; `header` for files that have none. quoting off, as GLUE files need."""
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        cols = header
+        for n, rec in enumerate(reader, 1):
+            if cols is None:
+                cols = rec
+                continue
+            if not rec or rec == [""]:
+                continue
+            if len(rec) != len(cols):
+                raise PortLLMError(f"{path}:{n}: expected {len(cols)} tab-separated fields, found {len(rec)}")
+            rows.append({**dict(zip(cols, rec)), "_line": n, "_file": str(path)})
+    return rows
+
+
+def attach_labels(path: Path, rows: Rows, suffix: str = "-labels.lst") -> Rows:
+    """WinoGrande/PIQA keep labels in a sibling .lst file, line for line; no such file, no labels."""
+    lst = path.with_name(path.stem + suffix)
+    if lst.is_file():
+        labels = [line.strip() for line in lst.read_text().splitlines() if line.strip()]
+        if len(labels) != len(rows):
+            raise PortLLMError(f"{lst}: {len(labels)} labels for {len(rows)} rows in {path.name}")
+        for r, lab in zip(rows, labels):
+            r.setdefault("label", lab)
+    return rows
+
+
+def with_labels(reader: Callable[[Path], Rows], suffix: str = "-labels.lst") -> Callable[[Path], Rows]:
+    return lambda path: attach_labels(path, reader(path), suffix)
+
+
+FORMATS = ("jsonl", "tsv")
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A definition's `reader:` block: file format, header overrides by file, sibling labels file."""
+
+    format: str = "jsonl"
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path relative to the data dir, columns)
+    labels: str | None = None  # suffix of the sibling labels file, e.g. "-labels.lst"
+
+    def header_for(self, path: Path) -> list[str] | None:
+        p = path.as_posix()
+        for rel, cols in self.headers:
+            if p == rel or p.endswith("/" + rel):
+                return list(cols)
+        return None
+
+    def __call__(self, path: Path) -> Rows:
+        rows = read_jsonl(path) if self.format == "jsonl" else read_tsv(path, self.header_for(path))
+        return attach_labels(path, rows, self.labels) if self.labels else rows
