@@ -142,7 +142,8 @@ def test_eval_prints_full_width_when_piped_and_no_library_warnings(world, tmp_pa
     r = run(*args, tmp_path / "data", "--out", tmp_path / "run", env={"COLUMNS": "50"})
     assert r.returncode == 0, r.stderr
     header = _header(r.stdout, "task")
-    assert "…" not in header and "± stderr" in header and "tokens/s" in header and "…" not in r.stdout
+    assert "…" not in header and "tokens/s" in header and "…" not in r.stdout
+    assert "95% CI" in header and "majority" in header and "± stderr" not in header
     assert "Warning" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr
     r = run(*args, tmp_path / "data", "--json")
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
@@ -150,3 +151,30 @@ def test_eval_prints_full_width_when_piped_and_no_library_warnings(world, tmp_pa
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert list(printed) == list(saved) and list(printed["tasks"]["sst2"]) == list(saved["tasks"]["sst2"])
     assert printed["tasks"]["sst2"]["value"] == saved["tasks"]["sst2"]["value"]
+    t = saved["tasks"]["sst2"]
+    assert t["ci_low"] <= t["value"] <= t["ci_high"] and t["majority"] == 2 / 3 and "stderr" in t
+
+
+def _run_dir(d, correct):
+    """A hand-made eval run: results.json and samples_sst2.jsonl as `portllm eval --out` writes them."""
+    d.mkdir()
+    recs = [{"idx": i, "pred": int(c), "gold": 1, "correct": bool(c)} for i, c in enumerate(correct)]
+    task = {"task": "sst2", "metric": "acc", "value": sum(correct) / len(correct), "stderr": 0.0, "n": len(correct)}
+    (d / "results.json").write_text(json.dumps({"model": "m", "patch": None, "tasks": {"sst2": task}}))
+    (d / "samples_sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_compare_paired_columns_verdict_and_margin(tmp_path):
+    _run_dir(tmp_path / "a", [1] * 40 + [1] * 100 + [0] * 60)
+    _run_dir(tmp_path / "b", [0] * 40 + [1] * 100 + [0] * 60)
+    r = run("compare", tmp_path / "a", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    header = _header(r.stdout, "task")
+    for col in ("Δ", "95% CI", "McNemar p", "verdict", "neg flips"):
+        assert col in header
+    assert "B worse" in r.stdout and "-0.2000" in r.stdout and "…" not in r.stdout
+    r = run("compare", tmp_path / "a", tmp_path / "a", "--margin", "0.02", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["margin"] == 0.02 and d["tasks"]["sst2"]["verdict"] == "no difference beyond ±2 points"
+    assert "fraction" in one_line_error(run("compare", tmp_path / "a", tmp_path / "b", "--margin", "2"))

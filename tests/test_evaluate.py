@@ -1,5 +1,6 @@
 """The scoring engine on a tiny random model: batched scores equal a slow, unpadded reference."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from portllm import PortLLMError
 from portllm.evaluate import (
     LM,
     EvalResult,
+    TaskResult,
     compare,
     encode_pair,
     evaluate,
@@ -21,6 +23,7 @@ from portllm.evaluate import (
     open_lm,
     run_task,
 )
+from portllm.stats import majority, mcnemar_exact, wilson
 from portllm.tasks import Example, get_task
 
 
@@ -124,6 +127,14 @@ def test_mc_metrics_and_records(lm):
     assert len({r["pred"] for r in run.records}) == 1
     assert run.value == pytest.approx(sum(r["correct"] for r in run.records) / 3)
     assert 0 <= run.stderr <= 0.5
+    assert (run.ci_low, run.ci_high) == wilson(round(3 * run.value), 3) and run.majority == pytest.approx(2 / 3)
+
+
+def test_generation_has_no_majority_baseline(lm):
+    exs = [Example(i, "18", prompt=f"Question: {i} + 1?\nAnswer:") for i in range(2)]
+    run = run_task(lm, dataclasses.replace(get_task("gsm8k"), max_new_tokens=4), exs, batch_size=2)
+    assert run.majority is None and run.result(lm).majority is None
+    assert (run.ci_low, run.ci_high) == wilson(sum(r["correct"] for r in run.records), 2)
 
 
 def test_acc_norm_uses_choice_length(lm):
@@ -195,7 +206,15 @@ def test_flips_on_hand_built_runs(tmp_path):
         "negative_flip_rate",
         "positive_flip_rate",
         "negative_flip_idx",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "mcnemar_p",
+        "margin",
+        "verdict",
     ]
+    assert f.diff == pytest.approx(0.2) and f.mcnemar_p == pytest.approx(mcnemar_exact(1, 2))
+    assert f.ci_low <= f.diff <= f.ci_high and f.verdict == "inconclusive"  # 5 examples prove nothing
     assert flips(mk(a), []).to_dict() == {"n": 0}
     _write_run(tmp_path / "A", "sst2", mk(a))
     _write_run(tmp_path / "B", "sst2", mk(b))
@@ -203,7 +222,7 @@ def test_flips_on_hand_built_runs(tmp_path):
     assert c.tasks["sst2"].negative_flip_rate == 0.2
     d = c.to_dict()
     assert d["a"] == {"dir": str(tmp_path / "A"), "model": "m", "patch": None}
-    assert d["tasks"]["sst2"] == f.to_dict()
+    assert d["tasks"]["sst2"] == f.to_dict() and d["margin"] == 0.01
 
 
 def test_compare_bad_input(tmp_path):
@@ -219,11 +238,15 @@ def test_evaluate_writes_results_and_samples(lm, tmp_path, monkeypatch):
     data = tmp_path / "data"
     (data / "sst2").mkdir(parents=True)
     (data / "sst2" / "test.tsv").write_text("sentence\tlabel\nThe movie was great .\t1\nawful and boring\t0\nfine\t1\n")
-    res = evaluate(lm, [get_task("sst2")], limit=2, data=data, out=tmp_path / "run")
+    res = evaluate(lm, [get_task("sst2")], limit=3, data=data, out=tmp_path / "run")
     r = res.tasks["sst2"]
-    assert r.n == 2 and r.metric == "acc" and r.tokens_per_s > 0 and set(r.extra) == {"acc", "acc_norm"}
+    assert r.n == 3 and r.metric == "acc" and r.tokens_per_s > 0 and set(r.extra) == {"acc", "acc_norm"}
     lines = (tmp_path / "run" / "samples_sst2.jsonl").read_text().splitlines()
-    assert [json.loads(x)["idx"] for x in lines] == [0, 1]
+    samples = [json.loads(x) for x in lines]
+    assert [x["idx"] for x in samples] == [0, 1, 2]
+    # the Wilson interval of the score and the majority-class baseline of the slice (gold 1, 0, 1)
+    assert (r.ci_low, r.ci_high) == wilson(sum(x["correct"] for x in samples), 3)
+    assert r.ci_low <= r.value <= r.ci_high and r.majority == majority([1, 0, 1])[1] == pytest.approx(2 / 3)
     text = (tmp_path / "run" / "results.json").read_text()
     assert json.loads(text) == res.to_dict() and text == json.dumps(res.to_dict(), indent=2)
     assert list(res.to_dict()) == [
@@ -250,6 +273,8 @@ def test_evaluate_writes_results_and_samples(lm, tmp_path, monkeypatch):
         "tokens",
         "tokens_per_s",
     ]
+    saved = json.loads(text)["tasks"]["sst2"]
+    assert (saved["ci_low"], saved["ci_high"], saved["majority"]) == (r.ci_low, r.ci_high, r.majority)
     assert EvalResult.read(tmp_path / "run") == res  # read back, typed
 
 
@@ -272,3 +297,55 @@ def test_patch_attached_at_runtime_changes_scores(world):
         c, _ = loglikelihoods(base, pairs)
     assert a == pytest.approx(b, abs=1e-4)
     assert max(abs(x - y) for x, y in zip(a, c)) > 1e-3
+
+
+def _write_eval_run(d, task, correct, gold=None):
+    """An eval run directory as `evaluate` writes it: results.json (EvalResult) and samples_<task>.jsonl."""
+    gold = gold or [1] * len(correct)
+    recs = [
+        {"idx": i, "pred": g if c else 1 - g, "gold": g, "correct": bool(c)}
+        for i, (c, g) in enumerate(zip(correct, gold))
+    ]
+    k, n = sum(correct), len(correct)
+    lo, hi = wilson(k, n)
+    res = EvalResult("m", None, None, "float32", None, 16, 640)
+    res.tasks[task] = TaskResult(task, "acc", k / n, 0.0, n, "m", None, None, "float32", 1.0, 10, 10.0, {}, lo, hi, 1.0)
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(res.to_dict(), indent=2))
+    (d / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_compare_paired_statistics_on_known_answers(tmp_path):
+    """40 examples right in A and wrong in B, none the other way: B is worse beyond doubt; identical
+    runs show no difference; a few flips both ways on 50 examples settle nothing."""
+    base = [1] * 100 + [0] * 60
+    _write_eval_run(tmp_path / "A", "sst2", [1] * 40 + base)
+    _write_eval_run(tmp_path / "B", "sst2", [0] * 40 + base)
+    _write_eval_run(tmp_path / "A2", "sst2", [1] * 40 + base)
+    f = compare(tmp_path / "A", tmp_path / "B").tasks["sst2"]
+    assert (f.n, f.negative_flips, f.positive_flips) == (200, 40, 0)
+    assert f.diff == pytest.approx(-0.2) and f.ci_low < f.diff < f.ci_high < 0
+    assert f.mcnemar_p < 1e-6 and f.mcnemar_p == pytest.approx(2 * 0.5**40)
+    assert f.verdict == "B worse"
+    assert compare(tmp_path / "B", tmp_path / "A").tasks["sst2"].verdict == "B better"
+    same = compare(tmp_path / "A", tmp_path / "A2")
+    g = same.tasks["sst2"]
+    assert (g.diff, g.ci_low, g.ci_high, g.mcnemar_p) == (0.0, 0.0, 0.0, 1.0)
+    assert g.verdict == "no difference beyond ±1 points"
+    assert compare(tmp_path / "A", tmp_path / "A2", margin=0.05).tasks["sst2"].verdict == (
+        "no difference beyond ±5 points"
+    )
+    _write_eval_run(tmp_path / "C", "sst2", [1, 1, 0, 0] + [1] * 46)
+    _write_eval_run(tmp_path / "D", "sst2", [0, 0, 1, 1] + [1] * 46)
+    h = compare(tmp_path / "C", tmp_path / "D").tasks["sst2"]
+    assert h.diff == 0 and h.ci_low < -0.01 and h.ci_high > 0.01 and h.verdict == "inconclusive"
+    assert h.mcnemar_p == 1.0
+    with pytest.raises(PortLLMError, match="fraction"):
+        compare(tmp_path / "A", tmp_path / "B", margin=1)
+
+
+def test_results_without_intervals_still_read(tmp_path):
+    """results.json written before the Wilson interval and majority keys reads back with them None."""
+    old = {"task": "sst2", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 2, "model": "m", "patch": None}
+    r = TaskResult.from_dict(old | {"acc": 0.5})
+    assert (r.ci_low, r.ci_high, r.majority) == (None, None, None) and r.extra == {"acc": 0.5}

@@ -123,3 +123,33 @@ def make_adapter(base: Path, out: Path, r: int = 4, alpha: int = 8, seed: int = 
                 p.mul_(10)
     peft_model.save_pretrained(out)
     return Path(out)
+
+
+POS = ["good", "great", "fine", "lovely", "superb"]
+NEG = ["bad", "awful", "boring", "poor", "dull"]
+
+
+def sentiment_data(data: Path, n_train: int = 64, n_eval: int = 24, seed: int = 0, text: bool = False) -> Path:
+    """A data directory with a toy SST-2 (sst2/train.tsv, sst2/test.tsv) a tiny model can learn;
+    with `text`, also the plain-text files the `text` corpus and held-out KL read."""
+    import random
+
+    rng = random.Random(seed)
+
+    def rows(n: int) -> str:
+        out = []
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            out.append(f"the movie was {rng.choice(POS if y else NEG)} .\t{y}")
+        return "sentence\tlabel\n" + "\n".join(out) + "\n"
+
+    (data / "sst2").mkdir(parents=True, exist_ok=True)
+    (data / "sst2" / "train.tsv").write_text(rows(n_train))
+    (data / "sst2" / "test.tsv").write_text(rows(n_eval))
+    if text:
+        words = POS + NEG + ["the", "movie", "was", "."]
+        body = "\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(120))
+        for f in ("wikitext-2/valid.txt", "wikitext-2/test.txt", "tinyshakespeare/input.txt"):
+            (data / "text" / f).parent.mkdir(parents=True, exist_ok=True)
+            (data / "text" / f).write_text(body)
+    return data

@@ -4,6 +4,9 @@ Log-likelihood multiple choice is batched and length-sorted, left-padded with ex
 position ids, and asks the model only for the logits it needs (`logits_to_keep`). Generation
 is batched greedy decoding with a KV cache and stop strings. A model is a base spec, a base
 with a patch attached at runtime (PEFT), or a ported model directory.
+
+Every score carries its Wilson 95% interval and the slice's majority-class baseline; two runs are
+compared paired, example by example (stats.py): flips, B − A with a paired-bootstrap interval, McNemar.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from .atomic import write_text_atomic
 from .errors import PortLLMError
 from .progress import Bar
+from .stats import Paired, majority, paired, wilson
 from .tasks import Example, Task, load_examples
 
 Progress = Callable[[int], None]
@@ -40,15 +44,26 @@ class LM:
 
 
 def open_lm(
-    spec: str | Path, patch: str | Path | None = None, dtype: str = "float32", threads: int | None = None
+    spec: str | Path,
+    patch: str | Path | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+    require_signature: bool = False,
+    trusted: list | None = None,
 ) -> LM:
-    """Load a base (or ported model) and optionally attach a patch at runtime with PEFT."""
+    """Load a base (or ported model) and optionally attach a patch at runtime with PEFT.
+
+    With `require_signature` (or `trusted` public keys), the patch is verified before any tensor is read.
+    """
     from .models import load_base
+    from .sign import require_trusted
 
     if threads:
         torch.set_num_threads(threads)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise PortLLMError(f"dtype {dtype!r} not supported; use float32 or bfloat16")
+    if patch is not None:
+        require_trusted(patch, require_signature, trusted)
     model, tok = load_base(spec, dtype=dtype)
     if tok is None:
         raise PortLLMError(f"{spec} has no tokenizer; evaluation needs one")
@@ -333,6 +348,27 @@ def _choice_len(cont: str) -> int:
     return max(1, len(cont[1:] if cont.startswith(" ") else cont))
 
 
+@dataclass(frozen=True)
+class Accuracy:
+    """What a slice's per-example records say beyond the mean: its Wilson 95% interval (sensible at 0
+    and n, where a bootstrap stderr reads "± 0.0") and the majority-class baseline, the accuracy of
+    always answering the most frequent gold (None for generation, where there is no class to repeat)."""
+
+    k: int
+    n: int
+    ci_low: float
+    ci_high: float
+    majority: float | None
+
+
+def accuracy(records: list[dict[str, Any]], generative: bool = False) -> Accuracy:
+    """Wilson interval and majority baseline of one task's records (samples_<task>.jsonl rows)."""
+    k = sum(1 for r in records if r["correct"])
+    lo, hi = wilson(k, len(records))
+    maj = None if generative or not records else majority([r["gold"] for r in records])[1]
+    return Accuracy(k, len(records), lo, hi, maj)
+
+
 @dataclass
 class TaskResult:
     """One task's score for one model: a row of results.json."""
@@ -350,6 +386,9 @@ class TaskResult:
     tokens: int
     tokens_per_s: float | None
     extra: dict[str, float] = field(default_factory=dict)  # acc and acc_norm, or GSM8K's strict/flexible match
+    ci_low: float | None = None  # Wilson 95% interval of value (None in results.json files older than it)
+    ci_high: float | None = None
+    majority: float | None = None  # majority-class baseline of the slice; None for generation tasks
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -365,6 +404,9 @@ class TaskResult:
             "time_s": self.time_s,
             "tokens": self.tokens,
             "tokens_per_s": self.tokens_per_s,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "majority": self.majority,
             **self.extra,
         }
 
@@ -416,6 +458,9 @@ class TaskRun:
     time_s: float
     tokens: int
     extra: dict[str, float] = field(default_factory=dict)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    majority: float | None = None
 
     def result(self, lm: LM) -> TaskResult:
         return TaskResult(
@@ -432,6 +477,9 @@ class TaskRun:
             self.tokens,
             round(self.tokens / self.time_s, 1) if self.time_s else None,
             dict(self.extra),
+            self.ci_low,
+            self.ci_high,
+            self.majority,
         )
 
 
@@ -496,6 +544,7 @@ def run_task(
         extra["exact_match_flexible"] = sum(r["correct"] for r in records) / max(1, len(records))
     correct = [float(r["correct"]) for r in records]
     value = sum(correct) / max(1, len(correct))
+    acc = accuracy(records, generative=task.kind != "mc")
     return TaskRun(
         task.name,
         task.metric,
@@ -506,6 +555,9 @@ def run_task(
         time.perf_counter() - t0,
         tokens,
         extra,
+        acc.ci_low,
+        acc.ci_high,
+        acc.majority,
     )
 
 
@@ -574,10 +626,28 @@ def read_run(d: str | Path, samples: bool = True) -> tuple[dict[str, Any], dict[
     return res, records
 
 
+def aligned_correct(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per-example correctness (0/1) of two runs' records of one task on the examples they share, in idx order."""
+    ra, rb = {r["idx"]: r for r in a}, {r["idx"]: r for r in b}
+    common = sorted(set(ra) & set(rb))
+    return [float(bool(ra[i]["correct"])) for i in common], [float(bool(rb[i]["correct"])) for i in common]
+
+
+def paired_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> Paired:
+    """Two runs' records of one task compared paired, on the examples they share (by idx): B − A with
+    its paired-bootstrap 95% interval and the exact McNemar p-value. Scoring the same examples twice
+    makes the difference far tighter than two separate intervals suggest, and honest where they overlap."""
+    return paired(*aligned_correct(a, b))
+
+
+DEFAULT_MARGIN = 0.01  # "no difference" means the whole interval lies within ±1 point
+
+
 @dataclass
 class TaskFlips:
     """How two runs' answers to the same examples differ. Negative flips: right in A, wrong in B (what an
-    update broke); positive flips: the reverse."""
+    update broke); positive flips: the reverse. `diff` (acc_b − acc_a), its paired 95% interval and the
+    McNemar p-value say whether the difference is more than noise; `verdict` reads them against `margin`."""
 
     n: int
     acc_a: float = 0.0
@@ -588,6 +658,12 @@ class TaskFlips:
     negative_flip_rate: float = 0.0
     positive_flip_rate: float = 0.0
     negative_flip_idx: list[Any] = field(default_factory=list)  # the first 50
+    diff: float = 0.0
+    ci_low: float = 0.0
+    ci_high: float = 0.0
+    mcnemar_p: float = 1.0
+    margin: float = DEFAULT_MARGIN
+    verdict: str = ""  # "" in reports older than the paired statistics
 
     def to_dict(self) -> dict[str, Any]:
         if not self.n:
@@ -599,7 +675,7 @@ class TaskFlips:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> TaskFlips:
+def flips(a: list[dict[str, Any]], b: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> TaskFlips:
     """Compare two runs' records of one task on the examples they share."""
     ra, rb = {r["idx"]: r for r in a}, {r["idx"]: r for r in b}
     common = sorted(set(ra) & set(rb))
@@ -609,6 +685,7 @@ def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> TaskFlips:
     neg = [i for i in common if ra[i]["correct"] and not rb[i]["correct"]]
     pos = [i for i in common if not ra[i]["correct"] and rb[i]["correct"]]
     agree = sum(1 for i in common if ra[i]["pred"] == rb[i]["pred"])
+    p = paired_records(a, b)
     return TaskFlips(
         n=n,
         acc_a=sum(ra[i]["correct"] for i in common) / n,
@@ -619,6 +696,12 @@ def flips(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> TaskFlips:
         negative_flip_rate=len(neg) / n,
         positive_flip_rate=len(pos) / n,
         negative_flip_idx=neg[:50],
+        diff=p.diff,
+        ci_low=p.ci_low,
+        ci_high=p.ci_high,
+        mcnemar_p=p.mcnemar_p,
+        margin=margin,
+        verdict=p.verdict(margin),
     )
 
 
@@ -639,13 +722,22 @@ class CompareResult:
     a: RunRef
     b: RunRef
     tasks: dict[str, TaskFlips]
+    margin: float = DEFAULT_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a.to_dict(), "b": self.b.to_dict(), "tasks": {t: f.to_dict() for t, f in self.tasks.items()}}
+        return {
+            "a": self.a.to_dict(),
+            "b": self.b.to_dict(),
+            "tasks": {t: f.to_dict() for t, f in self.tasks.items()},
+            "margin": self.margin,
+        }
 
 
-def compare(run_a: str | Path, run_b: str | Path) -> CompareResult:
-    """Flips between two eval runs, per task they share."""
+def compare(run_a: str | Path, run_b: str | Path, margin: float = DEFAULT_MARGIN) -> CompareResult:
+    """Flips and paired statistics between two eval runs, per task they share; "no difference" only
+    where the whole 95% interval of B − A lies within ±margin."""
+    if not 0 < margin < 1:
+        raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
     ra, sa = read_run(run_a)
     rb, sb = read_run(run_b)
     shared = [t for t in sa if t in sb]
@@ -654,5 +746,6 @@ def compare(run_a: str | Path, run_b: str | Path) -> CompareResult:
     return CompareResult(
         RunRef(str(run_a), ra.get("model"), ra.get("patch")),
         RunRef(str(run_b), rb.get("model"), rb.get("patch")),
-        {t: flips(sa[t], sb[t]) for t in shared},
+        {t: flips(sa[t], sb[t], margin) for t in shared},
+        margin,
     )

@@ -4,6 +4,7 @@ The paper's evolved bases are θ continued-pretrained on instruction corpora (Op
 SlimOrca, OpenPlatypus, AlpacaGPT4). Here the corpus is a plain-text file, an instruction set,
 or a mix of them from the data directory; training is full-parameter or a LoRA of chosen rank
 merged back in. The result is an ordinary model directory with its lineage and drift recorded.
+`read_lineage` reads that of an evolved or an interpolated (`interpolate.py`) directory alike.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,9 @@ from .atomic import atomic_dir
 from .errors import PortLLMError
 from .resources import measure
 from .train import LoopConfig
+
+if TYPE_CHECKING:
+    from .interpolate import InterpolateResult
 
 LINEAGE = "portllm_lineage.json"
 PRESETS = {
@@ -68,14 +72,39 @@ class EvolveResult:
 
     @classmethod
     def read(cls, model_dir: str | Path) -> EvolveResult:
-        """The lineage an evolved model directory carries."""
-        f = Path(model_dir) / LINEAGE
-        if not f.is_file():
-            raise PortLLMError(f"{model_dir} has no {LINEAGE}: it was not made by `portllm evolve`")
+        """The lineage an evolved model directory carries (an interpolated one: `read_lineage`)."""
+        d = _read_json(model_dir)
+        if "interpolated" in d:
+            raise PortLLMError(
+                f"{model_dir} was made by `portllm evolve --interpolate`: read it with read_lineage or "
+                "InterpolateResult.read"
+            )
         try:
-            return cls.from_dict(json.loads(f.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise PortLLMError(f"{f}: not a valid lineage ({e})") from None
+            return cls.from_dict(d)
+        except (KeyError, TypeError) as e:
+            raise PortLLMError(f"{Path(model_dir) / LINEAGE}: not a valid lineage ({e})") from None
+
+
+def _read_json(model_dir: str | Path) -> dict[str, Any]:
+    f = Path(model_dir) / LINEAGE
+    if not f.is_file():
+        raise PortLLMError(f"{model_dir} has no {LINEAGE}: it was not made by `portllm evolve`")
+    try:
+        d = json.loads(f.read_text())
+    except ValueError as e:
+        raise PortLLMError(f"{f}: not a valid lineage ({e})") from None
+    if not isinstance(d, dict):
+        raise PortLLMError(f"{f}: not a valid lineage (not a JSON object)")
+    return d
+
+
+def read_lineage(model_dir: str | Path) -> EvolveResult | InterpolateResult:
+    """The lineage of an evolved or an interpolated model directory; both carry parent, drift and fingerprint."""
+    from .interpolate import InterpolateResult
+
+    if "interpolated" in _read_json(model_dir):
+        return InterpolateResult.read(model_dir)
+    return EvolveResult.read(model_dir)
 
 
 def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:
@@ -165,7 +194,7 @@ def evolve(
 ) -> EvolveResult:
     """Continue pretraining `base` on `corpus` and write the evolved model with its lineage."""
     from .models import architecture_of, copy_side_files, fingerprint, load_base, resolve_base
-    from .train import fit
+    from .train import examples_digest, fit
 
     cfg = cfg or EvolveConfig()
     if cfg.mode not in ("full", "lora"):
@@ -202,7 +231,10 @@ def evolve(
                     task_type="CAUSAL_LM",
                 ),
             )
-        losses, start, n_trainable = fit(model, examples, cfg, tok.pad_token_id, ckpt, "evolve", progress)
+        identity = {"recipe": cfg.key(), "base": parent_fp, "corpus": examples_digest(examples)}
+        losses, start, n_trainable = fit(
+            model, examples, cfg, tok.pad_token_id, ckpt, "evolve", progress, identity=identity
+        )
         if cfg.mode == "lora":
             model = model.merge_and_unload()
     tokens = cfg.steps * cfg.batch_size * cfg.max_length

@@ -4,6 +4,8 @@ Real continued pretraining gives a handful of evolved bases, each a long run. Wa
 straight line from θ to a real θ' gives as many drift levels as a study needs, in seconds and
 with the direction of a real update: t = 0 is θ itself (the zero-drift control), t = 1 is θ',
 t > 1 extrapolates the same update further. Streamed tensor by tensor, like the port.
+`portllm evolve --interpolate T --toward θ'` on the command line; `InterpolateResult.read` (or
+`evolve.read_lineage`) reads the lineage the directory carries.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,52 @@ LINEAGE = "portllm_lineage.json"
 
 @dataclass
 class InterpolateResult:
+    """θ(t) and its lineage; `lineage()` is the directory's portllm_lineage.json, `to_dict()` adds `out` and `t`."""
+
     out: Path
     t: float
     fingerprint: str
     drift: dict[str, float]  # ||θ(t) − θ|| / ||θ|| per layer type
     wall_s: float
+    parent: dict[str, str] = field(default_factory=dict)  # θ: name, fingerprint
+    toward: dict[str, str] = field(default_factory=dict)  # θ': name, fingerprint
+
+    def lineage(self) -> dict[str, Any]:
+        return {
+            "parent": self.parent,
+            "interpolated": {
+                "toward": self.toward.get("name"),
+                "toward_fingerprint": self.toward.get("fingerprint"),
+                "t": self.t,
+            },
+            "drift": self.drift,
+            "fingerprint": self.fingerprint,
+            "wall_s": self.wall_s,
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"out": str(self.out)}
+        return {"out": str(self.out), "t": self.t, **self.lineage()}
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> InterpolateResult:
+        """The lineage an interpolated model directory carries."""
+        f = Path(model_dir) / LINEAGE
+        if not f.is_file():
+            raise PortLLMError(f"{model_dir} has no {LINEAGE}: it was not made by `portllm evolve --interpolate`")
+        try:
+            d = json.loads(f.read_text())
+            i = d["interpolated"]
+            return cls(
+                Path(model_dir),
+                float(i["t"]),
+                d["fingerprint"],
+                d["drift"],
+                d["wall_s"],
+                d["parent"],
+                {"name": i["toward"], "fingerprint": i["toward_fingerprint"]},
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise PortLLMError(f"{f}: not the lineage of an interpolated model ({e!r})") from None
 
 
 def interpolate(
@@ -79,14 +119,15 @@ def interpolate(
             except BaseException:
                 writer.abort()
                 raise
-        drift = drift_by_type(base_dir, tmp)
-        fp = fingerprint(tmp)
-        lineage = {
-            "parent": {"name": str(base), "fingerprint": fingerprint(base_dir)},
-            "interpolated": {"toward": str(evolved), "toward_fingerprint": fingerprint(new_dir), "t": t},
-            "drift": drift,
-            "fingerprint": fp,
-            "wall_s": time.perf_counter() - t0,
-        }
-        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2))
-    return InterpolateResult(Path(out), t, fp, drift, lineage["wall_s"])
+        result = InterpolateResult(
+            Path(out),
+            t,
+            fingerprint(tmp),
+            drift_by_type(base_dir, tmp),
+            0.0,
+            {"name": str(base), "fingerprint": fingerprint(base_dir)},
+            {"name": str(evolved), "fingerprint": fingerprint(new_dir)},
+        )
+        result.wall_s = time.perf_counter() - t0
+        (tmp / LINEAGE).write_text(json.dumps(result.lineage(), indent=2))
+    return result

@@ -15,6 +15,8 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -172,6 +174,23 @@ def _gguf_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers draws a bare tqdm bar while dequantizing; the line we print says it all, and a bar
+    has no place in a piped log (`make demo | tee`)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _export_gguf(path: Path, name: str) -> Path:
     """Dequantize a GGUF once into a cached safetensors directory; later loads take about a second."""
     target = cache_root() / "bases" / f"{name}-{_gguf_key(path)}"
@@ -183,7 +202,8 @@ def _export_gguf(path: Path, name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+        with _quiet_gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many kinds for a bad GGUF
         raise PortLLMError(

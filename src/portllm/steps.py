@@ -23,16 +23,32 @@ if TYPE_CHECKING:
 
 
 def train_patch_step(
-    base: str | Path, task: str, out: str | Path, cfg: TrainConfig, data: str | Path | None, progress: bool = False
+    base: str | Path,
+    task: str,
+    out: str | Path,
+    cfg: TrainConfig,
+    data: str | Path | None,
+    progress: bool = False,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train a LoRA patch for `task` on `base` into `out` (replaced), in its own process.
 
+    `init`: warm-start from this patch's factors (rank, alpha and targets then are the patch's).
     The patch's manifest records the run's own wall time and peak RSS (extra.training).
     """
     from .train import train
 
     result, _ = isolate.run(
-        train, str(base), task, Path(out), cfg, data=data, eval_limit=0, overwrite=True, progress=progress
+        train,
+        str(base),
+        task,
+        Path(out),
+        cfg,
+        data=data,
+        eval_limit=0,
+        overwrite=True,
+        progress=progress,
+        init=None if init is None else Path(init),
     )
     return result
 

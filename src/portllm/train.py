@@ -3,7 +3,14 @@
 Rank 8 on every linear projection, alpha 16, AdamW, loss on the answer tokens only, prompts
 identical to the evaluation's. Deterministic for a seed (data order, LoRA init, no dropout),
 and resumable: a checkpoint of the LoRA weights and optimizer state (safetensors + JSON, never
-pickle) is kept beside the output until the patch is written.
+pickle) is kept beside the output until the patch is written. A checkpoint is resumed only by the
+same run: recipe, base fingerprint, task, tokenized train data and init patch all match, else it is
+discarded with a note.
+
+Warm start (`init=PATCH`, `portllm train --init`): the LoRA modules start from an existing patch's
+factors instead of a fresh init, e.g. to re-tune a patch made on θ on the evolved θ'. Rank, alpha
+and targets are then the patch's; the new patch records the init (path, weights sha256) in its
+training record and continues the init's lineage.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +32,12 @@ from .errors import PortLLMError
 from .progress import Bar
 from .resources import measure
 
+if TYPE_CHECKING:
+    from .models import BaseRef
+    from .patch import Patch
+
 PAPER_TARGETS: tuple[str, ...] = ()  # empty = the architecture's own "all linear projections" (architectures.json)
+PAPER_RANK, PAPER_ALPHA = 8, 16.0
 
 
 @dataclass
@@ -48,8 +62,10 @@ class LoopConfig:
 
 @dataclass
 class TrainConfig(LoopConfig):
-    rank: int = 8
-    alpha: float = 16.0
+    """None / empty LoRA fields mean: the init patch's when warm-starting, else the paper's (8, 16, all linear)."""
+
+    rank: int | None = None
+    alpha: float | None = None
     target_modules: tuple[str, ...] = PAPER_TARGETS
     max_examples: int | None = None  # use only the first N train examples
     max_epochs: int = 20  # refuse runs that would repeat each example more often than this
@@ -67,6 +83,7 @@ class TrainResult:
     trainable_params: int = 0
     resumed_from: int = 0
     eval: dict[str, Any] | None = None  # metric, value, stderr, n on the base's eval split (eval_limit > 0)
+    init: dict[str, Any] | None = None  # the warm start's patch: path, weights_sha256, task, base_fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +97,96 @@ class TrainResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_gpu_mb": self.peak_gpu_mb,
             "eval": self.eval,
+            "init": self.init,
         }
+
+
+@dataclass
+class WarmStart:
+    """An init patch for a warm start, vetted against the base, and the LoRA shape it fixes."""
+
+    patch: Patch
+    cfg: TrainConfig  # rank, alpha and targets: the patch's
+    lora_extra: dict[str, Any]  # rank/alpha patterns, rsLoRA, fan-in-fan-out: as the patch's config says
+    record: dict[str, Any]  # path, weights_sha256, task, base_fingerprint
+
+    @classmethod
+    def open(cls, init: str | Path | Patch, base: BaseRef, cfg: TrainConfig) -> WarmStart:
+        """Load `init` and refuse, in one line, a patch that does not fit `base` or LoRA options that contradict it."""
+        from .check import check
+        from .patch import ADAPTER_WEIGHTS, Patch, sha256_file
+
+        patch = init if isinstance(init, Patch) else Patch.load(init)
+        if patch.path is None:
+            raise PortLLMError("an init patch must be saved first: its record names its path and weights sha256")
+        where = f"init patch {patch.path}"
+        rep = check(patch, base)
+        if rep.verdict == "incompatible":
+            raise PortLLMError(f"{where} does not fit base {base}: {rep.first_error()}")
+        if patch.full_weights:
+            raise PortLLMError(
+                f"{where} replaces whole tensors ({next(iter(patch.full_weights))}); a warm start takes LoRA "
+                "factors only"
+            )
+        mods = patch.modules
+        ranks = sorted({m.rank for m in mods.values()})
+        types = sorted({n.rsplit(".", 1)[-1] for n in mods})
+        rank = ranks[0] if len(ranks) == 1 else int(patch.config.get("r", ranks[-1]))
+        alpha = float(patch.config.get("lora_alpha", rank))
+        if cfg.rank is not None and ranks != [cfg.rank]:
+            raise PortLLMError(f"--rank {cfg.rank} conflicts with {where} (rank {'/'.join(map(str, ranks))}); omit it")
+        if cfg.alpha is not None and (float(cfg.alpha) != alpha or patch.config.get("alpha_pattern")):
+            raise PortLLMError(f"--alpha {cfg.alpha:g} conflicts with {where} (alpha {alpha:g}); omit it")
+        if cfg.target_modules and set(cfg.target_modules) not in (set(types), set(mods)):
+            raise PortLLMError(
+                f"--targets {','.join(cfg.target_modules)} conflicts with {where} ({','.join(types)}); omit it"
+            )
+        # module types when the patch covers every such matrix of the base, else its exact module names
+        covered = {n[: -len(".weight")] for n in base.index if n.endswith(".weight")}
+        covered = {n for n in covered if n.rsplit(".", 1)[-1] in types}
+        targets = tuple(types) if covered == set(mods) else tuple(mods)
+        if set(targets) == set(base.arch.lora_targets):
+            targets = base.arch.lora_targets  # as a cold start names them, so the recipes compare equal
+        extra = {
+            "rank_pattern": dict(patch.config.get("rank_pattern") or {}),
+            "alpha_pattern": dict(patch.config.get("alpha_pattern") or {}),
+            "use_rslora": bool(patch.config.get("use_rslora")),
+            "fan_in_fan_out": bool(patch.config.get("fan_in_fan_out")),
+        }
+        sha = patch.weights_sha256 or sha256_file(Path(patch.path) / ADAPTER_WEIGHTS)
+        record = {
+            "path": str(Path(patch.path).absolute()),
+            "weights_sha256": sha,
+            "task": patch.task,
+            "base_fingerprint": patch.source_fingerprint,
+        }
+        return cls(patch, replace(cfg, rank=rank, alpha=alpha, target_modules=targets), extra, record)
+
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        return list(self.patch.manifest.lineage) if self.patch.manifest else []
+
+    def load_into(self, model: Any) -> None:
+        """Copy the patch's A and B into the fresh LoRA modules of a PEFT model, which must match them exactly."""
+        from peft.tuners.lora import LoraLayer
+
+        lm = model.base_model.model
+        layers = {n: m for n, m in lm.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+        mods = self.patch.modules
+        if set(layers) != set(mods):
+            odd = sorted(set(layers) ^ set(mods))[0]
+            raise PortLLMError(f"init patch {self.patch.path}: module {odd} is not adapted alike on this base")
+        with torch.no_grad():
+            for name, m in mods.items():
+                layer = layers[name]
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                if a.shape != m.A.shape or b.shape != m.B.shape or abs(layer.scaling["default"] - m.scaling) > 1e-6:
+                    raise PortLLMError(
+                        f"init patch {self.patch.path}: module {name} has rank or scaling other than the LoRA "
+                        "made for it"
+                    )
+                a.copy_(m.A)
+                b.copy_(m.B)
 
 
 def training_examples(
@@ -129,8 +235,12 @@ def train(
     overwrite: bool = False,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    init: str | Path | Patch | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch."""
+    """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch.
+
+    `init`: a patch whose factors the LoRA modules start from (warm start) instead of a fresh init.
+    """
     from peft import LoraConfig, get_peft_model
 
     from .models import BaseRef, load_base
@@ -139,14 +249,22 @@ def train(
 
     cfg = cfg or TrainConfig()
     base = BaseRef.of(base)  # resolved once for the model, its facts and the manifest
-    if not cfg.target_modules:
-        cfg = replace(cfg, target_modules=base.arch.lora_targets)
     out = Path(out)
     if out.exists() and not overwrite:
         raise PortLLMError(f"output {out} already exists; choose another path or pass --overwrite")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise PortLLMError("--steps and --batch-size must be at least 1")
     task = get_task(task_name)
+    warm = WarmStart.open(init, base, cfg) if init is not None else None
+    if warm:
+        cfg = warm.cfg
+    else:
+        cfg = replace(
+            cfg,
+            rank=PAPER_RANK if cfg.rank is None else cfg.rank,
+            alpha=PAPER_ALPHA if cfg.alpha is None else cfg.alpha,
+            target_modules=cfg.target_modules or base.arch.lora_targets,
+        )
     ckpt = out.parent / f".{out.name}.ckpt"
     with measure() as usage:
         model, tok = load_base(base, dtype=cfg.dtype)
@@ -178,12 +296,23 @@ def train(
                 lora_dropout=0.0,
                 bias="none",
                 task_type="CAUSAL_LM",
+                **(warm.lora_extra if warm else {}),
             ),
         )
+        if warm:
+            warm.load_into(model)
+        identity = {
+            "recipe": cfg.key(),
+            "base": base.fingerprint,
+            "task": task.name,
+            "train data": examples_digest(examples),
+            "init patch": warm.record["weights_sha256"] if warm else None,
+        }
         losses, start, n_trainable = fit(
-            model, examples, cfg, tok.pad_token_id, ckpt, f"train {task.name}", progress, callback
+            model, examples, cfg, tok.pad_token_id, ckpt, f"train {task.name}", progress, callback, identity
         )
     result = TrainResult(out, losses, usage.wall_s, usage.peak_rss_mb, usage.peak_gpu_mb, n_trainable, start)
+    result.init = warm.record if warm else None
     if eval_limit:
         result.eval = _self_eval(model, tok, task, data, eval_limit, base)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,13 +335,16 @@ def train(
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "losses": [round(x, 4) for x in losses],
+            "init": result.init,
         },
         "eval_on_base": result.eval,
     }
     config = dict(config, base_model_name_or_path=str(base))
-    Patch(config, tensors, new_manifest(info, config, tensors, "trained", task.name, extra)).save(
-        out, overwrite=overwrite
-    )
+    manifest = new_manifest(info, config, tensors, "trained", task.name, extra)
+    if warm:  # the factors descend from the init patch: its history, then this run
+        event = dict(manifest.lineage[-1], init={k: warm.record[k] for k in ("path", "weights_sha256")})
+        manifest.lineage = [*warm.lineage, event]
+    Patch(config, tensors, manifest).save(out, overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
 
@@ -226,14 +358,20 @@ def fit(
     label: str,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[list[float], int, int]:
     """The shared training loop (patches and evolved bases): seeded order, AdamW, warmup + linear decay,
-    checkpoints every `cfg.checkpoint_every` steps, resuming from one if its recipe matches."""
+    checkpoints every `cfg.checkpoint_every` steps, resuming from one only if it was made by the same run.
+
+    `identity` is everything that determines the result (JSON values; default: the recipe alone): a
+    checkpoint of another base, task, data or init would otherwise resume the wrong weights.
+    """
+    identity = identity if identity is not None else {"recipe": cfg.key()}
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, losses = _resume(ckpt, cfg, names, params, opt)
+    start, losses = _resume(ckpt, identity, names, params, opt)
     order = _order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
     model.train()
     with Bar(progress, cfg.steps, label, start=start, loss="-") as bar:
@@ -251,7 +389,7 @@ def fit(
             losses.append(loss.item())
             bar.update(step + 1, loss=f"{losses[-1]:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _save_ckpt(ckpt, cfg, names, params, opt, step + 1, losses)
+                _save_ckpt(ckpt, identity, names, params, opt, step + 1, losses)
             if callback:
                 callback(step + 1, losses[-1])
     model.eval()
@@ -270,9 +408,19 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
+def examples_digest(examples: list[tuple[list[int], list[int]]]) -> str:
+    """sha256 of the tokenized examples: the data, its slice, the tokenizer and max_length in one identity."""
+    h = hashlib.sha256()
+    for ids, labels in examples:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(array("q", ids).tobytes())
+        h.update(array("q", labels).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _save_ckpt(
     ckpt: Path,
-    cfg: Any,
+    identity: dict[str, Any],
     names: list[str],
     params: list[torch.Tensor],
     opt: torch.optim.Optimizer,
@@ -290,21 +438,28 @@ def _save_ckpt(
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config_key": cfg.key(), "losses": losses}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "identity": identity, "losses": losses}))
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
 
 
 def _resume(
-    ckpt: Path, cfg: Any, names: list[str], params: list[torch.Tensor], opt: torch.optim.Optimizer
+    ckpt: Path, identity: dict[str, Any], names: list[str], params: list[torch.Tensor], opt: torch.optim.Optimizer
 ) -> tuple[int, list[float]]:
     if not (ckpt / "state.json").is_file():
         return 0, []
     from safetensors.torch import load_file
 
-    meta = json.loads((ckpt / "state.json").read_text())
-    if meta.get("config_key") != cfg.key():
-        shutil.rmtree(ckpt, ignore_errors=True)  # a checkpoint of another recipe: start over
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except ValueError:
+        meta = {}
+    # JSON round trip, so tuples and lists compare alike
+    if meta.get("identity") != json.loads(json.dumps(identity)):
+        was = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+        diff = [k for k in identity if was.get(k) != identity[k]] if was else ["version of portllm"]
+        print(f"note: checkpoint {ckpt} is of another {', '.join(diff)}; discarded, starting over", file=sys.stderr)
+        shutil.rmtree(ckpt, ignore_errors=True)
         return 0, []
     state = load_file(str(ckpt / "state.safetensors"))
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Evaluation: eval, compare, the task list."""
+"""Evaluation: eval, compare, the task list. Scores come with Wilson intervals and the majority baseline;
+comparisons are paired (see stats.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from rich.table import Table
 
 from ..errors import PortLLMError
 from ._app import SPEC_HELP, _json, app, err, out
+
+_VERDICT_STYLE = {"B better": "bold green", "B worse": "bold red", "inconclusive": "yellow"}
 
 if TYPE_CHECKING:
     from ..evaluate import EvalResult
@@ -64,17 +67,23 @@ def eval_cmd(
         out.print(f"[dim]results: {out_dir / 'results.json'}[/dim]")
 
 
+def _interval(lo: float | None, hi: float | None, spec: str = ".4f") -> str:
+    return "-" if lo is None or hi is None else f"[{lo:{spec}}, {hi:{spec}}]"
+
+
 def results_table(res: EvalResult) -> Table:
+    """One row per task: the score with its Wilson 95% interval and the majority-class baseline it must beat."""
     title = f"{res.model}" + (f" + {res.patch}" if res.patch else "") + f" ({res.dtype})"
-    t = Table(title=title)
-    for c in ("task", "metric", "value", "± stderr", "n", "time s", "tokens/s"):
+    t = Table(title=title, caption="95% CI: Wilson; majority: always answering the most frequent gold")
+    for c in ("task", "metric", "value", "95% CI", "majority", "n", "time s", "tokens/s"):
         t.add_column(c, justify="right")
     for name, r in res.tasks.items():
         t.add_row(
             name,
             r.metric,
             f"{r.value:.4f}",
-            f"{r.stderr:.4f}",
+            _interval(r.ci_low, r.ci_high),
+            "-" if r.majority is None else f"{r.majority:.4f}",
             str(r.n),
             f"{r.time_s:.1f}",
             f"{r.tokens_per_s:.0f}" if r.tokens_per_s else "-",
@@ -86,27 +95,41 @@ def results_table(res: EvalResult) -> Table:
 def compare_cmd(
     run_a: Path = typer.Argument(..., help="eval output directory A (e.g. before the update)"),
     run_b: Path = typer.Argument(..., help="eval output directory B (e.g. after)"),
+    margin: float = typer.Option(
+        0.01,
+        "--margin",
+        help="claim 'no difference' only if the whole 95% CI of B − A lies within ±margin (a fraction: 0.01 = 1 point)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Accuracy, agreement and negative/positive flips between two eval runs, per task."""
+    """Accuracy, paired difference B − A (95% CI, McNemar p, verdict), agreement and flips, per task."""
     from ..evaluate import compare
 
-    c = compare(run_a, run_b)
+    c = compare(run_a, run_b, margin)
     if as_json:
         _json(c.to_dict())
         return
-    t = Table(title=f"A = {run_a}   B = {run_b}", caption="neg flip: right in A, wrong in B; NFR: negative flip rate")
-    for col in ("task", "n", "acc A", "acc B", "agree", "neg flips", "pos flips", "NFR"):
+    t = Table(
+        title=f"A = {run_a}   B = {run_b}",
+        caption="Δ = acc B − acc A, 95% CI by paired bootstrap, exact McNemar p; "
+        "neg flip: right in A, wrong in B; NFR: negative flip rate",
+    )
+    cols = ("task", "n", "acc A", "acc B", "Δ", "95% CI", "McNemar p", "verdict", "agree", "neg flips", "pos flips")
+    for col in (*cols, "NFR"):
         t.add_column(col, justify="right")
     for name, f in c.tasks.items():
         if not f.n:
-            t.add_row(name, "0", *["-"] * 6)
+            t.add_row(name, "0", *["-"] * 10)
             continue
         t.add_row(
             name,
             str(f.n),
             f"{f.acc_a:.4f}",
             f"{f.acc_b:.4f}",
+            f"{f.diff:+.4f}",
+            _interval(f.ci_low, f.ci_high, "+.4f"),
+            f"{f.mcnemar_p:.2g}",
+            f"[{_VERDICT_STYLE.get(f.verdict, 'bold')}]{f.verdict}[/]",
             f"{f.agreement:.4f}",
             f"[red]{f.negative_flips}[/red]",
             f"[green]{f.positive_flips}[/green]",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import PortLLMError
 from ._app import SPEC_HELP, _json, app, err, out
@@ -24,13 +25,21 @@ def train_cmd(
     steps: int = typer.Option(100, "--steps", help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size"),
     lr: float = typer.Option(2e-4, "--lr"),
-    rank: int = typer.Option(8, "--rank", help="LoRA rank (paper: 8)"),
-    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (paper: 16)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (default: 8 as in the paper, or --init's)"),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", help="LoRA alpha (default: 16 as in the paper, or --init's)"
+    ),
     targets: str = typer.Option(
         "",
         "--targets",
-        help="comma-separated module names (default: the architecture's linear projections, e.g. llama's "
-        "q,k,v,o,gate,up,down_proj, from architectures.json)",
+        help="comma-separated module names (default: --init's, else the architecture's linear projections, e.g. "
+        "llama's q,k,v,o,gate,up,down_proj, from architectures.json)",
+    ),
+    init: Optional[Path] = typer.Option(
+        None,
+        "--init",
+        help="warm start: begin from this patch's LoRA factors (e.g. Δθ made on θ, re-tuned on θ') instead of a "
+        "fresh init; its rank, alpha and targets are kept",
     ),
     max_length: int = typer.Option(256, "--max-length", help="tokens per example (prompt cut from the left)"),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="use only the first N train examples"),
@@ -43,7 +52,7 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Fine-tune a LoRA patch on one task (resumes from its checkpoint if interrupted)."""
+    """Fine-tune a LoRA patch on one task (resumes from its checkpoint if interrupted), optionally from --init."""
     from ..train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -59,13 +68,22 @@ def train_cmd(
         max_examples=max_examples,
     )
     r = train(
-        base, task, out_path, cfg, data=data_dir, eval_limit=eval_limit, overwrite=overwrite, progress=err.is_terminal
+        base,
+        task,
+        out_path,
+        cfg,
+        data=data_dir,
+        eval_limit=eval_limit,
+        overwrite=overwrite,
+        progress=err.is_terminal,
+        init=init,
     )
     if as_json:
         _json(r.to_dict())
         return
     out.print(
         f"[green]patch written[/green] {out_path}: {r.trainable_params:,} trainable parameters, {len(r.losses)} steps"
+        + (f" from {init}" if init else "")
         + (f" (resumed at {r.resumed_from})" if r.resumed_from else "")
         + f", loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}, {r.wall_s:.0f} s, peak RSS "
         f"{r.peak_rss_mb:.0f} MB"
@@ -83,6 +101,12 @@ def evolve_cmd(
         "mix", "--corpus", help="instruct | text | mix, a file, or files joined with '+' (relative to the data dir)"
     ),
     out_path: Path = typer.Option(..., "--out", help="model directory to write"),
+    interpolate: Optional[float] = typer.Option(
+        None,
+        "--interpolate",
+        help="instead of training, write θ + T·(θ'−θ) along the update toward --toward (0: θ, 1: θ', >1 extrapolates)",
+    ),
+    toward: Optional[str] = typer.Option(None, "--toward", help="the evolved base θ' that --interpolate walks toward"),
     mode: str = typer.Option("full", "--mode", help="full (all parameters) or lora (merged back in)"),
     rank: int = typer.Option(64, "--rank", help="LoRA rank in lora mode"),
     steps: int = typer.Option(100, "--steps"),
@@ -97,8 +121,14 @@ def evolve_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Make an evolved base θ' by continued pretraining of θ on a corpus; reports the drift."""
+    """Make an evolved base θ' by continued pretraining of θ on a corpus, or θ + T·(θ'−θ); reports the drift."""
     from ..evolve import EvolveConfig, evolve
+
+    if (interpolate is None) != (toward is None):
+        raise PortLLMError("--interpolate T and --toward EVOLVED go together")
+    if interpolate is not None:
+        _interpolate(base, toward, interpolate, out_path, overwrite, as_json)
+        return
 
     cfg = EvolveConfig(
         mode=mode,
@@ -115,16 +145,34 @@ def evolve_cmd(
     if as_json:
         _json(lin.to_dict())
         return
-    t = Table(title=f"drift ||θ'−θ||/||θ|| per layer type ({out_path})")
-    t.add_column("layer type")
-    t.add_column("relative drift", justify="right")
-    for k, v in lin.drift.items():
-        t.add_row(k, f"{v:.4%}")
-    out.print(t)
+    _drift_table(lin.drift, f"drift ||θ'−θ||/||θ|| per layer type ({out_path})")
     out.print(
         f"[green]evolved[/green] {base} -> {out_path} ({lin.fingerprint}): {lin.steps} steps on {corpus}, "
         f"loss {lin.loss_first:.3f} -> {lin.loss_last:.3f}, {lin.wall_s:.0f} s"
     )
+
+
+def _interpolate(base: str, toward: str, t: float, out_path: Path, overwrite: bool, as_json: bool) -> None:
+    from ..interpolate import interpolate
+
+    r = interpolate(base, toward, t, out_path, overwrite=overwrite, progress=err.is_terminal)
+    if as_json:
+        _json(r.to_dict())
+        return
+    _drift_table(r.drift, f"drift ||θ(t)−θ||/||θ|| per layer type at t = {t:g} ({out_path})")
+    out.print(
+        f"[green]interpolated[/green] {base} + {t:g}·({toward} − {base}) -> {out_path} ({r.fingerprint}), "
+        f"{r.wall_s:.0f} s"
+    )
+
+
+def _drift_table(drift: dict[str, float], title: str) -> None:
+    t = Table(title=title)
+    t.add_column("layer type")
+    t.add_column("relative drift", justify="right")
+    for k, v in drift.items():
+        t.add_row(k, f"{v:.4%}")
+    out.print(t)
 
 
 @app.command("reproduce")
@@ -140,6 +188,9 @@ def reproduce_cmd(
         None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
     ),
     cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/reproduce)"),
+    margin: float = typer.Option(
+        0.01, "--margin", help="paired verdicts: 'no difference' only within ±margin (a fraction: 0.01 = 1 point)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of tables"),
 ) -> None:
     """The paper's experiment: θ, θ', θ+Δθ, θ'+Δθ (ported, no training), θ'+Δθ' (re-tuned), with costs and flips."""
@@ -157,6 +208,7 @@ def reproduce_cmd(
         cache,
         log=(lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None),
         show_progress=err.is_terminal,
+        margin=margin,
     )
     if as_json:
         _json(r.to_dict())
@@ -169,31 +221,17 @@ def reproduce_cmd(
 
 
 def reproduce_tables(r: ReproduceReport) -> Group:
-    """Table 2 (accuracy, flips) and Table 6 (cost) of the paper, as rich tables."""
-    from ..reproduce import LABELS, VARIANTS
-    from ..reproduce.report import fmt
+    """Table 2 (accuracy with Wilson intervals, majority baseline, paired ported − re-tuned, flips) and
+    Table 6 (cost) of the paper, as rich tables; the rows are report.md's."""
+    from ..reproduce.report import accuracy_rows, fmt, learned_line
 
-    acc = Table(title=f"accuracy (%), {r.profile} profile — cf. Table 2 of the paper")
-    for c in ("task", "n", *[LABELS[v] for v in VARIANTS], "ported − re-tuned", "neg. flips"):
+    header, rows = accuracy_rows(r)
+    caption = "accuracy with its Wilson 95% CI; ported − re-tuned: paired, with its bootstrap 95% CI and McNemar p"
+    acc = Table(title=f"accuracy (%), {r.profile} profile — cf. Table 2 of the paper", caption=caption)
+    for c in header:
         acc.add_column(c, justify="right")
-    for name, t in r.tasks.items():
-        f = r.flips[name]
-        acc.add_row(
-            name,
-            str(t.n),
-            *[f"{100 * t.scores[v]:.1f}" for v in VARIANTS],
-            f"{100 * t.ported_minus_retuned:+.1f}",
-            f"{f.negative_flips} ({100 * f.negative_flip_rate:.1f}%)",
-        )
-    a = r.average
-    acc.add_row(
-        "average",
-        "",
-        *[f"{100 * a[v]:.1f}" for v in VARIANTS],
-        f"{100 * a['ported_minus_retuned']:+.1f}",
-        "",
-        style="bold",
-    )
+    for cells, bold in rows:
+        acc.add_row(*cells, style="bold" if bold else None)
     e = r.efficiency
     eff = Table(title="cost of porting vs re-tuning — cf. Table 6 of the paper")
     for c in ("", "trainable params", "peak RSS MB", "wall s"):
@@ -212,4 +250,5 @@ def reproduce_tables(r: ReproduceReport) -> Group:
         fmt(e.time_retune_over_port, ".1f") + "x",
         style="bold",
     )
-    return Group(acc, eff)
+    line = learned_line(r)
+    return Group(acc, *([Text(line)] if line else []), eff)

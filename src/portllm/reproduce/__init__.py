@@ -2,7 +2,9 @@
 
 For each task: θ zero-shot, θ' zero-shot, θ + Δθ, θ' + Δθ (ported, no training) and θ' + Δθ'
 (LoRA re-tuned on θ' with the same recipe); plus the negative flips of θ' + Δθ against θ + Δθ,
-and the cost of porting against re-tuning.
+and the cost of porting against re-tuning. Every score carries its Wilson interval and the majority
+baseline; differences between variants are paired (bootstrap interval, McNemar); the headline
+average is over the tasks whose patch learned.
 
 profiles  what runs: variants, per-task recipes, the quick and full profiles
 run       the grid, cached by content; train and port each in their own process

@@ -1,15 +1,25 @@
-"""The reproduction's result as data: accuracy per task and variant, flips, and what each step cost.
+"""The reproduction's result as data: accuracy per task and variant, flips, paired comparisons, and
+what each step cost.
 
-`ReproduceReport.to_dict()` is report.json (and `portllm reproduce --json`); `from_dict` reads one back.
+`ReproduceReport.to_dict()` is report.json (and `portllm reproduce --json`); `from_dict` reads one back,
+including reports written before the paired statistics (their new fields are None or empty).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..evaluate import TaskFlips
+from ..evaluate import DEFAULT_MARGIN, TaskFlips
+from ..stats import Paired, wilson
 from .profiles import VARIANTS
+
+# the paired comparisons of each task: name -> (A, B); each is B − A on the same examples
+COMPARISONS = {
+    "ported_minus_retuned": ("evolved+retuned", "evolved+patch"),  # the paper's claim: porting ≈ re-tuning
+    "ported_minus_patched": ("base+patch", "evolved+patch"),  # what the base update cost the patch
+    "patched_minus_base": ("base", "base+patch"),  # what the patch learned (see `learned`)
+}
 
 
 @dataclass
@@ -99,7 +109,8 @@ class Efficiency:
 
 @dataclass
 class TaskScores:
-    """One task's row of Table 2: the score of each variant (VARIANTS) and its bootstrap stderr."""
+    """One task's row of Table 2: the score of each variant (VARIANTS), its bootstrap stderr and Wilson
+    95% interval, and the majority-class baseline of the slice (None for generation tasks)."""
 
     scores: dict[str, float]
     metric: str
@@ -107,6 +118,15 @@ class TaskScores:
     stderr: dict[str, float]
     ported_minus_retuned: float
     ported_minus_evolved: float
+    majority: float | None = None
+    ci: dict[str, list[float]] | None = None  # variant -> [low, high]; None in older reports
+
+    def interval(self, v: str) -> tuple[float, float]:
+        """Variant v's Wilson 95% interval; for older reports, from the score (k/n) itself."""
+        if self.ci and v in self.ci:
+            lo, hi = self.ci[v]
+            return lo, hi
+        return wilson(round(self.scores[v] * self.n), self.n)
 
     def to_dict(self) -> dict[str, Any]:
         return {v: self.scores[v] for v in VARIANTS} | {
@@ -115,6 +135,8 @@ class TaskScores:
             "stderr": self.stderr,
             "ported_minus_retuned": self.ported_minus_retuned,
             "ported_minus_evolved": self.ported_minus_evolved,
+            "majority": self.majority,
+            "ci": self.ci,
         }
 
     @classmethod
@@ -126,7 +148,18 @@ class TaskScores:
             d["stderr"],
             d["ported_minus_retuned"],
             d["ported_minus_evolved"],
+            d.get("majority"),
+            d.get("ci"),
         )
+
+
+def paired_to_dict(p: Paired, a: str, b: str, margin: float) -> dict[str, Any]:
+    """A paired comparison as report.json holds it: the statistics, which variants, and the verdict."""
+    return {"a": a, "b": b} | p.to_dict() | {"verdict": p.verdict(margin)}
+
+
+def paired_from_dict(d: dict[str, Any]) -> Paired:
+    return Paired(**{f.name: d[f.name] for f in fields(Paired) if f.name in d})
 
 
 @dataclass
@@ -159,9 +192,14 @@ class ReproduceReport:
     efficiency: Efficiency
     flips: dict[str, TaskFlips]  # θ' + Δθ against θ + Δθ
     per_task_cost: dict[str, TaskCost]
-    average: dict[str, float | None]  # each variant's mean over tasks, and ported_minus_retuned's
+    average: dict[str, Any]  # each variant's mean over tasks, and ported_minus_retuned's (with its CI)
     machine: dict[str, Any]
     timings_s: dict[str, float]
+    # task -> COMPARISONS name -> paired statistics; empty in older reports
+    paired: dict[str, dict[str, Paired]] = field(default_factory=dict)
+    learned: list[str] | None = None  # tasks whose patch learned (run.learned); None in older reports
+    average_learned: dict[str, Any] | None = None  # `average` over the learned tasks only: the headline
+    margin: float = DEFAULT_MARGIN  # verdicts: "no difference" only within ±margin
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +214,13 @@ class ReproduceReport:
             "average": self.average,
             "machine": self.machine,
             "timings_s": self.timings_s,
+            "paired": {
+                t: {k: paired_to_dict(p, *COMPARISONS[k], self.margin) for k, p in cmp.items()}
+                for t, cmp in self.paired.items()
+            },
+            "learned": self.learned,
+            "average_learned": self.average_learned,
+            "margin": self.margin,
         }
 
     @classmethod
@@ -192,4 +237,8 @@ class ReproduceReport:
             d["average"],
             d["machine"],
             d["timings_s"],
+            {t: {k: paired_from_dict(p) for k, p in cmp.items()} for t, cmp in d.get("paired", {}).items()},
+            d.get("learned"),
+            d.get("average_learned"),
+            d.get("margin", DEFAULT_MARGIN),
         )

@@ -3,6 +3,10 @@
 Every step is cached by content under the cache directory, so a rerun (or a resumed, interrupted
 run) only does what changed. Training and porting run in their own processes (`steps`), so the
 cost each records is its own, not the experiment's.
+
+The statistics come from the eval runs' per-example samples (so cached evals of any age serve): a
+Wilson interval per score, the majority-class baseline, and paired comparisons between variants
+(result.COMPARISONS). The headline average is over the tasks whose patch learned (`learned`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from typing import Any
 from .. import steps
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
+from ..evaluate import DEFAULT_MARGIN
+from ..stats import Paired
 from .profiles import LABELS, NOTES, PLANS, PROFILES, VARIANTS, Profile, TaskPlan
-from .report import charts, fmt_drift, markdown
-from .result import Cost, Efficiency, EvolvedBase, ReproduceReport, RetuneCost, TaskCost, TaskScores
+from .report import charts, fmt_drift, fmt_paired, markdown
+from .result import COMPARISONS, Cost, Efficiency, EvolvedBase, ReproduceReport, RetuneCost, TaskCost, TaskScores
 
 ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached evals
 
@@ -87,6 +93,42 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def learned(t: TaskScores, vs_base: Paired) -> bool:
+    """Did the patch learn the task? θ + Δθ must beat both θ zero-shot and the majority class by more
+    than noise, made exact with 95% intervals (about ±2 standard errors): the paired 95% CI of
+    (θ + Δθ) − θ lies above 0, and the Wilson 95% lower bound of θ + Δθ lies above the majority-class
+    baseline (generation tasks have none). A task the patch did not learn cannot show that porting
+    keeps what was learned, so averaging it in only pulls "ported − re-tuned" towards 0."""
+    low, _ = t.interval("base+patch")
+    return vs_base.ci_low > 0 and (t.majority is None or low > t.majority)
+
+
+def macro_interval(diffs: list[list[float]], iters: int = 10_000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """95% interval of the mean over tasks of each task's mean paired difference: each task's examples
+    are resampled on their own (a stratified paired bootstrap), so every task weighs as in the mean."""
+    import numpy as np
+
+    ds = [np.asarray(d, dtype=np.float64) for d in diffs if len(d)]
+    if not ds:
+        return []
+    rng = np.random.default_rng(seed)
+    total = np.zeros(iters)
+    for d in ds:
+        for start in range(0, iters, 1000):  # bounded memory for large n
+            m = min(1000, iters - start)
+            total[start : start + m] += d[rng.integers(0, len(d), size=(m, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(total / len(ds), [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _average(scores: dict[str, TaskScores], diffs: dict[str, list[float]], names: list[str]) -> dict[str, Any]:
+    """Each variant's mean over `names`, and ported − re-tuned's mean with its 95% interval ([] for none)."""
+    return {v: _mean([scores[n].scores[v] for n in names]) for v in VARIANTS} | {
+        "ported_minus_retuned": _mean([scores[n].ported_minus_retuned for n in names]),
+        "ported_minus_retuned_ci": macro_interval([diffs[n] for n in names]),
+    }
+
+
 def reproduce(
     base: str = "smollm2-135m",
     profile: str | Profile = "quick",
@@ -96,14 +138,18 @@ def reproduce(
     cache: str | Path | None = None,
     log: Log = print,
     show_progress: bool = False,
+    margin: float = DEFAULT_MARGIN,
 ) -> ReproduceReport:
-    """Run the grid and write OUT/report.json, OUT/report.md and OUT/*.png."""
-    from ..evaluate import EvalResult, compare
+    """Run the grid and write OUT/report.json, OUT/report.md and OUT/*.png. `margin` is what the paired
+    verdicts call "no difference" (the whole 95% interval within ±margin)."""
+    from ..evaluate import EvalResult, accuracy, aligned_correct, flips, paired_records, read_run
     from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
     from ..models import architecture_of, cache_root, fingerprint, resolve_base
     from ..patch import MANIFEST, Patch
     from ..tasks import data_dir, get_task
 
+    if not 0 < margin < 1:
+        raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     if tasks:
         unknown = [t for t in tasks if get_task(t).name not in PLANS]
@@ -146,7 +192,9 @@ def reproduce(
     log(f"θ' = {evolved} ({fp_evolved}); drift {fmt_drift(lineage.drift)}")
 
     scores: dict[str, TaskScores] = {}
-    flips = {}
+    task_flips = {}
+    paired: dict[str, dict[str, Paired]] = {}
+    diffs: dict[str, list[float]] = {}  # per example: ported correct − re-tuned correct
     costs: dict[str, TaskCost] = {}
     for name, plan in prof.tasks.items():
         log(f"\n[{name}] {plan.steps} steps x {prof.batch_size}, eval on {plan.eval_limit or 'all'} examples")
@@ -197,6 +245,8 @@ def reproduce(
         if ported.exists():
             shutil.rmtree(ported, ignore_errors=True)
         port_rec = json.loads(port_rec_file.read_text()) if port_rec_file.is_file() else {}
+        recs = {v: read_run(dirs[v])[1][name] for v in VARIANTS}
+        accs = {v: accuracy(recs[v], generative=get_task(name).kind != "mc") for v in VARIANTS}
         scores[name] = TaskScores(
             {v: evals[v].value for v in VARIANTS},
             evals["base"].metric,
@@ -204,8 +254,13 @@ def reproduce(
             {v: evals[v].stderr for v in VARIANTS},
             evals["evolved+patch"].value - evals["evolved+retuned"].value,
             evals["evolved+patch"].value - evals["evolved"].value,
+            accs["base"].majority,
+            {v: [accs[v].ci_low, accs[v].ci_high] for v in VARIANTS},
         )
-        flips[name] = compare(dirs["base+patch"], dirs["evolved+patch"]).tasks[name]
+        task_flips[name] = flips(recs["base+patch"], recs["evolved+patch"], margin)
+        paired[name] = {k: paired_records(recs[a], recs[b]) for k, (a, b) in COMPARISONS.items()}
+        retuned_ok, ported_ok = aligned_correct(recs["evolved+retuned"], recs["evolved+patch"])
+        diffs[name] = [p - r for p, r in zip(ported_ok, retuned_ok)]
         costs[name] = TaskCost(
             Cost(port_rec.get("wall_s"), port_rec.get("peak_rss_mb"), 0),
             RetuneCost(
@@ -218,8 +273,10 @@ def reproduce(
             ),
         )
         log(f"  {name}: " + "  ".join(f"{LABELS[v]} {scores[name].scores[v]:.3f}" for v in VARIANTS))
+        log(f"  ported − re-tuned: {fmt_paired(paired[name]['ported_minus_retuned'], margin)}")
         gc.collect()
 
+    learned_tasks = [n for n in scores if learned(scores[n], paired[n]["patched_minus_base"])]
     timings["total"] = time.perf_counter() - t_start
     report = ReproduceReport(
         profile=prof.name,
@@ -241,10 +298,9 @@ def reproduce(
         },
         tasks=scores,
         efficiency=_efficiency(list(costs.values())),
-        flips=flips,
+        flips=task_flips,
         per_task_cost=costs,
-        average={v: _mean([s.scores[v] for s in scores.values()]) for v in VARIANTS}
-        | {"ported_minus_retuned": _mean([s.ported_minus_retuned for s in scores.values()])},
+        average=_average(scores, diffs, list(scores)),
         machine={
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -252,6 +308,10 @@ def reproduce(
             "python": platform.python_version(),
         },
         timings_s=timings,
+        paired=paired,
+        learned=learned_tasks,
+        average_learned=_average(scores, diffs, learned_tasks),
+        margin=margin,
     )
     write_text_atomic(out / "report.json", json.dumps(report.to_dict(), indent=2))
     write_text_atomic(out / "report.md", markdown(report))

@@ -1,0 +1,115 @@
+"""Studies of porting: the drift sweep, and the forecast a user runs before porting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import PortLLMError
+from ._app import SPEC_HELP, _json, app, err, out
+
+
+@app.command("sweep")
+def sweep_cmd(
+    plan: str = typer.Option("full", "--plan", help="full (the committed study, hours; resumable) or pilot"),
+    base: str = typer.Option("smollm2-135m", "--base", help=f"the base θ: {SPEC_HELP}"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="only these of the plan's tasks, comma-separated"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="override the plan's seeds, e.g. 0,1,2"),
+    out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="where report.json/.md and charts go"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/sweep)"),
+    as_json: bool = typer.Option(False, "--json", help="print report.json instead of tables"),
+) -> None:
+    """Drift levels × tasks × seeds: what porting loses as the base drifts, and the forecast's validation."""
+    from dataclasses import replace
+
+    from ..sweep import PLANS, sweep
+
+    if plan not in PLANS:
+        raise PortLLMError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
+    p = PLANS[plan]
+    if tasks:
+        names = [t for t in tasks.split(",") if t]
+        missing = [t for t in names if t not in p.tasks]
+        if missing:
+            raise PortLLMError(f"plan {plan} has no recipe for {missing[0]}; its tasks: {', '.join(p.tasks)}")
+        p = replace(p, tasks={t: p.tasks[t] for t in names})
+    if seeds:
+        try:
+            p = replace(p, seeds=tuple(int(s) for s in seeds.split(",") if s))
+        except ValueError:
+            raise PortLLMError(f"--seeds must be integers separated by commas, got {seeds!r}") from None
+    log = (lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None)
+    r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)
+    if as_json:
+        _json(r)
+        return
+    from ..sweep.report import by_level
+
+    for task in dict.fromkeys(c["task"] for c in r["cells"]):
+        t = Table(title=f"{task}: what porting loses as the base drifts (mean over seeds, 95% band)")
+        for c in ("level", "drift", "loss (points)", "neg. flip rate", "gain over θ' (points)"):
+            t.add_column(c, justify="right")
+        loss = by_level(r, task, lambda c: c["loss"])
+        nfr = {x["level"]: x for x in by_level(r, task, lambda c: c["neg_flip_rate"])}
+        gain = {x["level"]: x for x in by_level(r, task, lambda c: c["evolved+patch"] - c["evolved"])}
+        for x in loss:
+            n, g = nfr[x["level"]], gain[x["level"]]
+            t.add_row(
+                x["level"],
+                f"{100 * x['drift']:.2f}%",
+                f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]",
+                f"{100 * n['mean']:.1f}%",
+                f"{100 * g['mean']:+.1f}",
+            )
+        out.print(t)
+    v = r["forecast_validation"]
+    if v.get("cells"):
+        out.print(
+            f"forecast, out of sample ({v['cells']} cells): Spearman ρ {v['spearman_loss']}, "
+            f"neg-flip-rate MAE {v['mae_neg_flip_rate_points']} points"
+        )
+    out.print(f"[dim]report: {out_dir / 'report.md'}  {out_dir / 'report.json'}  charts: {out_dir / 'loss.png'}[/dim]")
+
+
+@app.command("forecast")
+def forecast_cmd(
+    patch: Path = typer.Argument(..., help="patch directory"),
+    base: str = typer.Option(..., "--base", help=f"the new base you plan to port onto: {SPEC_HELP}"),
+    old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on (needed for a loss)"),
+    inputs: Optional[str] = typer.Option(None, "--inputs", help="a task's unlabeled inputs, or a text file"),
+    n: int = typer.Option(200, "--n", min=1, help="how many inputs to compare the two models on"),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="calibration.json from a sweep (default: raw, uncalibrated estimate)"
+    ),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Before any labelled evaluation: the points a port will lose and the share of answers that flip to wrong."""
+    from ..forecast import forecast
+
+    f = forecast(patch, base, old, inputs, n, data_dir, calibration)
+    if as_json:
+        _json(f.to_dict())
+        return
+    t = Table(title=f"forecast: {patch} -> {base}")
+    t.add_column("signal")
+    t.add_column("value", justify="right")
+    t.add_column("meaning")
+    if f.weights:
+        w = f.weights
+        t.add_row("drift of the patched matrices", f"{w.rel_drift:.3%}", "||W'−W|| / ||W||, mean")
+        t.add_row("drift inside the patch subspace", f"{w.subspace_disturbance:.3f}", "in units of ||ΔW||")
+        t.add_row("cos(drift, ΔW)", f"{w.cos:+.3f}", "negative: the update undoes part of the patch")
+    if f.outputs:
+        o = f.outputs
+        t.add_row(f"answers that change ({o.source}, n={o.n})", f"{o.disagreement:.1%}", "θ+Δθ vs θ'+Δθ")
+        t.add_row("KL(θ+Δθ ‖ θ'+Δθ)", f"{o.mean_kl:.4f}", "mean over inputs")
+    out.print(t)
+    out.print(f"verdict: {f.sentence()}")
+    for note in f.notes[1:] if f.loss_points is None else f.notes:
+        out.print(f"[dim]{note}[/dim]")
+    out.print(f"[dim]calibration: {f.calibration.source}[/dim]")

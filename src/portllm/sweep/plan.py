@@ -1,0 +1,76 @@
+"""What a drift sweep runs: tasks and their recipes, seeds, evolution strengths, re-tunes.
+
+One real update direction θ → θ' comes from continued pretraining (the paper's kind of update);
+the drift levels are points θ + t·(θ' − θ) on that line (t = 0 is the zero-drift control), and
+further real evolved bases (other corpora, other strengths) are added as cells of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    steps: int = 60
+    lr: float = 1e-3
+    max_length: int = 128
+    eval_limit: int | None = 500
+
+
+@dataclass(frozen=True)
+class Evolution:
+    """A real continued-pretraining run from θ."""
+
+    corpus: str = "instruct"
+    steps: int = 40
+    lr: float = 1e-3
+    max_length: int = 128
+
+    @property
+    def label(self) -> str:
+        return f"continued:{self.corpus}@lr{self.lr:g}x{self.steps}"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    name: str
+    tasks: dict[str, TaskRecipe]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    direction: Evolution = Evolution()  # the update whose line the levels walk
+    levels: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # t along the direction
+    real: tuple[Evolution, ...] = ()  # more real evolved bases, scored as cells of their own
+    retune_levels: tuple[float, ...] = (1.0, 2.0)  # t values (seed 0) where θ' is re-tuned cold
+    warm_steps: tuple[int, ...] = ()  # warm-start (--init Δθ) vs cold re-tune step counts at the largest t
+    batch_size: int = 8
+    dtype: str = "bfloat16"  # training; LoRA weights stay fp32
+    eval_dtype: str = "float32"
+    kl_texts: int = 64  # held-out wikitext lines for the KL of θ' against θ
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PLANS: dict[str, SweepPlan] = {
+    # about 2.5 h on a 2-core CPU; resumes from its cache
+    "full": SweepPlan(
+        "full",
+        {
+            "sst2_heldout": TaskRecipe(60, 1e-3, 128, 1000),
+            "qnli": TaskRecipe(120, 1e-3, 192, 1000),
+            "boolq": TaskRecipe(120, 1e-3, 320, 500),
+        },
+        real=(Evolution("text", 40, 1e-3, 128), Evolution("instruct", 40, 4e-4, 128)),
+        warm_steps=(10, 30),
+    ),
+    # one task, one seed, three levels: a smoke run of the real pipeline (about 15 min)
+    "pilot": SweepPlan(
+        "pilot",
+        {"sst2_heldout": TaskRecipe(60, 1e-3, 128, 300)},
+        seeds=(0,),
+        levels=(0.0, 1.0, 2.0),
+        retune_levels=(2.0,),
+    ),
+}

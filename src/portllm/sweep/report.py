@@ -1,0 +1,219 @@
+"""The sweep as a person reads it: what the user loses as the base drifts, with bands across seeds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _band(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95% band across seeds (t-based; the single value when there is one seed)."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, m, m
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    tq = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 2.26)
+    h = tq * sd / math.sqrt(n)
+    return m, m - h, m + h
+
+
+def by_level(report: dict[str, Any], task: str, key: Any) -> list[dict[str, Any]]:
+    """Per level (in drift order): mean and seed band of `key(cell)` over the task's seeds."""
+    rows = []
+    for lv in sorted(report["levels"], key=lambda x: x["drift"]):
+        vals = [key(c) for c in report["cells"] if c["task"] == task and c["level"] == lv["label"]]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            m, lo, hi = _band(vals)
+            rows.append({"level": lv["label"], "drift": lv["drift"], "mean": m, "lo": lo, "hi": hi, "n": len(vals)})
+    return rows
+
+
+def _learned(report: dict[str, Any], task: str) -> bool:
+    """The patch learned: θ+Δθ beats θ zero-shot and the majority class by > 2 standard errors (all seeds)."""
+    cs = [c for c in report["cells"] if c["task"] == task and c["t"] == 0.0] or [
+        c for c in report["cells"] if c["task"] == task
+    ]
+    for c in cs:
+        se = math.sqrt(max(c["base+patch"] * (1 - c["base+patch"]), 1e-9) / c["n"])
+        if c["base+patch"] - max(c["base"], c["majority"]) <= 2 * se:
+            return False
+    return bool(cs)
+
+
+def _cell(rows: list[dict[str, Any]], level: str, band: bool, sign: bool) -> str:
+    x = next((y for y in rows if y["level"] == level), None)
+    if x is None:
+        return "-"
+    s = f"{100 * x['mean']:+.1f}" if sign else f"{100 * x['mean']:.1f}"
+    return s + (f" [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]" if band and x["n"] > 1 else "")
+
+
+def markdown(r: dict[str, Any]) -> str:
+    tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
+    p = r["plan"]
+    lines = [
+        f"# Where does a ported patch break? (sweep `{p['name']}`)",
+        "",
+        f"Base θ: `{r['base']['name']}` ({r['base']['fingerprint']}). Levels: θ + t·(θ'−θ) along "
+        f"one real continued-pretraining update, plus real evolved bases. {len(p['seeds'])} seeds per task.",
+        "Loss = acc(θ+Δθ) − acc(θ'+Δθ) on the same examples (paired); negative flips: right with θ+Δθ, "
+        "wrong after the port. Bands: 95% across seeds.",
+        "",
+        "## Evolved bases",
+        "",
+        "| level | evolution | projection drift | KL on held-out text | agreement with θ zero-shot |",
+        "|---|---|---|---|---|",
+    ]
+    for lv in sorted(r["levels"], key=lambda x: x["drift"]):
+        agree = lv.get("agreement_with_base") or {}
+        ag = ", ".join(f"{t} {100 * v:.1f}%" for t, v in agree.items())
+        kl = "-" if lv.get("kl_text") is None else f"{lv['kl_text']:.4f}"
+        lines.append(f"| {lv['label']} | {lv['evolution']} | {100 * lv['drift']:.2f}% | {kl} | {ag} |")
+    for task in tasks:
+        first = next(c for c in r["cells"] if c["task"] == task)
+        learned = _learned(r, task)
+        lines += [
+            "",
+            f"## {task} (n = {first['n']}, majority class {100 * first['majority']:.1f}%, θ zero-shot "
+            f"{100 * first['base']:.1f}%; patch {'learned' if learned else 'did NOT clearly learn'})",
+            "",
+            "| level | drift | θ' zero-shot | θ+Δθ | θ'+Δθ (ported) | loss (points) | neg. flip rate | "
+            "gain over θ' | forecast loss | θ'+Δθ' re-tuned |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows = {
+            k: by_level(r, task, f)
+            for k, f in {
+                "ev": lambda c: c["evolved"],
+                "bp": lambda c: c["base+patch"],
+                "ep": lambda c: c["evolved+patch"],
+                "loss": lambda c: c["loss"],
+                "nfr": lambda c: c["neg_flip_rate"],
+                "gain": lambda c: c["evolved+patch"] - c["evolved"],
+                "fc": lambda c: c["forecast"]["loss"],
+                "rt": lambda c: c["evolved+retuned"],
+            }.items()
+        }
+        for row in rows["loss"]:
+            c = lambda k, band=False, sign=False, lv=row["level"], rs=rows: _cell(rs[k], lv, band, sign)  # noqa: E731
+            lines.append(
+                f"| {row['level']} | {100 * row['drift']:.2f}% | {c('ev')} | {c('bp')} | {c('ep')} | "
+                f"{c('loss', True, True)} | {c('nfr', True)} | {c('gain', True, True)} | "
+                f"{c('fc', sign=True)} | {c('rt')} |"
+            )
+    if r["retunes"]:
+        lines += [
+            "",
+            "## Ported against re-tuned (paired, seed 0)",
+            "",
+            "| task | level | drift | ported | re-tuned | ported − re-tuned [95% CI] | McNemar p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for x in r["retunes"]:
+            lines.append(
+                f"| {x['task']} | {x['level']} | {100 * x['drift']:.2f}% | {100 * x['ported']:.1f} | "
+                f"{100 * x['retuned']:.1f} | {100 * x['ported_minus_retuned']:+.1f} "
+                f"[{100 * x['ci'][0]:+.1f}, {100 * x['ci'][1]:+.1f}] | {x['mcnemar_p']:.3g} |"
+            )
+    if r["warm_start"]:
+        lines += [
+            "",
+            "## The cheapest fix at the largest drift: warm start from Δθ vs cold re-tune",
+            "",
+            "| task | steps | mode | accuracy | θ+Δθ | reached θ+Δθ |",
+            "|---|---|---|---|---|---|",
+        ]
+        for x in r["warm_start"]:
+            lines.append(
+                f"| {x['task']} | {x['steps']} | {x['mode']} | {100 * x['accuracy']:.1f} | "
+                f"{100 * x['base+patch']:.1f} | {'yes' if x['reached'] else 'no'} |"
+            )
+    v = r["forecast_validation"]
+    if v.get("cells"):
+        rho = "-" if v["spearman_loss"] is None else f"{v['spearman_loss']:.3f}"
+        mae = "-" if v["mae_neg_flip_rate_points"] is None else f"{v['mae_neg_flip_rate_points']:.2f}"
+        lines += [
+            "",
+            "## Forecast, validated out of sample",
+            "",
+            f"{v['protocol']}. Cells: {v['cells']}.",
+            "",
+            f"- Spearman ρ(forecast loss, measured loss): **{rho}** (goal ≥ 0.8: "
+            f"{'met' if v['met']['spearman_loss'] else 'not met'})",
+            f"- negative-flip-rate MAE: **{mae} points** (goal ≤ 1.5: "
+            f"{'met' if v['met']['mae_neg_flip_rate_points'] else 'not met'})",
+            f"- loss MAE: {v['mae_loss_points']:.2f} points",
+        ]
+    lines += [
+        "",
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs; wall time of this run "
+        f"{r['wall_s'] / 60:.1f} min (cached steps are not re-run).",
+        "",
+        "![loss vs drift](loss.png)",
+        "",
+        "![forecast](forecast.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def charts(r: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
+    panels = [
+        ("loss = acc(θ+Δθ) − acc(θ'+Δθ) (points)", lambda c: c["loss"]),
+        ("negative-flip rate (%)", lambda c: c["neg_flip_rate"]),
+        ("gain of θ'+Δθ over θ' zero-shot (points)", lambda c: c["evolved+patch"] - c["evolved"]),
+        ("ported − re-tuned (points)", None),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (title, key) in zip(axes.flat, panels):
+        for task in tasks:
+            if key is None:
+                xs = [x for x in r["retunes"] if x["task"] == task]
+                if xs:
+                    ax.errorbar(
+                        [100 * x["drift"] for x in xs],
+                        [100 * x["ported_minus_retuned"] for x in xs],
+                        yerr=[
+                            [100 * (x["ported_minus_retuned"] - x["ci"][0]) for x in xs],
+                            [100 * (x["ci"][1] - x["ported_minus_retuned"]) for x in xs],
+                        ],
+                        marker="o",
+                        capsize=3,
+                        label=task,
+                    )
+                continue
+            rows = by_level(r, task, key)
+            d = [100 * x["drift"] for x in rows]
+            ax.plot(d, [100 * x["mean"] for x in rows], marker="o", label=task)
+            ax.fill_between(d, [100 * x["lo"] for x in rows], [100 * x["hi"] for x in rows], alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("relative drift of the projection matrices (%)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Where does a ported patch break?")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for task in tasks:
+        cs = [c for c in r["cells"] if c["task"] == task and c["forecast"]["loss"] is not None]
+        ax.scatter([100 * c["forecast"]["loss"] for c in cs], [100 * c["loss"] for c in cs], label=task, s=18)
+    lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+    ax.plot(lim, lim, color="grey", lw=0.8)
+    ax.set_xlabel("forecast loss (points, out of sample)")
+    ax.set_ylabel("measured loss (points)")
+    ax.set_title("forecast vs measured, leave one drift level out", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "forecast.png", dpi=110)
+    plt.close(fig)
