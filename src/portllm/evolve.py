@@ -162,25 +162,22 @@ def lm_examples(texts: list[str], tok: Any, max_length: int) -> list[tuple[list[
     return out
 
 
-def drift_by_type(old_dir: Path, new_dir: Path) -> dict[str, float]:
-    """||θ' − θ|| / ||θ|| per layer type (q_proj, mlp.up_proj, embed_tokens, norms...), streamed."""
+def drift_sums(old_dir: Path, new_dir: Path) -> dict[str, tuple[float, float]]:
+    """(||θ' − θ||², ||θ||²) summed per layer type (q_proj, up_proj, embed_tokens, norms...), streamed."""
     from .models import weight_index
-    from .stream import read_tensor
+    from .stream import paired_tensors
 
-    a, b = weight_index(old_dir), weight_index(new_dir)
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-    for name, (f, info) in a.items():
-        if name not in b:
-            continue
+    sums: dict[str, tuple[float, float]] = {}
+    for name, wa, wb in paired_tensors(weight_index(old_dir), weight_index(new_dir)):
         kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
-        wa = read_tensor(info, f).float()
-        wb = read_tensor(b[name][1], b[name][0]).float()
-        if wa.shape != wb.shape:
-            continue
-        num[kind] = num.get(kind, 0.0) + float((wb - wa).pow(2).sum())
-        den[kind] = den.get(kind, 0.0) + float(wa.pow(2).sum())
-    return {k: (num[k] / den[k]) ** 0.5 if den[k] else 0.0 for k in sorted(num)}
+        num, den = sums.get(kind, (0.0, 0.0))
+        sums[kind] = (num + float((wb - wa).pow(2).sum()), den + float(wa.pow(2).sum()))
+    return dict(sorted(sums.items()))
+
+
+def drift_by_type(old_dir: Path, new_dir: Path) -> dict[str, float]:
+    """||θ' − θ|| / ||θ|| per layer type."""
+    return {k: (n / d) ** 0.5 if d else 0.0 for k, (n, d) in drift_sums(old_dir, new_dir).items()}
 
 
 def evolve(

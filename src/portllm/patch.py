@@ -140,6 +140,11 @@ def read_manifest(path: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except ValueError as e:
         raise PortLLMError(f"{path}: not valid JSON ({e})") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: Any, path: Path) -> Manifest:
+    """Vet a manifest already read as JSON (signature checks read the file once and use the same bytes)."""
     if not isinstance(raw, dict) or raw.get("format") != "portllm-patch":
         raise PortLLMError(f"{path}: not a portllm patch manifest")
     if int(raw.get("format_version", 0)) > FORMAT_VERSION:
@@ -216,12 +221,44 @@ class Patch:
         """Whole replacement tensors (PEFT modules_to_save), keyed by base weight name."""
         return {k: v for k, v in self.tensors.items() if not _LORA_KEY.match(k)}
 
+    @cached_property
+    def peft_config(self) -> Any:
+        """adapter_config.json as PEFT itself reads it (its defaults, its checks): the scaling is then PEFT's."""
+        import warnings
+
+        from peft import LoraConfig
+
+        kwargs = {k: v for k, v in self.config.items() if k != "runtime_config"}  # as PEFT's from_json_file
+        with warnings.catch_warnings():  # unknown keys from a newer PEFT: dropped with a warning, as PEFT does
+            warnings.simplefilter("ignore")
+            try:
+                return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
+            except (TypeError, ValueError, KeyError) as e:
+                raise PortLLMError(f"{ADAPTER_CONFIG}: PEFT rejects it ({str(e).splitlines()[0][:160]})") from None
+
     def _scaling(self, name: str, r: int) -> float:
-        alpha = float(self.config.get("lora_alpha", r))
-        for pattern, a in (self.config.get("alpha_pattern") or {}).items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", name):
-                alpha = float(a)
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        """PEFT's own rule: the first rank/alpha pattern key matching the module, resolved by PEFT's helper.
+
+        With no pattern and r, lora_alpha given there is nothing to resolve, and importing PEFT (seconds)
+        would be most of a small port's time: then r and lora_alpha are used as they stand.
+        """
+        cfg = self.config
+        if not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and "r" in cfg and "lora_alpha" in cfg:
+            rank, alpha, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora"))
+        else:
+            from peft.utils.other import get_pattern_key
+
+            c = self.peft_config
+            ranks, alphas = c.rank_pattern or {}, c.alpha_pattern or {}
+            rank = ranks.get(get_pattern_key(ranks.keys(), name), c.r)
+            alpha = alphas.get(get_pattern_key(alphas.keys(), name), c.lora_alpha)
+            rslora = c.use_rslora
+        if rank != r:
+            raise PortLLMError(
+                f"patch: module {name} has rank {r} but {ADAPTER_CONFIG} gives {rank} (r / rank_pattern); "
+                "PEFT would not load it"
+            )
+        return alpha / math.sqrt(rank) if rslora else alpha / rank
 
     @property
     def n_params(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .models import BaseRef, copy_side_files, fingerprint, weight_files
 from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
+from .sign import TrustedKey, Verification, load_patch, signature_record
 from .stream import ShardWriter, read_header, read_tensor
 
 PROVENANCE = "portllm_provenance.json"
@@ -36,6 +38,7 @@ class PortResult:
     replaced: int = 0
     usage: Usage = field(default_factory=Usage)
     result_fingerprint: str | None = None
+    verification: Verification | None = None  # set when a signature was required
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class PortResult:
             "applied": self.applied,
             "replaced": self.replaced,
             "result_fingerprint": self.result_fingerprint,
+            "signature": self.verification.to_dict() if self.verification else None,
             **self.usage.to_dict(),
         }
 
@@ -58,11 +62,16 @@ def port(
     force: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    require_signature: bool = False,
+    trusted: Iterable[TrustedKey] | None = None,
 ) -> PortResult:
-    """Carry `patch` onto `base`, writing `out` atomically; refuses incompatible patches unless forced."""
+    """Carry `patch` onto `base`, writing `out` atomically; refuses incompatible patches unless forced.
+
+    With `require_signature` (or `trusted` keys), a patch that is unsigned, altered since signing or signed
+    by another key is refused before any tensor is read and before anything is written.
+    """
     with measure() as usage:
-        if not isinstance(patch, Patch):
-            patch = Patch.load(patch)
+        patch, verification = load_patch(patch, require_signature, trusted)
         ref = BaseRef.of(base)  # resolved once: check, the merge and the provenance share it
         rep = check(patch, ref)
         if rep.verdict == "incompatible":
@@ -83,12 +92,16 @@ def port(
             "forced": bool(force and rep.verdict == "incompatible"),
             "tool_version": __version__,
         }
+        signed = signature_record(patch.path)  # the source's signature stays on record in the derived output
+        if signed:
+            event["signature"] = dict(signed, verified=verification is not None)
         if as_adapter:
             patch.restamped(target, event, scale).save(out, overwrite=overwrite)
             result = PortResult(Path(out), "adapter", rep, applied=len(patch.modules))
         else:
             result = _merge_streaming(patch, ref.path, Path(out), scale, overwrite, event, rep, progress)
     result.usage = usage
+    result.verification = verification
     return result
 
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..errors import PortLLMError
-from . import base, evaluation, merging, patches, training  # noqa: F401  (registers the commands)
+from . import base, evaluation, merging, patches, study, training, trust  # noqa: F401  (registers the commands)
 from ._app import app, err
 
 

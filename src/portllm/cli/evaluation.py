@@ -36,6 +36,10 @@ def eval_cmd(
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    require_signature: bool = typer.Option(
+        False, "--require-signature", help="refuse a patch not signed by a --trust key, or altered since"
+    ),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help="a trusted public key (PREFIX.pub); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Score a model (optionally with a patch) on the task suite."""
@@ -48,7 +52,9 @@ def eval_cmd(
     from ..tasks import data_dir as resolve_data
 
     data = resolve_data(data_dir)
-    lm = open_lm(model, patch, dtype=dtype, threads=threads)
+    if require_signature and not trust:
+        raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
+    lm = open_lm(model, patch, dtype=dtype, threads=threads, require_signature=require_signature, trusted=trust)
     res = evaluate(
         lm,
         task_list,

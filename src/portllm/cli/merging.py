@@ -97,25 +97,31 @@ def merge_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     out_path: Path = typer.Option(..., "--out", help="patch directory to write"),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    require_signature: bool = typer.Option(
+        False, "--require-signature", help="refuse a patch not signed by a --trust key, or altered since"
+    ),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", help="a trusted public key (PREFIX.pub); repeatable"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Merge patches into one patch; the help text is MERGE_HELP (lists the registered methods)."""
     from ..merge import greedy_select, merge
-    from ..patch import Patch
 
+    if require_signature and not trust:
+        raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
     ws = [float(w) for w in weights.split(",")] if weights else None
     kw = dict(density=density, lam=lam, rank=rank, seed=seed, gamma=gamma, normalize=normalize)
     if select:
         if select != "greedy" or not task:
             raise PortLLMError("selective merging needs --select greedy and --task T")
         from ..merge import heldout_scorer
+        from ..sign import load_patch
 
-        ps = [Patch.load(p) for p in patches]
+        ps = [load_patch(p, require_signature, trust)[0] for p in patches]
         scorer = heldout_scorer(base or ps[0].source_name, task, select_limit, data_dir)
         merged, traj = greedy_select(ps, scorer, method, order=order, log=lambda m: err.print(m, highlight=False), **kw)
         report = merged.extra["merge"] | {"selection": traj}
     else:
-        merged, rep = merge(patches, method, ws, **kw)
+        merged, rep = merge(patches, method, ws, **kw, require_signature=require_signature, trusted=trust)
         report = rep.to_dict()
     merged.save(out_path, overwrite=overwrite)
     if as_json:

@@ -10,6 +10,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
+from ..errors import PortLLMError
 from ._app import _LEVEL_STYLE, _VERDICT_STYLE, SPEC_HELP, _json, app, err, out
 
 
@@ -38,6 +39,7 @@ def inspect_cmd(
 ) -> None:
     """Show a patch's modules, ranks, size, per-layer update norms, provenance and lineage."""
     from ..patch import Patch, describe
+    from ..sign import signature_record
 
     d = describe(Patch.load(patch_dir, require_manifest=False))
     if as_json:
@@ -56,6 +58,12 @@ def inspect_cmd(
     ]
     if d["replaced"]:
         lines.append("replaced tensors: " + ", ".join(f"{k} {v}" for k, v in d["replaced"].items()))
+    sig = signature_record(patch_dir)
+    if sig:
+        lines.append(
+            f"signed: {sig['algorithm']} key {sig['key_fingerprint'][:16]}… on {sig['signed']} "
+            "(not verified here: `portllm verify PATCH --trust KEY.pub`)"
+        )
     out.print(Panel("\n".join(lines), title="patch"))
     out.print(_norm_table(d["modules"]))
     if man.get("lineage"):
@@ -66,6 +74,10 @@ def inspect_cmd(
             details = ", ".join(
                 f"{k}={v}" for k, v in e.items() if k in ("mode", "scale", "forced") and v not in (None, False)
             )
+            if e.get("signature"):
+                details += (
+                    f"{', ' if details else ''}source signed by {e['signature'].get('key_fingerprint', '?')[:16]}…"
+                )
             t.add_row(
                 str(i),
                 e.get("event", "?"),
@@ -157,11 +169,19 @@ def port_cmd(
     as_adapter: bool = typer.Option(False, "--as-adapter", help="write a re-stamped patch instead of a merged model"),
     force: bool = typer.Option(False, "--force", help="port an incompatible patch when shapes still fit"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    require_signature: bool = typer.Option(
+        False, "--require-signature", help="refuse a patch not signed by a --trust key, or altered since"
+    ),
+    trust: Optional[list[Path]] = typer.Option(
+        None, "--trust", help="a trusted public key (PREFIX.pub) for --require-signature; repeat for more"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Carry a patch onto an evolved base with no training: write BASE + λ·ΔW (or a re-stamped adapter)."""
     from ..port import port
 
+    if require_signature and not trust:
+        raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
     res = port(
         patch_dir,
         base,
@@ -171,10 +191,14 @@ def port_cmd(
         force=force,
         overwrite=overwrite,
         progress=err.is_terminal,
+        require_signature=require_signature,
+        trusted=trust,
     )
     if as_json:
         _json(res.to_dict())
         return
+    if res.verification:
+        err.print(f"[green]signature[/green] {res.verification.reason}", highlight=False, soft_wrap=True)
     for f in res.report.findings:
         if f.level in ("warn", "error"):
             err.print(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/] {f.topic}: {f.detail}")

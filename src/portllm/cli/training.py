@@ -178,9 +178,7 @@ def _drift_table(drift: dict[str, float], title: str) -> None:
 @app.command("reproduce")
 def reproduce_cmd(
     base: str = typer.Option("smollm2-135m", "--base", help=f"the base θ: {SPEC_HELP}"),
-    quick: bool = typer.Option(
-        False, "--quick", help="SST-2 + WinoGrande, about 20 min on a 2-core CPU (the default)"
-    ),
+    quick: bool = typer.Option(False, "--quick", help="SST-2 + WinoGrande, about 20 min on a 2-core CPU (the default)"),
     full: bool = typer.Option(False, "--full", help="all seven paper tasks, under 90 min on a 2-core CPU"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="override the profile's task list"),
     out_dir: Path = typer.Option(Path("runs/reproduce"), "--out", help="where report.json/.md and charts go"),

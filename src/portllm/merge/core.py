@@ -122,12 +122,18 @@ def merge(
     seed: int = 0,
     gamma: float = GAMMA.default,
     normalize: bool | None = None,
+    require_signature: bool = False,
+    trusted: list | None = None,
 ) -> tuple[Patch, MergeReport]:
     """Merge patches made on the same base into one patch (not saved); returns it and a report.
 
-    `density` and `gamma` are used (and checked) only by the methods that declare them.
+    `density` and `gamma` are used (and checked) only by the methods that declare them. With
+    `require_signature` (or `trusted` public keys), every input is verified before any tensor is read.
     """
-    ps = [p if isinstance(p, Patch) else Patch.load(p) for p in patches]
+    from ..sign import require_trusted
+
+    checked = [require_trusted(p, require_signature, trusted) for p in patches]  # all, before any tensor is read
+    ps = [Patch.load(v.path) if v else p if isinstance(p, Patch) else Patch.load(p) for p, v in zip(patches, checked)]
     if not ps:
         raise PortLLMError("nothing to merge")
     m = get_method(method, density=density, gamma=gamma)

@@ -35,17 +35,10 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def projection_drift(old_dir: Path, new_dir: Path, targets: tuple[str, ...]) -> float:
-    """||θ' − θ||_F / ||θ||_F over all LoRA-target projection matrices together."""
-    from ..models import weight_index
-    from ..stream import paired_tensors
-
-    a, b = weight_index(old_dir), weight_index(new_dir)
-    names = [n for n in a if n.endswith(".weight") and n.rsplit(".", 2)[-2] in targets]
-    num = den = 0.0
-    for _, wa, wb in paired_tensors(a, b, names):
-        num += float((wb - wa).pow(2).sum())
-        den += float(wa.pow(2).sum())
+def projection_drift(sums: dict[str, tuple[float, float]], targets: tuple[str, ...]) -> float:
+    """||θ' − θ||_F / ||θ||_F over all LoRA-target projection matrices together (from `evolve.drift_sums`)."""
+    num = sum(n for k, (n, _) in sums.items() if k in targets)
+    den = sum(d for k, (_, d) in sums.items() if k in targets)
     return math.sqrt(num / den) if den else 0.0
 
 
@@ -100,7 +93,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the grid and write OUT/report.json, OUT/report.md, OUT/*.png, OUT/calibration.json."""
     from ..evaluate import read_run
-    from ..evolve import EvolveConfig, EvolveResult, evolve
+    from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
     from ..forecast import choice_signals, weight_signals
     from ..interpolate import interpolate
     from ..models import architecture_of, cache_root, fingerprint, resolve_base
@@ -153,19 +146,13 @@ def sweep(
         levels.append({"label": ev.label, "t": None, "evolution": ev.label, "dir": evolved(ev)})
     for lv in levels:
         lv["fingerprint"] = fingerprint(lv["dir"])
-        info = store.json(
-            "drift",
-            (fp, lv["fingerprint"]),
-            lambda lv=lv: {
-                "drift": projection_drift(theta, lv["dir"], targets),
-                "kl_text": text_kl(theta, lv["dir"], data, plan.kl_texts, plan.eval_dtype) if plan.kl_texts else None,
-            },
-        )
-        lv.update(info)
-        from ..evolve import drift_by_type
-
-        lv["drift_by_type"] = store.json(
-            "drift_types", (fp, lv["fingerprint"]), lambda lv=lv: drift_by_type(theta, lv["dir"])
+        sums = store.json("drift_sums", (fp, lv["fingerprint"]), lambda lv=lv: drift_sums(theta, lv["dir"]))
+        lv["drift"] = projection_drift(sums, targets)
+        lv["drift_by_type"] = {k: math.sqrt(n / d) if d else 0.0 for k, (n, d) in sums.items()}
+        lv["kl_text"] = store.json(
+            "kl_text",
+            (fp, lv["fingerprint"], plan.kl_texts),
+            lambda lv=lv: text_kl(theta, lv["dir"], data, plan.kl_texts, plan.eval_dtype) if plan.kl_texts else None,
         )
         log(f"  {lv['label']}: projection drift {lv['drift']:.3%}, KL on text {lv['kl_text']}")
 
