@@ -96,3 +96,51 @@ def test_choice_signals_formula():
     assert s.disagreement == 0.5
     assert s.expected_change == pytest.approx(((1 - p) - p) / 2)
     assert s.expected_neg_flip_rate == pytest.approx(p / 2)
+
+
+def _cli(*args, data):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PORTLLM_DATA=str(data))
+    cmd = [sys.executable, "-m", "portllm.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_check_prints_the_forecast_verdict_and_forecast_cli_speaks_json(setup):
+    r = _cli(
+        "check",
+        setup.patch,
+        "--base",
+        setup.along,
+        "--from",
+        setup.base,
+        "--inputs",
+        "sst2",
+        "--n",
+        "20",
+        data=setup.data,
+    )
+    assert r.returncode in (0, 1), r.stderr
+    assert "forecast: expected to lose ~" in r.stdout and "verdict:" in r.stdout
+    r = _cli(
+        "forecast",
+        setup.patch,
+        "--base",
+        setup.along,
+        "--from",
+        setup.base,
+        "--inputs",
+        "sst2",
+        "--n",
+        "20",
+        "--json",
+        data=setup.data,
+    )
+    import json
+
+    d = json.loads(r.stdout)
+    assert d["outputs"]["n"] == 20 and d["loss_points"] >= 0 and d["verdict"].startswith("expected to lose")
+    r = _cli("check", setup.patch, "--base", setup.along, "--inputs", "sst2", data=setup.data)
+    assert r.returncode == 3 and "--inputs needs --from" in r.stderr and "Traceback" not in r.stderr

@@ -110,10 +110,11 @@ class Forecast:
         return d
 
 
-def weight_signals(patch: Any, base: str | Path, old: str | Path) -> WeightSignals:
+def weight_signals(patch: Any, base: str | Path, old: str | Path, report: Any = None) -> WeightSignals:
+    """From `check`'s drift rows (pass its report when `check` already ran, so nothing is read twice)."""
     from .check import check
 
-    rep = check(patch, base, old)
+    rep = report if report is not None and report.drift else check(patch, base, old)
     if not rep.shape_compatible:
         raise PortLLMError(f"patch does not fit {base}: {rep.first_error()}")
     return WeightSignals.from_rows(rep.drift)
@@ -209,6 +210,7 @@ def forecast(
     data: str | Path | None = None,
     calibration: str | Path | None = None,
     dtype: str = "float32",
+    report: Any = None,
 ) -> Forecast:
     """Predict the accuracy lost and the negative-flip rate of porting `patch` onto `base`."""
     from .evaluate import open_lm, run_task
@@ -224,7 +226,7 @@ def forecast(
             f"answers can be measured{f'; the patch says it was made on {old_name}' if old_name else ''}"
         )
         return Forecast(str(patch), str(base), None, None, None, None, None, None, cal, notes)
-    weights = weight_signals(p, base, old)
+    weights = weight_signals(p, base, old, report)
     outputs = None
     if inputs:
         lm_a = open_lm(old, patch, dtype=dtype)

@@ -114,14 +114,26 @@ def check_cmd(
     patch_dir: Path = typer.Argument(..., help="patch directory"),
     base: str = typer.Option(..., "--base", help=f"target base: {SPEC_HELP}"),
     old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on, to measure drift"),
+    inputs: Optional[str] = typer.Option(
+        None, "--inputs", help="with --from: forecast the loss on this task's unlabeled inputs (or a text file)"
+    ),
+    n: int = typer.Option(200, "--n", min=1, help="with --inputs: how many inputs"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="with --inputs: a sweep's calibration"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Will the patch fit BASE? Exit 0 compatible, 1 with warnings, 2 incompatible."""
     from ..check import check
 
+    if inputs and not old:
+        raise PortLLMError("--inputs needs --from OLD: the forecast compares θ+Δθ with θ'+Δθ")
     rep = check(patch_dir, base, old)
+    fc = None
+    if inputs and rep.verdict != "incompatible":
+        from ..forecast import forecast
+
+        fc = forecast(patch_dir, base, old, inputs, n, calibration=calibration, report=rep)
     if as_json:
-        _json(rep.to_dict())
+        _json(rep.to_dict() | ({"forecast": fc.to_dict()} if fc else {}))
         raise typer.Exit(rep.exit_code)
     t = Table(title=f"check {patch_dir} -> {base}")
     t.add_column("", width=5)
@@ -153,6 +165,8 @@ def check_cmd(
                 f"{v['patch_to_drift']:.3f}",
             )
         out.print(d)
+    if fc is not None:
+        out.print(f"forecast: {fc.sentence()}  [dim]({fc.calibration.source})[/dim]")
     out.print(
         f"verdict: [{_VERDICT_STYLE[rep.verdict]}]{rep.verdict}[/]  ({rep.source_fingerprint} -> "
         f"{rep.target_fingerprint})"
