@@ -18,6 +18,10 @@ def sweep_cmd(
     base: str = typer.Option("smollm2-135m", "--base", help=f"the base θ: {SPEC_HELP}"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="only these of the plan's tasks, comma-separated"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="override the plan's seeds, e.g. 0,1,2"),
+    levels: Optional[str] = typer.Option(None, "--levels", help="override the drift levels t, e.g. 0,0.5,1,2"),
+    real: bool = typer.Option(True, "--real/--no-real", help="include the plan's other real evolved bases"),
+    retune: bool = typer.Option(True, "--retune/--no-retune", help="re-tune θ' at the plan's levels"),
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="measure warm-start vs cold re-tuning"),
     out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="where report.json/.md and charts go"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/sweep)"),
@@ -42,6 +46,17 @@ def sweep_cmd(
             p = replace(p, seeds=tuple(int(s) for s in seeds.split(",") if s))
         except ValueError:
             raise PortLLMError(f"--seeds must be integers separated by commas, got {seeds!r}") from None
+    if levels:
+        try:
+            p = replace(p, levels=tuple(float(t) for t in levels.split(",") if t))
+        except ValueError:
+            raise PortLLMError(f"--levels must be numbers separated by commas, got {levels!r}") from None
+    p = replace(
+        p,
+        real=p.real if real else (),
+        retune_levels=p.retune_levels if retune else (),
+        warm_steps=p.warm_steps if warm else (),
+    )
     log = (lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None)
     r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)
     if as_json:
