@@ -27,6 +27,7 @@ from portllm.tasks import (
 DATA = Path(os.environ.get("PORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data directory not present")
 
+KNOWN_OVERLAP = {"sst2_heldout": 75}  # documented in tasks/defs/sst2_heldout.yaml
 EXPECTED = {  # task: (train n, eval n, eval label counts)
     "boolq": (1270, 2000, {1: 1256, 0: 744}),
     "sst2": (60614, 872, {1: 444, 0: 428}),
@@ -38,6 +39,8 @@ EXPECTED = {  # task: (train n, eval n, eval label counts)
     "arc_easy": (570, 2376, None),
     "arc_challenge": (299, 1172, None),
     "piqa": (500, 1338, {1: 682, 0: 656}),
+    "qnli": (4463, 1000, {1: 527, 0: 473}),
+    "sst2_heldout": (60614, 6735, {1: 3741, 0: 2994}),
     "openbookqa": (4957, 500, {0: 138, 2: 132, 1: 126, 3: 104}),
 }
 
@@ -77,7 +80,9 @@ def test_loader_counts_balance_and_no_overlap(name):
     assert [e.idx for e in ev] == list(range(len(ev)))
     train_keys = {_key(r) for r in load_rows(task, "train", DATA)}
     eval_keys = [_key(r) for r in load_rows(task, "eval", DATA)]
-    assert not train_keys & set(eval_keys), "an eval example is also in the train part"
+    shared = train_keys & set(eval_keys)
+    # GLUE's SST-2 train holds short phrases more than once; ALPS's dev.tsv repeats 75 of them (e.g. "elegantly ")
+    assert len(shared) == KNOWN_OVERLAP.get(name, 0), "an eval example is also in the train part"
     for e in ev[:50]:
         assert e.target  # every example can also be a training target
         if task.kind == "mc":
@@ -207,7 +212,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
 
 def test_every_shipped_definition_loads():
     files = sorted(DEFS.glob("*.yaml"))
-    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 11
+    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 13
     for f in files:
         t = load_task_file(f)
         assert t.name == f.stem and t.source == str(f)

@@ -154,8 +154,19 @@ def _transformers_config(model_type: str, config: Any) -> Any:
         return AutoConfig.for_model(config.get("model_type", model_type), **rest)
     except (ValueError, KeyError):
         pass
+    except Exception as e:  # a known type whose fields transformers' config validation refuses
+        raise PortLLMError(f"architecture {model_type!r}: config.json is invalid ({_one_line(e)})") from None
     for cls_name in config.get("architectures") or []:
         cls = getattr(transformers, cls_name, None)
         if cls is not None and getattr(cls, "config_class", None) is not None:
-            return cls.config_class(**rest)
+            try:
+                return cls.config_class(**rest)
+            except Exception as e:
+                raise PortLLMError(f"architecture {model_type!r}: config.json is invalid ({_one_line(e)})") from None
     raise PortLLMError(f"architecture {model_type!r}: neither portllm's table nor transformers knows it")
+
+
+def _one_line(e: BaseException) -> str:
+    """A library's reason as one short printable line."""
+    text = " ".join(str(e).split())[:160] or e.__class__.__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -98,10 +98,11 @@ def check(
         a, b = getattr(src, key), getattr(new, key)
         if a is not None and b is not None and a != b:
             rep.add("info", "shape", f"{key} {a} -> {b}")
+    _check_quantization(rep, patch, target)
 
     # targets
     index = target.index
-    problems = structural_problems(patch, index)
+    problems = structural_problems(patch, target.logical_index)  # a tied head is there, as the embedding
     for p in problems[:20]:
         rep.add("error", "targets", p)
     if len(problems) > 20:
@@ -134,6 +135,52 @@ def check(
             rep.drift = measure_drift(patch, from_ref.index, index)
             _judge_drift(rep)
     return rep
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+QUANTIZED_DTYPES = ("I8", "U8", "F8_E4M3", "F8_E5M2")
+QUANT_SUFFIXES = (  # tensors quantization schemes store beside (or instead of) a weight
+    ".qweight",
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".weight_scale",
+    ".weight_scale_inv",
+    ".weight_zero_point",
+    ".input_scale",
+    ".SCB",
+    ".weight.absmax",
+    ".weight.quant_map",
+)
+DEQUANTIZE = (
+    "portllm adds ΔW to full-precision weights: dequantize first (port onto the original bf16/fp32 checkpoint, "
+    "or export a GGUF with `portllm export-base`)"
+)
+
+
+def _check_quantization(rep: CheckReport, patch: Patch, target: BaseRef) -> None:
+    """A quantized base stores scaled integers or fp8 codes: adding ΔW to them (and copying their scales
+    unchanged) writes a broken model, so it is an error, whatever --force says."""
+    cfg = target.config
+    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if q:
+        method = q.get("quant_method", "quantized") if isinstance(q, dict) else "quantized"
+        rep.add("error", "quantization", f"base is quantized ({method}, config.json quantization_config); {DEQUANTIZE}")
+        return
+    index = target.index
+    for name in [m.weight_name for m in patch.modules.values()] + list(patch.full_weights):
+        entry, module = index.get(name), name.removesuffix(".weight")
+        if entry is not None and entry[1].dtype not in FLOAT_DTYPES:
+            rep.add("error", "quantization", f"{name} is stored as {entry[1].dtype}; {DEQUANTIZE}")
+            return
+        side = next((module + s for s in QUANT_SUFFIXES if module + s in index), None)
+        if side is not None:
+            rep.add("error", "quantization", f"{module} is quantized ({side} beside it); {DEQUANTIZE}")
+            return
+    for name, (_, info) in sorted(index.items()):  # quantized layers the patch does not touch
+        if name.endswith(QUANT_SUFFIXES) or (name.endswith(".weight") and info.dtype in QUANTIZED_DTYPES):
+            rep.add("error", "quantization", f"{name} ({info.dtype}) marks a quantized checkpoint; {DEQUANTIZE}")
+            return
 
 
 def _check_vocab(rep: CheckReport, patch: Patch, src: BaseInfo, target: BaseRef) -> None:

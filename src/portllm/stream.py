@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,7 +58,12 @@ class Header:
 
 
 def read_header(path: str | Path) -> Header:
-    """Parse a safetensors header, refusing anything malformed with a one-line reason."""
+    """Parse a safetensors header, refusing anything malformed with a one-line reason.
+
+    Every rule the safetensors library enforces on load is checked here, before any tensor is read:
+    a header that claims a huge size, a shape its byte range does not hold, or ranges that overlap
+    or leave the file is refused up front, so no read allocates more than the file holds.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -71,26 +77,68 @@ def read_header(path: str | Path) -> Header:
             header = json.loads(f.read(n))
     except PortLLMError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise PortLLMError(
             f"{path}: cannot read safetensors header ({e.__class__.__name__}); re-export or re-download it"
         ) from None
     if not isinstance(header, dict):
-        raise PortLLMError(f"{path}: corrupt safetensors header; re-export or re-download it")
-    meta = header.pop("__metadata__", None) or {}
-    base = 8 + n
+        raise PortLLMError(f"{path}: corrupt safetensors header (not a JSON object); re-export or re-download it")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PortLLMError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    base, data_size = 8 + n, size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, spec in header.items():
-        try:
-            dtype, shape, (a, b) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise PortLLMError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if dtype not in DTYPES:
-            raise PortLLMError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        if base + b > size or a > b:
-            raise PortLLMError(f"{path}: tensor {name!r} runs past the end of the file (truncated download?)")
-        tensors[name] = TensorInfo(name, dtype, shape, base + a, base + b)
+        problem = _entry_problem(spec, data_size)
+        if problem:
+            raise PortLLMError(
+                f"{path}: corrupt safetensors entry for {_brief(name)} ({problem}); re-export or re-download it"
+            )
+        a, b = spec["data_offsets"]
+        tensors[name] = TensorInfo(name, spec["dtype"], tuple(spec["shape"]), base + a, base + b)
+    end = base  # as the safetensors library: the tensors tile the data section, no overlap, gap or tail
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start != end:
+            what = "overlaps another tensor's bytes" if t.start < end else "starts after a gap in the data"
+            raise PortLLMError(f"{path}: tensor {_brief(t.name)} {what}; re-export or re-download it")
+        end = t.end
+    if end != size:
+        raise PortLLMError(
+            f"{path}: {size - end} bytes after the last tensor (corrupt file); re-export or re-download it"
+        )
     return Header(path, tensors, dict(meta))
+
+
+def _entry_problem(spec: Any, data_size: int) -> str | None:
+    """What is wrong with one header entry, or None: the safetensors format's own rules."""
+    if not isinstance(spec, dict):
+        return "not a JSON object"
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"unsupported dtype {_brief(dtype)}"
+    if not isinstance(shape, list) or not all(_is_index(s, 1 << 62) for s in shape):
+        return f"shape {_brief(shape)} is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o, data_size) for o in offsets):
+        return (
+            f"data_offsets {_brief(offsets)} are not [begin, end] within the file's {data_size} data bytes (truncated?)"
+        )
+    if offsets[0] > offsets[1]:
+        return f"data_offsets {_brief(offsets)} begin after they end"
+    if _numel(shape) * _itemsize(dtype) != offsets[1] - offsets[0]:
+        return f"shape {_brief(shape)} of {dtype} does not fill its {offsets[1] - offsets[0]} bytes"
+    return None
+
+
+def _brief(v: Any) -> str:
+    """A value from a (possibly hostile) header, quoted and cut short enough for a one-line message."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _is_index(v: Any, limit: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit
 
 
 def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> torch.Tensor:
@@ -191,4 +239,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize

@@ -6,6 +6,7 @@ Exit codes: 0 success (check: compatible), 1 check: compatible with warnings,
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -46,6 +47,7 @@ def _quiet_libraries() -> None:
 def main() -> None:
     """Entry point: one-line errors, meaningful exit codes, no tracebacks for user mistakes."""
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind like Ctrl-C: outputs cleaned up, exit 130
     try:
         rc = app(standalone_mode=False)
     except PortLLMError as e:

@@ -85,6 +85,8 @@ class Maker:
             key = next((k for k in sources if k in row), sources[-1])
             if row.get(key) is None:
                 raise row_error(row, self.missing or f"missing field {key!r}")
+            if isinstance(row[key], (dict, list)):  # it would be pasted into the prompt as Python's repr
+                raise row_error(row, f"field {key!r} holds a JSON {type(row[key]).__name__}, not text or a number")
             v[var] = row[key]
         if self.hook is not None:
             v.update(self.hook.fn(row, v))

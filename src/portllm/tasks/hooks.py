@@ -41,7 +41,7 @@ def gsm8k_reference(answer: str) -> str:
 
 @hook("gsm8k_reference", needs=("answer",), provides=("reference",))
 def _gsm8k(row: dict[str, Any], v: Vars) -> Vars:
-    if "####" not in v["answer"]:
+    if not isinstance(v["answer"], str) or "####" not in v["answer"]:
         raise row_error(row, "GSM8K answer has no '#### N' line")
     return {"reference": gsm8k_reference(v["answer"])}
 
@@ -50,7 +50,7 @@ def _gsm8k(row: dict[str, Any], v: Vars) -> Vars:
 def _winogrande(row: dict[str, Any], v: Vars) -> Vars:
     """Partial scoring: each option fills the blank in its own context; the rest is the shared continuation."""
     sentence = v["sentence"]
-    if "_" not in sentence:
+    if not isinstance(sentence, str) or "_" not in sentence:
         raise row_error(row, "WinoGrande sentence has no '_' blank")
     cut = sentence.index("_")
     return {"before": sentence[:cut], "after": sentence[cut + 1 :].strip()}
@@ -60,18 +60,30 @@ def _winogrande(row: dict[str, Any], v: Vars) -> Vars:
 def _arc(row: dict[str, Any], v: Vars) -> Vars:
     """ARC has 3-5 choices with letter or digit labels; the answer key names one of them."""
     q = row.get("question")
-    if not isinstance(q, dict) or "choices" not in q:
-        raise row_error(row, "ARC row needs question.stem and question.choices")
-    labels = [c["label"] for c in q["choices"]]
+    if not isinstance(q, dict) or not isinstance(q.get("stem"), str) or not isinstance(q.get("choices"), list):
+        raise row_error(row, "ARC row needs question.stem (text) and question.choices (a list)")
+    choices = q["choices"]
+    if not choices or not all(
+        isinstance(c, dict) and _scalar(c.get("label")) and _scalar(c.get("text")) for c in choices
+    ):
+        raise row_error(row, "ARC question.choices must be records with a label and a text")
+    labels = [str(c["label"]) for c in choices]
     key = str(row.get("answerKey", "")).strip()
     if key not in labels:
-        raise row_error(row, f"answerKey {key!r} not among {labels}")
-    return {"stem": q["stem"], "options": [c["text"] for c in q["choices"]], "answer_index": labels.index(key)}
+        raise row_error(row, f"answerKey {key[:20]!r} not among {labels}")
+    return {"stem": q["stem"], "options": [str(c["text"]) for c in choices], "answer_index": labels.index(key)}
+
+
+def _scalar(x: Any) -> bool:
+    """Text or a number (what a label or a choice may be in a data file); not null, a list or an object."""
+    return isinstance(x, (str, int, float)) and not isinstance(x, bool)
 
 
 @hook("obqa_choices", needs=("choice_text", "answer_key"), provides=("options", "answer_index"))
 def _obqa(row: dict[str, Any], v: Vars) -> Vars:
     """OpenBookQA's TSV packs the four choices into one '(A) ... (B) ... (C) ... (D) ...' string."""
+    if not isinstance(v["choice_text"], str):
+        raise row_error(row, "OpenBookQA row needs choices (A)-(D) and an answer key")
     parts = re.split(r"\(([A-D])\)\s*", v["choice_text"])
     opts = {parts[k]: parts[k + 1].strip() for k in range(1, len(parts) - 1, 2)}
     key = v["answer_key"]

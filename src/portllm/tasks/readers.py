@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,28 +21,42 @@ def row_error(row: dict[str, Any], what: str) -> PortLLMError:
     return PortLLMError(f"{row.get('_file', '?')}:{row.get('_line', '?')}: {what}")
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A data file as text; bytes that are not UTF-8 are refused with their line, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PortLLMError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PortLLMError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); re-save it as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> Rows:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise PortLLMError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PortLLMError(f"{path}:{n}: expected a JSON object")
-            rows.append({**row, "_line": n, "_file": str(path)})
+    for n, line in enumerate(io.StringIO(read_text(path), newline=None), 1):  # universal newlines, as open()
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise PortLLMError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+        except RecursionError:
+            raise PortLLMError(f"{path}:{n}: malformed JSON line (nested too deeply)") from None
+        if not isinstance(row, dict):
+            raise PortLLMError(f"{path}:{n}: expected a JSON object")
+        rows.append({**row, "_line": n, "_file": str(path)})
     return rows
 
 
 def read_tsv(path: Path, header: list[str] | None = None) -> Rows:
     """GLUE-style TSV; `header` for files that have none. quoting off, as GLUE files need."""
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        cols = header
+    reader = csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    cols = header
+    try:
         for n, rec in enumerate(reader, 1):
             if cols is None:
                 cols = rec
@@ -51,6 +66,8 @@ def read_tsv(path: Path, header: list[str] | None = None) -> Rows:
             if len(rec) != len(cols):
                 raise PortLLMError(f"{path}:{n}: expected {len(cols)} tab-separated fields, found {len(rec)}")
             rows.append({**dict(zip(cols, rec)), "_line": n, "_file": str(path)})
+    except csv.Error as e:
+        raise PortLLMError(f"{path}:{reader.line_num}: unreadable TSV line ({e})") from None
     return rows
 
 
@@ -58,7 +75,7 @@ def attach_labels(path: Path, rows: Rows, suffix: str = "-labels.lst") -> Rows:
     """WinoGrande/PIQA keep labels in a sibling .lst file, line for line; no such file, no labels."""
     lst = path.with_name(path.stem + suffix)
     if lst.is_file():
-        labels = [line.strip() for line in lst.read_text().splitlines() if line.strip()]
+        labels = [line.strip() for line in read_text(lst).splitlines() if line.strip()]
         if len(labels) != len(rows):
             raise PortLLMError(f"{lst}: {len(labels)} labels for {len(rows)} rows in {path.name}")
         for r, lab in zip(rows, labels):
