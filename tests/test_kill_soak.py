@@ -134,3 +134,47 @@ def _state(name: str, out: Path) -> dict:
         assert prov["result_fingerprint"] == state["fingerprint"]
         assert prov["result_content_sha256"] == state["sha"]
     return state
+
+
+def test_train_killed_then_rerun_completes_and_matches_a_clean_run(tmp_path):
+    """`train` killed at random moments (3 rounds) resumes or restarts to the same patch, leaving nothing behind."""
+    data = tiny.sentiment_data(tmp_path / "data")
+    base = tiny.make_base(tmp_path / "base", bpe=True, vocab_size=320, hidden=32, layers=2, initializer_range=0.3)
+    args = [
+        "train",
+        "--base",
+        base,
+        "--task",
+        "sst2",
+        "--steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-2",
+        "--max-length",
+        "64",
+        "--eval-limit",
+        "0",
+        "--data-dir",
+        data,
+        "--overwrite",
+    ]
+    from portllm.cli import main  # noqa: F401  (warm the forked children)
+
+    t = time.monotonic()
+    assert _wait(_fork_cli([*args, "--out", tmp_path / "clean"]), timeout=120) == 0
+    took = time.monotonic() - t
+    clean = Patch.load(tmp_path / "clean").tensors
+    rng = random.Random(1)
+    for i in range(3):
+        out = tmp_path / f"run{i}"
+        pid = _fork_cli([*args, "--out", out])
+        time.sleep(rng.uniform(0.3, 0.9) * took)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert _wait(_fork_cli([*args, "--out", out]), timeout=120) == 0, f"round {i}: rerun failed"
+        got = Patch.load(out).tensors  # checksums verified
+        assert got.keys() == clean.keys()
+        assert all(torch.allclose(got[k], clean[k], atol=1e-5) for k in clean), f"round {i}: another patch"
+        assert [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n or n.startswith(f".run{i}.ckpt")] == []
