@@ -58,7 +58,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"# Where does a ported patch break? (sweep `{p['name']}`)",
         "",
         f"Base θ: `{r['base']['name']}` ({r['base']['fingerprint']}). Levels: θ + t·(θ'−θ) along "
-        f"one real continued-pretraining update, plus real evolved bases. {len(p['seeds'])} seeds per task.",
+        f"one real continued-pretraining update{', plus real evolved bases' if p['real'] else ''}. "
+        f"{len(p['seeds'])} seeds per task.",
         "Loss = acc(θ+Δθ) − acc(θ'+Δθ) on the same examples (paired); negative flips: right with θ+Δθ, "
         "wrong after the port. Bands: 95% across seeds.",
         "",

@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +370,7 @@ def _warm_start(
                     lv["dir"],
                     task,
                     p,
-                    replace(cfg),
+                    cfg,
                     data,
                     progress=progress,
                     **({"init": init} if mode == "warm" else {}),
