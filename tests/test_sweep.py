@@ -23,6 +23,8 @@ PLAN = SweepPlan(
     direction=Evolution("text", steps=6, lr=5e-2, max_length=32),
     levels=(0.0, 0.5, 1.0, 2.0),
     retune_levels=(2.0,),
+    correct_levels=(2.0,),
+    correct_inputs=8,
     dtype="float32",
     kl_texts=8,
 )
@@ -61,11 +63,37 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
     assert drifts[0.0] < drifts[0.5] < drifts[1.0] < drifts[2.0]
     assert drifts[2.0] == pytest.approx(2 * drifts[1.0], rel=1e-3)  # the levels walk one straight line
     assert [c["evolved+retuned"] is not None for c in cells if c["seed"] == 0 and c["t"] == 2.0] == [True]
+    fixed = [c for c in cells if c.get("corrected")]
+    assert [(c["seed"], c["t"]) for c in fixed] == [(0, 2.0)]
+    x = fixed[0]["corrected"]
+    assert x["scale"] in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0) and x["inputs"] == 8 and len(x["agreement"]) == 6
+    assert x["agreement"][f"{x['scale']:g}"] == max(x["agreement"].values())  # chosen by agreement, no labels
+    if x["scale"] == 1.0:
+        assert x["evolved+patch"] == fixed[0]["evolved+patch"] and x["gain_over_plain"] == 0
+    assert r["correction"]["cells"] == 1 and r["correction"]["verdict"] in ("helps", "hurts", "no clear effect")
     v = r["forecast_validation"]
     assert v["cells"] == len(cells) and "spearman_loss" in v and "mae_neg_flip_rate_points" in v
     assert json.loads((out / "report.json").read_text())["cells"] == json.loads(json.dumps(cells, default=str))
     md = (out / "report.md").read_text()
     assert "## sst2" in md and "Forecast, validated out of sample" in md and "t=2" in md
+    assert "training-free correction" in md
+
+
+def test_rescale_on_the_same_base_keeps_the_patch_as_it_is(toy, tmp_path):
+    """θ' = θ: λ = 1 reproduces θ+Δθ exactly (KL 0), so it must win over any λ that merely ties on agreement."""
+    from portllm.patch import Patch
+    from portllm.rescale import choose_scale, scaled_patch
+    from portllm.train import TrainConfig, train
+
+    p = tmp_path / "p"
+    train(str(toy["base"]), "sst2", p, TrainConfig(steps=6, lr=2e-2, max_length=64), data=toy["data"], eval_limit=0)
+    c = choose_scale(p, toy["base"], toy["base"], "sst2", n=12, data=toy["data"])
+    assert c.scale == 1.0 and c.agreement["1"] == 1.0 and c.kl["1"] == pytest.approx(0, abs=1e-9)
+    assert c.kl["2"] > 0 and c.kl["0.5"] > 0
+    half = Patch.load(scaled_patch(p, 0.5, tmp_path / "half"))
+    orig = Patch.load(p)
+    name = next(iter(orig.modules))
+    assert (half.modules[name].delta() - 0.5 * orig.modules[name].delta()).abs().max() < 1e-6
 
 
 def test_sweep_resumes_from_its_cache(toy, tmp_path):

@@ -145,6 +145,7 @@ class _Tree:
     positions: list[int]  # position ids: every branch restarts after the prefix
     branch: list[int]  # -1 for the prefix, else the branch index
     targets: dict[int, list[tuple[int, int]]]  # request -> (row offset of the predicting logit, token)
+    key: Any = None  # the share key of its requests (reported to a routed model, see loglikelihoods)
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -250,6 +251,8 @@ def loglikelihoods(
         else getattr(cfg, "sliding_window", None) or 1 << 62
     )
     trees = [t for reqs in by_key.values() for t in _rows(reqs, limit)]
+    for t in trees:
+        t.key = keys[next(iter(t.targets))]
     trees.sort(key=lambda t: -len(t.tokens))
     out = [0.0] * len(pairs)
     n_tokens = 0
@@ -274,6 +277,9 @@ def loglikelihoods(
             ]
         else:
             mask = (br != -2).long()
+        route = getattr(lm.model, "route_rows", None)  # a routing.PatchSet: each row routes from its own request
+        if route is not None:
+            route([t.key for t in batch])
         logits = lm.model(
             input_ids=ids.to(param.device),
             attention_mask=mask.to(param.device),

@@ -12,7 +12,17 @@ import sys
 import click
 
 from ..errors import PortLLMError
-from . import base, evaluation, merging, patches, study, training, trust  # noqa: F401  (registers the commands)
+from . import (  # noqa: F401  (registers the commands)
+    base,
+    evaluation,
+    merging,
+    patches,
+    routing,
+    serving,
+    study,
+    training,
+    trust,
+)
 from ._app import app, err
 
 

@@ -12,6 +12,8 @@ from rich.table import Table
 from ..errors import PortLLMError
 from ._app import SPEC_HELP, _json, app, err, out
 
+ROUTER_NAMES = ("oracle", "glider", "arrow", "phatgoose", "mixture", "uniform", "none")  # routing.ROUTERS, unimported
+
 _VERDICT_STYLE = {"B better": "bold green", "B worse": "bold red", "inconclusive": "yellow"}
 
 if TYPE_CHECKING:
@@ -25,6 +27,21 @@ def eval_cmd(
         "sst2,boolq,winogrande", "--tasks", help="comma-separated task names, or 'paper' for the seven"
     ),
     patch: Optional[Path] = typer.Option(None, "--patch", help="attach this patch at runtime (PEFT)"),
+    patches: Optional[str] = typer.Option(
+        None, "--patches", help="comma-separated patches on this base, routed among per request (see --router)"
+    ),
+    router: Optional[str] = typer.Option(
+        None, "--router", help=f"with --patches: {', '.join(ROUTER_NAMES)} (default glider)"
+    ),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="with --router: patches mixed per token"),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", min=0.0, help="with --router glider/mixture: weight of the description (global) bias"
+    ),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="with --router: softmax temperature"),
+    local: Optional[str] = typer.Option(None, "--local", help="with --router glider: phatgoose (default) or arrow"),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="with --router mixture: cosine at or above which patches share a cluster"
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of each eval split"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="write results.json and samples_<task>.jsonl here"),
     data_dir: Optional[Path] = typer.Option(
@@ -42,7 +59,7 @@ def eval_cmd(
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help="a trusted public key (PREFIX.pub); repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
-    """Score a model (optionally with a patch) on the task suite."""
+    """Score a model (optionally with a patch, or several routed by --router) on the task suite."""
     from ..evaluate import evaluate, open_lm
     from ..tasks import parse_tasks
 
@@ -54,23 +71,77 @@ def eval_cmd(
     data = resolve_data(data_dir)
     if require_signature and not trust:
         raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
-    lm = open_lm(model, patch, dtype=dtype, threads=threads, require_signature=require_signature, trusted=trust)
-    res = evaluate(
-        lm,
-        task_list,
-        limit=limit,
-        data=data,
-        out=out_dir,
-        batch_size=batch_size,
-        show_progress=not as_json and err.is_terminal,
-        max_tokens=max_batch_tokens,
-    )
+    knobs = dict(top_k=top_k, alpha=alpha, temperature=temperature, local=local, threshold=threshold)
+    if patches is None and (router is not None or any(v is not None for v in knobs.values())):
+        raise PortLLMError("--router and its options need --patches P1,P2,...")
+    if patches is not None:
+        if patch is not None:
+            raise PortLLMError("give --patch (one patch) or --patches (routed), not both")
+        res = _eval_routed(
+            model, patches, router or "glider", knobs, task_list, limit, data, out_dir, batch_size, max_batch_tokens,
+            dtype, threads, require_signature, trust, not as_json and err.is_terminal,
+        )  # fmt: skip
+    else:
+        lm = open_lm(model, patch, dtype=dtype, threads=threads, require_signature=require_signature, trusted=trust)
+        res = evaluate(
+            lm,
+            task_list,
+            limit=limit,
+            data=data,
+            out=out_dir,
+            batch_size=batch_size,
+            show_progress=not as_json and err.is_terminal,
+            max_tokens=max_batch_tokens,
+        )
     if as_json:
         _json(res.to_dict())
         return
     out.print(results_table(res))
     if out_dir:
         out.print(f"[dim]results: {out_dir / 'results.json'}[/dim]")
+
+
+def _eval_routed(
+    model,
+    patches,
+    router,
+    knobs,
+    task_list,
+    limit,
+    data,
+    out_dir,
+    batch_size,
+    max_tokens,
+    dtype,
+    threads,
+    req,
+    trust,
+    bar,
+) -> EvalResult:
+    """`eval --patches --router`: one copy of the base, the patches stacked, each request routed on its own."""
+    import torch
+
+    from ..routing import PatchSet, get_router
+    from ..routing.score import evaluate_routed
+
+    if threads:
+        torch.set_num_threads(threads)
+    paths = [Path(p) for p in patches.split(",") if p.strip()]
+    if not paths:
+        raise PortLLMError("--patches needs at least one patch directory")
+    given = {k: v for k, v in knobs.items() if v is not None}
+    r = get_router(router, **given)
+    unused = sorted(set(given) - set(r.values))
+    if unused:  # an option the router does not take would be silently ignored
+        raise PortLLMError(
+            f"--router {router} takes no --{unused[0].replace('_', '-')}; its options: "
+            + (", ".join(f"--{k.replace('_', '-')}" for k in r.values) or "none")
+        )
+    ps = PatchSet(model, paths, dtype=dtype, require_signature=req, trusted=trust)
+    ps.data = data
+    ps.log = lambda m: err.print(m, highlight=False)
+    err.print(f"routing {len(paths)} patches: " + ", ".join(f"{k}={v}" for k, v in r.params().items()), highlight=False)
+    return evaluate_routed(ps, r, task_list, limit, data, out_dir, batch_size, bar, max_tokens)
 
 
 def _interval(lo: float | None, hi: float | None, spec: str = ".4f") -> str:

@@ -43,6 +43,9 @@ class SweepPlan:
     real: tuple[Evolution, ...] = ()  # more real evolved bases, scored as cells of their own
     retune_levels: tuple[float, ...] = (1.0, 2.0)  # t values (seed 0) where θ' is re-tuned cold
     warm_steps: tuple[int, ...] = ()  # warm-start (--init Δθ) vs cold re-tune step counts at the largest t
+    correct_levels: tuple[float, ...] = ()  # t values (seed 0) where the rescale correction is tried
+    correct_real: bool = False  # ... and on every real evolved base
+    correct_inputs: int = 150  # unlabeled train-split inputs that choose λ
     batch_size: int = 8
     dtype: str = "bfloat16"  # training; LoRA weights stay fp32
     eval_dtype: str = "float32"
@@ -64,6 +67,8 @@ PLANS: dict[str, SweepPlan] = {
         },
         real=(Evolution("text", 40, 1e-3, 128), Evolution("instruct", 40, 4e-4, 128)),
         warm_steps=(10, 30),
+        correct_levels=(1.0, 2.0),
+        correct_real=True,
     ),
     # one task, one seed, three levels: a smoke run of the real pipeline (about 15 min)
     "pilot": SweepPlan(

@@ -132,6 +132,31 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {x['task']} | {x['steps']} | {x['mode']} | {100 * x['accuracy']:.1f} | "
                 f"{100 * x['base+patch']:.1f} | {'yes' if x['reached'] else 'no'} |"
             )
+    fix = r.get("correction")
+    if fix:
+        lines += [
+            "",
+            "## A training-free correction: rescale Δθ by the λ that agrees most with θ+Δθ (no labels)",
+            "",
+            f"λ chosen from {', '.join(next(c for c in r['cells'] if c.get('corrected'))['corrected']['agreement'])} "
+            "on unlabeled train-split inputs of the task; scored on the eval examples, paired against the plain port.",
+            "",
+            "| task | level | drift | λ | plain port | corrected | gain [95% CI] | McNemar p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in (c for c in r["cells"] if c.get("corrected")):
+            x = c["corrected"]
+            lines.append(
+                f"| {c['task']} | {c['level']} | {100 * c['drift']:.2f}% | {x['scale']:g} | "
+                f"{100 * c['evolved+patch']:.1f} | {100 * x['evolved+patch']:.1f} | {100 * x['gain_over_plain']:+.1f} "
+                f"[{100 * x['gain_ci'][0]:+.1f}, {100 * x['gain_ci'][1]:+.1f}] | {x['mcnemar_p']:.3g} |"
+            )
+        lines += [
+            "",
+            f"Over {fix['cells']} cells: mean gain {fix['mean_gain_points']:+.2f} points "
+            f"[{fix['ci_points'][0]:+.2f}, {fix['ci_points'][1]:+.2f}]; λ ≠ 1 chosen in {fix['scale_not_1']}; "
+            f"significantly better in {fix['helped']}, worse in {fix['hurt']}. Verdict: **{fix['verdict']}**.",
+        ]
     v = r["forecast_validation"]
     if v.get("cells"):
         rho = "-" if v["spearman_loss"] is None else f"{v['spearman_loss']:.3f}"

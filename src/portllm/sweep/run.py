@@ -101,7 +101,6 @@ def sweep(
     from ..stats import majority, paired
     from ..tasks import data_dir, get_task, load_examples
     from ..train import TrainConfig
-    from .report import charts, markdown
 
     plan = PLANS[plan] if isinstance(plan, str) else plan
     data = data_dir(data)
@@ -194,6 +193,7 @@ def sweep(
     def records(d: Path, task: str) -> list[dict[str, Any]]:
         return read_run(d)[1][task]
 
+    report: dict[str, Any] = {}
     cells: list[dict[str, Any]] = []
     retunes: list[dict[str, Any]] = []
     warm: list[dict[str, Any]] = []
@@ -258,6 +258,10 @@ def sweep(
                         },
                     }
                 )
+                if s == plan.seeds[0] and _corrects(plan, lv):
+                    cells[-1]["corrected"] = _correct(
+                        plan, task, r, lv, patches[s], theta, fp, store, data, scored, records, with_patch[s], ported
+                    )
             log(
                 f"  {lv['label']}: ported "
                 + ", ".join(
@@ -308,6 +312,15 @@ def sweep(
                 progress,
             )
 
+        # a report after every task, so a run stopped mid-way still shows what it measured
+        report = _write(plan, base, fp, levels, behaviour, cells, retunes, warm, out, t_start)
+    return report
+
+
+def _write(plan, base, fp, levels, behaviour, cells, retunes, warm, out: Path, t_start: float) -> dict[str, Any]:
+    """Calibrate, validate and write OUT/report.json, report.md, charts from the cells so far."""
+    from .report import charts, markdown
+
     validation = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
     calibration = fit(cells).to_dict() if len(cells) >= 4 else None
     if calibration:
@@ -323,6 +336,7 @@ def sweep(
         "cells": cells,
         "retunes": retunes,
         "warm_start": warm,
+        "correction": _correction_summary(cells),
         "forecast_validation": validation,
         "calibration": calibration,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -390,3 +404,63 @@ def _warm_start(
                 }
             )
     return rows
+
+
+def _corrects(plan: SweepPlan, lv: dict[str, Any]) -> bool:
+    return (lv["t"] is None and plan.correct_real) or (lv["t"] is not None and lv["t"] in plan.correct_levels)
+
+
+def _correct(plan, task, r, lv, patch: Path, theta, fp, store: _Store, data, scored, records, target, ported):
+    """The rescale correction on one cell: λ chosen without labels, then scored paired against the plain port."""
+    from ..patch import Patch
+    from ..rescale import SCALES, choose_scale, scaled_patch
+    from ..stats import paired
+
+    sha = Patch.load(patch, verify=False).weights_sha256
+    choice = store.json(
+        "rescale",
+        (sha, lv["fingerprint"], task, plan.correct_inputs, SCALES),
+        lambda: choose_scale(patch, theta, lv["dir"], task, plan.correct_inputs, SCALES, data).to_dict(),
+    )
+    lam = choice["scale"]
+    if lam == 1.0:
+        recs = ported
+    else:
+        sp = store.path("scaled", sha, lam)
+        if not (sp / "portllm.json").is_file():
+            scaled_patch(patch, lam, sp)
+        recs = records(scored(lv["dir"], lv["fingerprint"], sp, True, task, r.eval_limit), task)
+    plain = [float(x["correct"]) for x in ported]
+    fixed = [float(x["correct"]) for x in recs]
+    vs_plain = paired(plain, fixed, iters=2000)
+    vs_target = paired([float(x["correct"]) for x in target], fixed, iters=2000)
+    return {
+        "scale": lam,
+        "inputs": choice["n"],
+        "agreement": choice["agreement"],
+        "evolved+patch": vs_plain.acc_b,
+        "gain_over_plain": vs_plain.diff,
+        "gain_ci": [vs_plain.ci_low, vs_plain.ci_high],
+        "mcnemar_p": vs_plain.mcnemar_p,
+        "loss": -vs_target.diff,
+    }
+
+
+def _correction_summary(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Does the correction help? Mean gain over the plain port across the cells where it was tried."""
+    tried = [c for c in cells if c.get("corrected")]
+    if not tried:
+        return None
+    gains = [c["corrected"]["gain_over_plain"] for c in tried]
+    m = sum(gains) / len(gains)
+    sd = math.sqrt(sum((g - m) ** 2 for g in gains) / (len(gains) - 1)) if len(gains) > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(len(gains)) if len(gains) > 1 else 0.0
+    return {
+        "cells": len(tried),
+        "mean_gain_points": 100 * m,
+        "ci_points": [100 * (m - half), 100 * (m + half)],
+        "helped": sum(c["corrected"]["gain_ci"][0] > 0 for c in tried),
+        "hurt": sum(c["corrected"]["gain_ci"][1] < 0 for c in tried),
+        "scale_not_1": sum(c["corrected"]["scale"] != 1.0 for c in tried),
+        "verdict": "helps" if m - half > 0 else ("hurts" if m + half < 0 else "no clear effect"),
+    }

@@ -1,0 +1,428 @@
+"""`portllm serve` under load: batched across patches vs a naive one-request-at-a-time server, in one run.
+
+Both servers are real processes behind the same OpenAI-compatible app and are driven over HTTP by the
+same closed-loop clients (each sends a request, waits for the answer, sends the next): by default 16
+clients over 4 patches (client i asks for patch i mod 4), greedy, `max_tokens` generated tokens per
+request (`ignore_eos`, so both servers do the same work). The naive server takes one request at a time,
+swaps the active adapter (PEFT's `set_adapter`) and runs transformers' `generate`; portllm's batches
+every waiting request into shared forward passes, each row with its own patch. Reported: generated
+tokens/s, p50/p95 latency, and the ratio. The servers run one after the other, never together.
+
+With --soak-minutes M, portllm's server then runs M minutes at steady load, with a client that also
+sends bad requests (unknown model, malformed JSON, bad parameter) that must be answered 4xx: failed
+requests are counted and the server's resident memory (RSS) is sampled to show it stays flat.
+
+    python benchmarks/serve_load.py --base smollm2-135m --patches DIR1,DIR2,DIR3,DIR4 [--soak-minutes 10]
+    python benchmarks/serve_load.py --base smollm2-135m        # makes 4 random rank-8 patches (cached)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Write a short review of a film you liked.",
+    "Question: Is the sky blue on a clear day? Answer:",
+    "The three most important things to know about photosynthesis are",
+    "Translate to French: The cat sleeps on the warm windowsill.",
+    "Here is a recipe for a quick tomato soup:",
+    "Summarize: The meeting was moved to Thursday because the room was booked.",
+    "def fibonacci(n):",
+    "Once upon a time, in a village by the sea,",
+]
+
+
+# ---------------------------------------------------------------- patches
+
+
+def make_patches(base: str, n: int, out: Path) -> list[Path]:
+    """n random rank-8 LoRA patches on every linear projection (non-zero B, so each changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from portllm import import_adapter, load_base
+
+    paths = [out / f"p{i}" for i in range(n)]
+    if all((p / "portllm.json").is_file() for p in paths):
+        return paths
+    for i, p in enumerate(paths):
+        if (p / "portllm.json").is_file():
+            continue
+        model, _ = load_base(base)
+        torch.manual_seed(i)
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        pm = get_peft_model(model, cfg)
+        pm.save_pretrained(out / f"adapter{i}")
+        import_adapter(out / f"adapter{i}", base, p, task=f"random{i}", overwrite=True)
+    return paths
+
+
+# ---------------------------------------------------------------- the naive server
+
+
+def naive_engine_class():
+    """Engine's queue and HTTP app, but one request at a time: set_adapter, then transformers' generate."""
+    import torch
+
+    from portllm.serve.engine import BASE, Engine, Event
+
+    class NaiveEngine(Engine):
+        def _work(self) -> None:
+            with torch.inference_mode():
+                while not self._stopping:
+                    try:
+                        s = self._queue.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    with self._model_lock:
+                        try:
+                            self._one(s)
+                        except Exception as e:
+                            self._finish_stream(s, Event(finish_reason="error", error=f"{e.__class__.__name__}: {e}"))
+
+        def _one(self, s: Any) -> None:
+            if s.cancelled:
+                self._finish_stream(s, Event(finish_reason="cancelled"))
+                return
+            p = s.request.params
+            ids = torch.tensor([s.request.prompt_ids])
+            if s.adapter == BASE:
+                ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+            else:
+                self.model.set_adapter(s.adapter)
+                ctx = nullcontext()
+            sampling = {"do_sample": False}
+            if p.temperature > 0:
+                sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
+            with ctx:
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=p.max_tokens,
+                    min_new_tokens=p.max_tokens if p.ignore_eos else 0,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **sampling,
+                )
+            new = out[0, ids.shape[1] :].tolist()
+            kept = [t for t in new if t not in self.eos]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            reason = "length" if len(new) >= p.max_tokens and len(kept) == len(new) else "stop"
+            self.stats["completion_tokens"] += len(new)
+            self._finish_stream(s, Event(text, tuple(new), reason, len(s.request.prompt_ids), len(new)))
+
+    return NaiveEngine
+
+
+def run_naive_server(args: argparse.Namespace) -> None:
+    """The naive server process (this script with --naive-server)."""
+    import uvicorn
+
+    from portllm.cli.serving import _listen
+    from portllm.serve import EngineConfig, create_app
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    patches = {f"p{i}": p for i, p in enumerate(args.patches.split(","))}
+    eng = naive_engine_class()(args.base, patches, EngineConfig(max_batch=1, max_queue=args.max_queue), name=args.base)
+    sock = _listen("127.0.0.1", 0)
+    print(f"serving {args.base} on http://127.0.0.1:{sock.getsockname()[1]}/v1", flush=True)
+    uvicorn.Server(uvicorn.Config(create_app(eng), log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+# ---------------------------------------------------------------- driving a server
+
+
+class Server:
+    """A server process: started, its URL read from its first line, stopped at the end."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.log = open(log, "w")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=ROOT)
+        self.url = ""
+        for line in self.proc.stdout:
+            if "serving" in line and " on " in line:
+                self.url = line.split(" on ", 1)[1].split()[0]
+                break
+        if not self.url:
+            raise SystemExit(f"server did not start: {' '.join(cmd)}; see {log}")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+async def one_request(http: Any, url: str, body: dict[str, Any]) -> tuple[float, int, int]:
+    """(latency s, completion tokens, HTTP status)."""
+    t = time.perf_counter()
+    r = await http.post(url + "/completions", json=body)
+    dt = time.perf_counter() - t
+    tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+    return dt, tokens, r.status_code
+
+
+async def load(url: str, models: list[str], clients: int, per_client: int | None, seconds: float | None, args) -> dict:
+    """Closed-loop clients; stops after per_client requests each, or after `seconds`."""
+    import httpx
+
+    lat: list[float] = []
+    tokens = 0
+    failed = 0
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds if seconds else None
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
+
+        async def client(i: int) -> None:
+            nonlocal tokens, failed
+            k = 0
+            while (per_client is None or k < per_client) and (stop_at is None or time.perf_counter() < stop_at):
+                body = {
+                    "model": models[i % len(models)],
+                    "prompt": PROMPTS[(i + k) % len(PROMPTS)],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                try:
+                    dt, n, status = await one_request(http, url, body)
+                except Exception as e:  # a dropped connection or a timeout is a failed request
+                    failed += 1
+                    errors.append(f"{e.__class__.__name__}: {e}"[:200])
+                else:
+                    if status == 200:
+                        lat.append(dt)
+                        tokens += n
+                    else:
+                        failed += 1
+                        errors.append(f"HTTP {status}")
+                k += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {
+        "requests": len(lat),
+        "failed": failed,
+        "errors": errors[:10],
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 2) if wall else 0.0,
+        "p50_latency_s": round(percentile(lat, 50), 3),
+        "p95_latency_s": round(percentile(lat, 95), 3),
+    }
+
+
+async def bad_requests(url: str, stop_at: float) -> dict:
+    """Every second: an unknown model, malformed JSON, a bad parameter. Each must be answered 4xx."""
+    import httpx
+
+    sent = wrong = 0
+    async with httpx.AsyncClient(timeout=60) as http:
+        while time.perf_counter() < stop_at:
+            for kind in ("unknown", "json", "param"):
+                try:
+                    if kind == "json":
+                        r = await http.post(url + "/completions", content=b"{no", headers={"content-type": "x"})
+                    else:
+                        body = {"model": "nosuch" if kind == "unknown" else "p0", "prompt": "x", "max_tokens": 2}
+                        if kind == "param":
+                            body["temperature"] = 9
+                        r = await http.post(url + "/completions", json=body)
+                    ok = r.status_code in (400, 404) and "error" in r.json()
+                except Exception:
+                    ok = False
+                sent += 1
+                wrong += not ok
+            await asyncio.sleep(1)
+    return {"bad_requests_sent": sent, "bad_requests_mishandled": wrong}
+
+
+async def soak(server: Server, models: list[str], args) -> dict:
+    seconds = args.soak_minutes * 60
+    stop_at = time.perf_counter() + seconds
+    rss: list[tuple[float, float]] = []
+
+    async def sample() -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() < stop_at:
+            rss.append((round(time.perf_counter() - t0, 1), round(server.rss_mb(), 1)))
+            await asyncio.sleep(args.rss_every)
+
+    res, bad, _ = await asyncio.gather(
+        load(server.url, models, args.soak_clients, None, seconds, args), bad_requests(server.url, stop_at), sample()
+    )
+    values = [m for _, m in rss]
+    tenth = max(1, len(values) // 10)
+    after_warmup, last = values[tenth : 2 * tenth] or values[:1], values[-tenth:]
+    res.update(bad)
+    res.update(
+        {
+            "minutes": args.soak_minutes,
+            "clients": args.soak_clients,
+            "rss_mb_first": values[0] if values else None,
+            "rss_mb_max": max(values) if values else None,
+            "rss_mb_last": values[-1] if values else None,
+            # flat: the last tenth of the run against the second tenth (after warm-up), medians
+            "rss_mb_growth_after_warmup": round(percentile(last, 50) - percentile(after_warmup, 50), 1)
+            if values
+            else None,
+            "rss_samples": rss,
+        }
+    )
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(res: dict) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"serve load: {res['clients']} clients over {res['n_patches']} patches, {res['base']}")
+    for c in ("server", "requests", "failed", "tokens/s", "p50 latency (s)", "p95 latency (s)", "wall (s)"):
+        t.add_column(c, justify="right" if c != "server" else "left")
+    for name in ("naive", "portllm"):
+        r = res[name]
+        t.add_row(
+            name,
+            str(r["requests"]),
+            str(r["failed"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['p50_latency_s']:.2f}",
+            f"{r['p95_latency_s']:.2f}",
+            f"{r['wall_s']:.1f}",
+        )
+    console = Console(width=140, record=True)
+    console.print(t)
+    console.print(f"throughput ratio portllm / naive: {res['throughput_ratio']:.2f}x (goal >= 3x)")
+    if res.get("soak"):
+        s = res["soak"]
+        console.print(
+            f"soak {s['minutes']} min, {s['clients']} clients: {s['requests']} requests, {s['failed']} failed, "
+            f"{s['tokens_per_s']:.1f} tokens/s; bad requests {s['bad_requests_sent']} sent, "
+            f"{s['bad_requests_mishandled']} mishandled; RSS {s['rss_mb_first']} -> {s['rss_mb_last']} MB "
+            f"(max {s['rss_mb_max']}, growth after warm-up {s['rss_mb_growth_after_warmup']} MB)"
+        )
+    return console.export_text()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--patches", default=None, help="comma-separated patch directories (default: 4 random ones)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each server")
+    ap.add_argument("--timeout", type=float, default=1800, help="client timeout per request (s)")
+    ap.add_argument("--skip-naive", action="store_true", help="measure portllm's server only")
+    ap.add_argument("--soak-minutes", type=float, default=0)
+    ap.add_argument("--soak-clients", type=int, default=16)
+    ap.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples in the soak")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/serve_load", help="writes OUT.json, OUT.txt")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "serve_load")
+    ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.naive_server:
+        run_naive_server(args)
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.patches:
+        patches = [Path(p) for p in args.patches.split(",")]
+    else:
+        print("making 4 random rank-8 patches ...", flush=True)
+        patches = make_patches(args.base, 4, args.work / "random-patches")
+    names = [f"p{i}" for i in range(len(patches))]
+    common = ["--base", args.base, "--max-queue", str(args.max_queue)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
+    res: dict[str, Any] = {
+        "base": args.base,
+        "patches": [str(p) for p in patches],
+        "n_patches": len(patches),
+        "clients": args.clients,
+        "requests_per_client": args.requests_per_client,
+        "max_tokens": args.max_tokens,
+        "max_batch": args.max_batch,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+    def measure(label: str, cmd: list[str]) -> tuple[dict, Server]:
+        print(f"starting the {label} server ...", flush=True)
+        server = Server(cmd, args.work / f"{label}.log")
+        asyncio.run(load(server.url, names, len(names), 1, None, args))  # warm-up: one request per patch
+        print(f"measuring {label}: {args.clients} clients x {args.requests_per_client} requests ...", flush=True)
+        r = asyncio.run(load(server.url, names, args.clients, args.requests_per_client, None, args))
+        r["server_rss_mb"] = round(server.rss_mb(), 1)
+        print(f"  {label}: {r['tokens_per_s']} tokens/s, p50 {r['p50_latency_s']} s, p95 {r['p95_latency_s']} s")
+        return r, server
+
+    if not args.skip_naive:
+        naive_cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", "--patches"]
+        naive_cmd += [",".join(map(str, patches)), *common]
+        res["naive"], server = measure("naive", naive_cmd)
+        server.stop()
+    serve_cmd = [sys.executable, "-m", "portllm.cli", "serve", "--port", "0", "--max-batch", str(args.max_batch)]
+    serve_cmd += [*common, *(f"--patch={n}={p}" for n, p in zip(names, patches))]
+    res["portllm"], server = measure("portllm", serve_cmd)
+    try:
+        if args.soak_minutes > 0:
+            print(f"soak: {args.soak_minutes} min at {args.soak_clients} clients ...", flush=True)
+            res["soak"] = asyncio.run(soak(server, names, args))
+    finally:
+        server.stop()
+    if "naive" in res:
+        res["throughput_ratio"] = round(res["portllm"]["tokens_per_s"] / max(res["naive"]["tokens_per_s"], 1e-9), 2)
+        text = table(res)
+    else:
+        res["throughput_ratio"] = None
+        text = json.dumps(res["portllm"], indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    args.out.with_suffix(".txt").write_text(text)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.txt')}")
+
+
+if __name__ == "__main__":
+    main()

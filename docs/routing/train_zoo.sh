@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The patch zoo on SmolLM2-135M-Instruct (θ): one LoRA patch per task, each scored beside θ zero-shot on the
+# first 500 eval examples. Cached: a patch or an eval that exists is not redone.  Usage: train_zoo.sh ZOO_DIR
+set -euo pipefail
+ZOO=${1:?usage: train_zoo.sh ZOO_DIR}
+mkdir -p "$ZOO"
+# task steps max-length
+RECIPES=${RECIPES:-"sst2 60 128
+qnli 120 192
+mrpc 120 128
+arc_easy 120 128
+openbookqa 120 96
+piqa 120 128
+winogrande 120 64
+boolq 120 320"}
+while read -r task steps len; do
+  [ -z "$task" ] && continue
+  if [ ! -f "$ZOO/$task/portllm.json" ]; then
+    portllm train --base smollm2-135m --task "$task" --out "$ZOO/$task" --steps "$steps" --lr 1e-3 \
+      --max-length "$len" --dtype bfloat16 --seed 0 --eval-limit 0
+  fi
+  [ -f "$ZOO/eval/base/$task/results.json" ] || \
+    portllm eval --model smollm2-135m --tasks "$task" --limit 500 --out "$ZOO/eval/base/$task"
+  [ -f "$ZOO/eval/patch/$task/results.json" ] || \
+    portllm eval --model smollm2-135m --patch "$ZOO/$task" --tasks "$task" --limit 500 --out "$ZOO/eval/patch/$task"
+done <<< "$RECIPES"

@@ -1,0 +1,116 @@
+"""Routing among patches: describe a patch for the global router, train PHATGOOSE gates, the routing study.
+(`portllm eval --patches ... --router R` lives with eval in evaluation.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import PortLLMError
+from ._app import SPEC_HELP, _json, app, err, out
+
+
+@app.command("describe")
+def describe_cmd(
+    patch: Path = typer.Argument(..., help="patch directory"),
+    text: Optional[str] = typer.Argument(None, help="what the patch does, in a sentence (default: its task's)"),
+    task: Optional[str] = typer.Option(None, "--task", help="the patch's task, when its manifest records none"),
+    examples: int = typer.Option(
+        0, "--examples", min=0, help="average this many of the task's train prompts into the embedding"
+    ),
+    generate: Optional[str] = typer.Option(
+        None, "--generate-with", help=f"let this base write the description from 3 train prompts: {SPEC_HELP}"
+    ),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Store a task description (and its all-MiniLM-L6-v2 embedding) in a patch's manifest, for routing."""
+    from ..routing import describe
+    from ..tasks import data_dir as resolve_data
+
+    if text is not None and generate is not None:
+        raise PortLLMError("give the description text or --generate-with BASE, not both")
+    data = resolve_data(data_dir) if (text is None or examples) else None
+    d = describe(patch, text, examples=examples, generate_with=generate, task=task, data=data)
+    if as_json:
+        _json(d.to_dict())
+        return
+    out.print(f"[green]described[/green] {patch}: {d.description!r} ({d.source}; {d.examples} train prompts embedded)")
+    if d.was_signed:
+        err.print(
+            f"[yellow]note:[/yellow] {patch}/portllm.json changed, so its signature no longer verifies; "
+            f"re-sign it: portllm sign {patch} --key KEY.key",
+            highlight=False,
+        )
+
+
+@app.command("route-gates")
+def gates_cmd(
+    patches: list[Path] = typer.Argument(..., help="patch directories (one base)"),
+    base: str = typer.Option(..., "--base", help=f"the base they share: {SPEC_HELP}"),
+    steps: int = typer.Option(100, "--steps", min=1),
+    lr: float = typer.Option(5e-3, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_length: int = typer.Option(128, "--max-length", min=8),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Train (and cache) each patch's PHATGOOSE gates on its own task's train data, base and patch frozen."""
+    from ..routing import PatchSet
+    from ..routing.phatgoose import GateConfig, gates_file, load_gates
+    from ..tasks import data_dir as resolve_data
+
+    ps = PatchSet(base, patches)
+    ps.gate_config = GateConfig(steps, batch_size, lr, max_length)
+    ps.data = resolve_data(data_dir)
+    load_gates(ps, log=lambda m: err.print(m, highlight=False), progress=err.is_terminal)
+    for i, e in enumerate(ps.experts):
+        out.print(f"{e.name}: {gates_file(ps, i, ps.gate_config)}")
+
+
+@app.command("route-study")
+def study_cmd(
+    base: str = typer.Option("smollm2-135m", "--base", help=f"the base: {SPEC_HELP}"),
+    patches: str = typer.Option(..., "--patches", help="comma-separated patch directories: the held-in tasks"),
+    held_out: str = typer.Option("", "--held-out", help="comma-separated tasks with no patch"),
+    routers: Optional[str] = typer.Option(
+        None, "--routers", help="comma-separated routers (default: glider,arrow,phatgoose,mixture,uniform)"
+    ),
+    limit: int = typer.Option(200, "--limit", min=1, help="eval examples per task"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
+    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0),
+    merges: str = typer.Option("linear,ties,dare_ties", "--merges", help="merge methods tried for the best merge"),
+    out_dir: Path = typer.Option(Path("docs/routing"), "--out"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="results cache (default $PORTLLM_CACHE/routing/study)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+) -> None:
+    """Held-in (mixed) and held-out suites: each router against the oracle, the best merge and the base."""
+    from ..routing.study import StudyConfig, run_study
+    from ..tasks import data_dir as resolve_data
+
+    cfg = StudyConfig(
+        base=base,
+        patches=[p for p in patches.split(",") if p],
+        held_out=[t for t in held_out.split(",") if t],
+        routers=[r for r in (routers or "glider,arrow,phatgoose,mixture,uniform").split(",") if r],
+        limit=limit,
+        top_k=top_k,
+        alpha=alpha,
+        merges=[m for m in merges.split(",") if m],
+        batch_size=batch_size,
+    )
+    from ..models import cache_root
+
+    rep = run_study(
+        cfg,
+        out_dir,
+        cache or cache_root() / "routing" / "study",
+        resolve_data(data_dir),
+        log=lambda m: err.print(m, highlight=False),
+    )
+    out.print((out_dir / "report.md").read_text())
+    out.print(f"[dim]report: {out_dir / 'report.json'}; chart: {out_dir / rep['chart']}[/dim]")

@@ -1,0 +1,366 @@
+"""The routing study: one patch set on one base, scored on a mixed held-in suite and a held-out suite.
+
+Held-in: the patches' own tasks, their examples interleaved in one stream, so only each row's text tells
+a router the task. Held-out: tasks no patch was made for. Each router is compared with the oracle (each
+example gets its own task's patch), the best single merge of all patches (the registry's methods with
+default parameters; the best held-in average is taken, i.e. selected on the test suite, which favours
+the merge) and the bare base. Results are cached per (what was scored, suite, patch-set hash, limit),
+so a rerun redoes only what changed. Writes OUT/report.json, OUT/report.md and OUT/routing.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomic
+from ..errors import PortLLMError
+from ..stats import wilson
+from ..tasks import get_task, load_examples
+from .describe import routing_record, task_prompts
+from .embed import shared_encoder
+from .patchset import PatchSet
+from .phatgoose import GateConfig
+from .routers import get_router
+from .score import score_tasks
+
+CHART = "routing.png"
+DESCRIPTION_EXAMPLES = 8  # train prompts averaged into an auto description's embedding
+
+
+@dataclass
+class StudyConfig:
+    base: str
+    patches: list[str]
+    held_out: list[str]
+    routers: list[str] = field(default_factory=lambda: ["glider", "arrow", "phatgoose", "mixture", "uniform"])
+    limit: int = 200
+    top_k: int | None = None
+    alpha: float | None = None
+    merges: list[str] = field(default_factory=lambda: ["linear", "ties", "dare_ties"])
+    batch_size: int = 16
+    dtype: str = "float32"
+    gates: GateConfig = field(default_factory=GateConfig)  # PHATGOOSE gate training (phatgoose, glider)
+
+
+def _summary(run: Any) -> dict[str, Any]:
+    k = sum(1 for r in run.records if r["correct"])
+    lo, hi = wilson(k, run.n)
+    return {"value": run.value, "k": k, "n": run.n, "ci_low": lo, "ci_high": hi, "majority": run.majority}
+
+
+def _mean(rows: dict[str, dict[str, Any]], tasks: list[str]) -> float:
+    return sum(rows[t]["value"] for t in tasks) / len(tasks) if tasks else 0.0
+
+
+class _Cache:
+    def __init__(self, root: Path, ident: dict[str, Any]):
+        self.root, self.ident = Path(root), ident
+
+    def get(self, what: dict[str, Any], suite: list[str], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        key = json.dumps({**self.ident, "what": what, "suite": suite}, sort_keys=True)
+        f = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        if f.is_file():
+            return json.loads(f.read_text())["tasks"]
+        res = compute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(f, json.dumps({"key": json.loads(key), "tasks": res}, indent=2))
+        return res
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    cache: str | Path,
+    data: str | Path | None = None,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Score everything (cached), write the report, return report.json's content."""
+    from ..evaluate import evaluate, open_lm
+    from ..merge import merge
+
+    out = Path(out)
+    if not cfg.patches:
+        raise PortLLMError("the study needs patches (--patches P1,P2,...)")
+    pset = PatchSet(cfg.base, cfg.patches, dtype=cfg.dtype)
+    pset.data, pset.log, pset.gate_config = data, log, cfg.gates
+    tasks_in = [e.task for e in pset.experts]
+    if None in tasks_in:
+        raise PortLLMError(f"patch {pset.experts[tasks_in.index(None)].path} records no task; the study needs it")
+    if len(set(tasks_in)) != len(tasks_in):
+        raise PortLLMError("two patches are for the same task; the held-in suite needs one patch per task")
+    overlap = set(tasks_in) & set(cfg.held_out)
+    if overlap:
+        raise PortLLMError(f"held-out task {sorted(overlap)[0]} has a patch in the set; held-out means no patch")
+    for t in cfg.held_out:
+        get_task(t)
+    described = _ensure_descriptions(pset, data, log)
+    ident = {
+        "set": pset.set_hash(),
+        "limit": cfg.limit,
+        "dtype": cfg.dtype,
+        "data": str(data),
+        "gates": cfg.gates.key(),
+    }
+    cache_ = _Cache(Path(cache), ident)
+    loaded_in = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in tasks_in}
+    loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
+    desc_key = {e.name: (e.description, (e.embedding or [0])[:4]) for e in pset.experts}
+
+    def scored(router_spec: dict[str, Any] | None, loaded: dict[str, Any]) -> dict[str, Any]:
+        what = {"router": router_spec, "descriptions": desc_key} if router_spec else {"router": None}
+        label = router_spec["router"] if router_spec else "base"
+
+        def compute() -> dict[str, Any]:
+            log(f"scoring {label} on {', '.join(loaded)} ({cfg.limit} each)")
+            r = get_router(**{"name": router_spec["router"]}, **_knobs(router_spec)) if router_spec else None
+            runs = score_tasks(pset, r, loaded, cfg.batch_size)
+            return {t: _summary(run) for t, run in runs.items()}
+
+        return cache_.get(what, list(loaded), compute)
+
+    base_in = scored(None, loaded_in)
+    base_out = scored(None, loaded_out) if loaded_out else {}
+    oracle = scored({"router": "oracle"}, loaded_in)
+    routers: dict[str, Any] = {}
+    for name in cfg.routers:
+        r = get_router(name, top_k=cfg.top_k, alpha=cfg.alpha)
+        spec = {k: v for k, v in r.params().items() if k != "clusters"}
+        if name == "mixture":
+            r.prepare(pset)
+            routers[name] = {"params": r.params()}
+        else:
+            routers[name] = {"params": spec}
+        routers[name]["held_in"] = scored(spec, loaded_in)
+        routers[name]["held_out"] = scored(spec, loaded_out) if loaded_out else {}
+    merges: dict[str, Any] = {}
+    for method in cfg.merges:
+
+        def compute_merge(method: str = method) -> dict[str, Any]:
+            log(f"merging all patches with {method} and scoring it")
+            merged, _ = merge(pset.patches, method)
+            d = Path(cache) / "merges" / f"{method}-{pset.set_hash()}"
+            if not (d / "portllm.json").is_file():
+                merged.save(d, overwrite=True)
+            res = evaluate(open_lm(cfg.base, d, dtype=cfg.dtype), [get_task(t) for t in tasks_in], cfg.limit, data)
+            return {
+                t: {
+                    "value": r.value,
+                    "k": round(r.value * r.n),
+                    "n": r.n,
+                    "ci_low": r.ci_low,
+                    "ci_high": r.ci_high,
+                    "majority": r.majority,
+                }
+                for t, r in res.tasks.items()
+            }
+
+        merges[method] = cache_.get({"merge": method}, tasks_in, compute_merge)
+    report = _report(cfg, pset, described, tasks_in, base_in, base_out, oracle, routers, merges)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", markdown(report))
+    chart(report, out / CHART)
+    return report
+
+
+def _knobs(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in ("router", "clusters")}
+
+
+def _ensure_descriptions(pset: PatchSet, data: str | Path | None, log: Callable[[str], Any]) -> dict[str, str]:
+    """Patches without a stored description get their task definition's, in memory (their files are left alone)."""
+    sources = {}
+    enc = None
+    for e in pset.experts:
+        if e.embedding is not None:
+            sources[e.name] = "manifest"
+            continue
+        enc = enc or shared_encoder()
+        task = get_task(e.task)
+        rec = routing_record(
+            task.description or task.name, "task definition", task_prompts(e.task, DESCRIPTION_EXAMPLES, data), enc
+        )
+        e.description, e.embedding = rec["description"], rec["embedding"]["vector"]
+        sources[e.name] = f"task definition + {DESCRIPTION_EXAMPLES} train prompts (in memory)"
+        log(f"{e.name}: no stored description; using {e.description!r} + {DESCRIPTION_EXAMPLES} train prompts")
+    return sources
+
+
+def _report(cfg, pset, described, tasks_in, base_in, base_out, oracle, routers, merges) -> dict[str, Any]:
+    merge_avg = {m: _mean(v, tasks_in) for m, v in merges.items()}
+    best = max(merge_avg, key=merge_avg.get) if merge_avg else None
+    held_in_r = {n: _mean(r["held_in"], tasks_in) for n, r in routers.items()}
+    held_out_r = {n: _mean(r["held_out"], cfg.held_out) if cfg.held_out else None for n, r in routers.items()}
+    o, b = _mean(oracle, tasks_in), _mean(base_in, tasks_in)
+    bm = merge_avg.get(best) if best else None
+    bo = _mean(base_out, cfg.held_out) if cfg.held_out else None
+    goals = {}
+    for n in routers:
+        goals[n] = {
+            "share_of_oracle": held_in_r[n] / o if o else None,
+            "meets_95pct_oracle": bool(o and held_in_r[n] >= 0.95 * o),
+            "minus_best_merge": held_in_r[n] - bm if bm is not None else None,
+            "above_best_merge": bool(bm is not None and held_in_r[n] > bm),
+            "held_out_minus_base": held_out_r[n] - bo if bo is not None and held_out_r[n] is not None else None,
+            "held_out_at_least_base": bool(bo is not None and held_out_r[n] >= bo),
+        }
+    per_in = {
+        t: {
+            "metric": get_task(t).metric,
+            "majority": base_in[t]["majority"],
+            "base": base_in[t],
+            "oracle": oracle[t],
+            "best_merge": merges[best][t] if best else None,
+            "merges": {m: merges[m][t] for m in merges},
+            "routers": {n: routers[n]["held_in"][t] for n in routers},
+        }
+        for t in tasks_in
+    }
+    per_out = {
+        t: {
+            "metric": get_task(t).metric,
+            "majority": base_out[t]["majority"],
+            "base": base_out[t],
+            "routers": {n: routers[n]["held_out"][t] for n in routers},
+        }
+        for t in cfg.held_out
+    }
+    return {
+        "command": "portllm route-study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["route-study"]
+        else None,
+        "config": asdict(cfg),
+        "base": pset.ref.name,
+        "base_fingerprint": pset.ref.fingerprint,
+        "patch_set": pset.set_hash(),
+        "patches": [
+            {"name": e.name, "path": e.path, "task": e.task, "description": e.description, "source": described[e.name]}
+            for e in pset.experts
+        ],
+        "limit": cfg.limit,
+        "chart": CHART,
+        "routers_params": {n: r["params"] for n, r in routers.items()},
+        "held_in": {
+            "tasks": tasks_in,
+            "oracle": o,
+            "best_merge": bm,
+            "best_merge_method": best,
+            "merges": merge_avg,
+            "base": b,
+            "routers": held_in_r,
+            "per_task": per_in,
+        },
+        "held_out": {"tasks": cfg.held_out, "base": bo, "routers": held_out_r, "per_task": per_out},
+        "goals": goals,
+        "notes": [
+            "averages are unweighted means over tasks of each task's accuracy (its metric: acc or acc_norm)",
+            "best_merge: the merge method with the best held-in average, selected on the test suite (favours it)",
+            "held-in examples are interleaved in one stream; each row is routed from its own prompt text only",
+            "oracle: each example gets its own task's patch (needs the task label)",
+        ],
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(r: dict[str, Any] | None) -> str:
+    return "-" if not r else f"{100 * r['value']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    hi, ho = rep["held_in"], rep["held_out"]
+    names = list(hi["routers"])
+    lines = [
+        "# Routing among patches: held-in and held-out",
+        "",
+        f"Base `{rep['base']}`, {len(rep['patches'])} patches, {rep['limit']} eval examples per task. "
+        + (f"Made by `{rep['command']}`." if rep.get("command") else ""),
+        "",
+        "| | held-in avg | % of oracle | held-out avg |",
+        "|---|---:|---:|---:|",
+        f"| base | {_fmt(hi['base'])} | {_fmt(hi['base'] / hi['oracle'] if hi['oracle'] else None)} | "
+        f"{_fmt(ho['base'])} |",
+        f"| oracle | {_fmt(hi['oracle'])} | 100.0 | - |",
+        f"| best merge ({hi['best_merge_method']}) | {_fmt(hi['best_merge'])} | "
+        f"{_fmt(hi['best_merge'] / hi['oracle'] if hi['oracle'] and hi['best_merge'] is not None else None)} | - |",
+    ]
+    for n in names:
+        share = hi["routers"][n] / hi["oracle"] if hi["oracle"] else None
+        lines.append(f"| {n} | {_fmt(hi['routers'][n])} | {_fmt(share)} | {_fmt(ho['routers'].get(n))} |")
+    lines += ["", "## Goals (GLIDER-style routing ≥ 95% of oracle and above the best merge; held-out ≥ base)", ""]
+    lines += [
+        "| router | share of oracle | − best merge (points) | held-out − base (points) | met |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for n, g in rep["goals"].items():
+        met = g["meets_95pct_oracle"] and g["above_best_merge"] and (g["held_out_at_least_base"] or not ho["tasks"])
+        lines.append(
+            f"| {n} | {_fmt(g['share_of_oracle'])}% | {_fmt(g['minus_best_merge'])} | "
+            f"{_fmt(g['held_out_minus_base'])} | {'yes' if met else 'no'} |"
+        )
+    lines += ["", "## Held-in, per task (accuracy %, Wilson 95% CI)", ""]
+    cols = ["majority", "base", "oracle", "best merge", *names]
+    lines += ["| task | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for t, r in hi["per_task"].items():
+        cells = [_fmt(r["majority"]), _ci(r["base"]), _ci(r["oracle"]), _ci(r["best_merge"])]
+        cells += [_ci(r["routers"][n]) for n in names]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if ho["tasks"]:
+        lines += ["", "## Held-out, per task", ""]
+        cols = ["majority", "base", *names]
+        lines += ["| task | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for t, r in ho["per_task"].items():
+            cells = [_fmt(r["majority"]), _ci(r["base"])] + [_ci(r["routers"][n]) for n in names]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Routers' parameters", ""]
+    for n, p in rep["routers_params"].items():
+        lines.append(f"- `{n}`: " + (", ".join(f"{k}={v}" for k, v in p.items() if k != "router") or "no parameters"))
+    lines += ["", "Merges tried (held-in avg): " + ", ".join(f"{m} {_fmt(v)}" for m, v in hi["merges"].items()), ""]
+    lines += ["## Patches", ""]
+    for p in rep["patches"]:
+        lines.append(f"- `{p['name']}` ({p['task']}): {p['description']!r} — {p['source']}")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in rep["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def chart(rep: dict[str, Any], path: Path) -> None:
+    """Held-in and held-out bars per router, with the oracle, best-merge and base lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hi, ho = rep["held_in"], rep["held_out"]
+    names = list(hi["routers"])
+    panels = [("held-in (mixed)", hi)] + ([("held-out", ho)] if ho["tasks"] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, suite) in zip(axes[0], panels):
+        vals = [100 * suite["routers"][n] for n in names]
+        ax.bar(names, vals, color="#4c72b0")
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
+        ax.axhline(100 * suite["base"], color="gray", ls="--", label=f"base {100 * suite['base']:.1f}")
+        if suite.get("oracle") is not None:
+            ax.axhline(100 * suite["oracle"], color="green", ls="-", label=f"oracle {100 * suite['oracle']:.1f}")
+        if suite.get("best_merge") is not None:
+            ax.axhline(
+                100 * suite["best_merge"], color="orange", ls=":", label=f"best merge {100 * suite['best_merge']:.1f}"
+            )
+        lo = min(vals + [100 * suite["base"]]) - 5
+        ax.set_ylim(max(0, lo), None)
+        ax.set_title(f"{title}: {', '.join(suite['tasks'])}", fontsize=8)
+        ax.set_ylabel("mean accuracy %")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
