@@ -17,7 +17,7 @@ DESCRIBED = {
     "movies": "movie review sentiment: is a review positive or negative",
     "math": "grade-school math word problems with numeric answers",
 }
-MATH = "Natalia sold clips to 48 of her friends, then half as many in May. How many clips did she sell in all?"
+MATH = "Math word problem: Natalia sold clips to 48 of her friends, then half as many in May. How many in all?"
 MOVIE = "a gorgeous, witty, seductive movie. Is this review positive or negative?"
 YESNO = "Passage: the sky is blue on clear days. Question: is the sky blue? Answer yes or no."
 
