@@ -238,6 +238,8 @@ def test_errors_are_openai_shaped(server, client):
         err = r.json()["error"]
         assert r.status_code == 400 and set(err) == {"message", "type", "param", "code"}, r.text
         assert err["type"] == "invalid_request_error"
+        if body == b"{not json":
+            assert err["param"] is None and "could not parse" in err["message"]
     r = httpx.get(server + "/nosuch")
     assert r.status_code == 404 and "error" in r.json()
     assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 200  # still fine

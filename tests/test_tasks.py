@@ -27,7 +27,7 @@ from portllm.tasks import (
 DATA = Path(os.environ.get("PORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data directory not present")
 
-KNOWN_OVERLAP = {"sst2_heldout": 75}  # documented in tasks/defs/sst2_heldout.yaml
+KNOWN_OVERLAP = {"sst2_heldout": 75, "cola": 16}  # documented in tasks/defs/{sst2_heldout,cola}.yaml
 EXPECTED = {  # task: (train n, eval n, eval label counts)
     "boolq": (1270, 2000, {1: 1256, 0: 744}),
     "sst2": (60614, 872, {1: 444, 0: 428}),
@@ -42,6 +42,7 @@ EXPECTED = {  # task: (train n, eval n, eval label counts)
     "qnli": (4463, 1000, {1: 527, 0: 473}),
     "sst2_heldout": (60614, 6735, {1: 3741, 0: 2994}),
     "openbookqa": (4957, 500, {0: 138, 2: 132, 1: 126, 3: 104}),
+    "cola": (8551, 1043, {1: 721, 0: 322}),
 }
 
 
@@ -212,7 +213,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
 
 def test_every_shipped_definition_loads():
     files = sorted(DEFS.glob("*.yaml"))
-    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 13
+    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 14
     for f in files:
         t = load_task_file(f)
         assert t.name == f.stem and t.source == str(f)

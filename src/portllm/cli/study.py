@@ -22,6 +22,9 @@ def sweep_cmd(
     real: bool = typer.Option(True, "--real/--no-real", help="include the plan's other real evolved bases"),
     retune: bool = typer.Option(True, "--retune/--no-retune", help="re-tune θ' at the plan's levels"),
     warm: bool = typer.Option(True, "--warm/--no-warm", help="measure warm-start vs cold re-tuning"),
+    correct: bool = typer.Option(
+        True, "--correct/--no-correct", help="try the training-free rescale correction (λ chosen without labels)"
+    ),
     out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="where report.json/.md and charts go"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/sweep)"),
@@ -56,6 +59,8 @@ def sweep_cmd(
         real=p.real if real else (),
         retune_levels=p.retune_levels if retune else (),
         warm_steps=p.warm_steps if warm else (),
+        correct_levels=p.correct_levels if correct else (),
+        correct_real=p.correct_real and correct,
     )
     log = (lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None)
     r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)

@@ -261,6 +261,7 @@ def create_app(
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error", "")
             msg = f"We could not parse the JSON body of your request ({why}). Send a JSON object."
+            param = None  # pydantic puts the character offset here, not a parameter name
         elif param is None:
             msg = "The request body must be a JSON object of the request's parameters."
         elif first.get("type") == "missing":
