@@ -103,3 +103,23 @@ def test_sweep_resumes_from_its_cache(toy, tmp_path):
     again = sweep(PLAN, str(toy["base"]), tmp_path / "b", toy["data"], cache, log=said.append)
     assert [c["evolved+patch"] for c in again["cells"]] == [c["evolved+patch"] for c in first["cells"]]
     assert not any("training" in m or "scoring" in m or "evolving" in m for m in said)  # nothing recomputed
+
+
+def test_rescale_cli_prints_the_choice_and_refuses_bad_scales(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from portllm.train import TrainConfig, train
+
+    p = tmp_path / "p"
+    train(str(toy["base"]), "sst2", p, TrainConfig(steps=4, lr=2e-2, max_length=64), data=toy["data"], eval_limit=0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "portllm.cli", "rescale", str(p), "--base", str(toy["base"])]
+    cmd += ["--from", str(toy["base"]), "--inputs", "sst2", "--n", "8", "--data-dir", str(toy["data"])]
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["scale"] == 1.0 and got["n"] == 8  # same base: λ = 1 is exact
+    r = subprocess.run([*cmd, "--scales", "1,-2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 3 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import PortLLMError
+
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
@@ -66,6 +68,8 @@ def choose_scale(
     from .tasks import get_task, load_examples
 
     t = get_task(task)
+    if t.kind != "mc":
+        raise PortLLMError(f"{t.name} is a generation task; choosing λ needs a task with answer options")
     examples = load_examples(t, "train", data, n)
     ref = _records(old, patch, t, examples, dtype)
     agreement: dict[str, float] = {}

@@ -133,3 +133,42 @@ def forecast_cmd(
     for note in f.notes[1:] if f.loss_points is None else f.notes:
         out.print(f"[dim]{note}[/dim]")
     out.print(f"[dim]calibration: {f.calibration.source}[/dim]")
+
+
+@app.command("rescale")
+def rescale_cmd(
+    patch: Path = typer.Argument(..., help="patch directory"),
+    base: str = typer.Option(..., "--base", help=f"the new base you plan to port onto: {SPEC_HELP}"),
+    old: str = typer.Option(..., "--from", help="the base the patch was made on"),
+    inputs: str = typer.Option(..., "--inputs", help="a task whose unlabeled train-split inputs choose λ"),
+    n: int = typer.Option(150, "--n", min=1, help="how many inputs"),
+    scales: str = typer.Option("0.5,0.75,1,1.25,1.5,2", "--scales", help="the λ values to try"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Training-free correction: the λ for `port --scale` under which θ'+λΔθ answers most like θ+Δθ (no labels)."""
+    from ..rescale import choose_scale
+
+    try:
+        grid = tuple(float(x) for x in scales.split(",") if x)
+    except ValueError:
+        raise PortLLMError(f"--scales must be numbers separated by commas, got {scales!r}") from None
+    if not grid or any(not (0 < x < 100) for x in grid):
+        raise PortLLMError("--scales needs at least one λ, each above 0 (e.g. 0.5,1,1.5,2)")
+    c = choose_scale(patch, old, base, inputs, n, grid, data_dir)
+    if as_json:
+        _json(c.to_dict())
+        return
+    t = Table(title=f"rescale: {patch} -> {base} ({c.n} unlabeled {inputs} inputs)")
+    t.add_column("λ", justify="right")
+    t.add_column("agreement with θ+Δθ", justify="right")
+    t.add_column("KL(θ+Δθ ‖ θ'+λΔθ)", justify="right")
+    for k in c.agreement:
+        mark = " ←" if float(k) == c.scale else ""
+        t.add_row(k + mark, f"{c.agreement[k]:.1%}", f"{c.kl[k]:.4f}")
+    out.print(t)
+    out.print(f"port with: portllm port {patch} --base {base} --scale {c.scale:g} --out DIR")
+    out.print(
+        "[dim]measured on an SST-2 drift sweep (docs/sweep): +5.0 points over the plain port on average at "
+        "2.3–4.5% drift; check it on your task before relying on it.[/dim]"
+    )
