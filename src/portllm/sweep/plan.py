@@ -63,7 +63,8 @@ PLANS: dict[str, SweepPlan] = {
         {
             "sst2_heldout": TaskRecipe(60, 1e-3, 128, 1000),
             "qnli": TaskRecipe(120, 1e-3, 192, 1000),
-            "boolq": TaskRecipe(120, 1e-3, 320, 500),
+            # ARC-Easy's patch learned +19.6 points (docs/routing); BoolQ's only reached the majority class
+            "arc_easy": TaskRecipe(120, 1e-3, 128, 1000),
         },
         real=(Evolution("text", 40, 1e-3, 128), Evolution("instruct", 40, 4e-4, 128)),
         warm_steps=(10, 30),
