@@ -253,8 +253,8 @@ def test_gguf_export_is_keyed_by_the_full_file_hash(tmp_path, monkeypatch):
     os.utime(g, ns=(past + 10**9, past + 10**9))
     assert models._gguf_key(g) != key
     reads = []
-    real = models._sha256_file
-    monkeypatch.setattr(models, "_sha256_file", lambda p: reads.append(p) or real(p))
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: reads.append(p) or real(p))
     models._gguf_key(g)
     assert reads == []  # cached: a stat
 

@@ -531,6 +531,31 @@ class TaskRun:
         )
 
 
+def mc_records(task: Task, examples: list[Example], lls: list[float]) -> list[dict[str, Any]]:
+    """Per-example records from the answer options' log-likelihoods (in example, then option order)."""
+    records: list[dict[str, Any]] = []
+    k = 0
+    for e in examples:
+        s = lls[k : k + len(e.continuations)]
+        k += len(e.continuations)
+        acc_pred = max(range(len(s)), key=lambda i: s[i])
+        normed = [v / _choice_len(c) for v, c in zip(s, e.continuations)]
+        norm_pred = max(range(len(s)), key=lambda i: normed[i])
+        pred = norm_pred if task.metric == "acc_norm" else acc_pred
+        records.append(
+            {
+                "idx": e.idx,
+                "pred": pred,
+                "gold": e.gold,
+                "correct": pred == e.gold,
+                "scores": s,
+                "acc_pred": acc_pred,
+                "acc_norm_pred": norm_pred,
+            }
+        )
+    return records
+
+
 def run_task(
     lm: LM,
     task: Task,
@@ -547,29 +572,9 @@ def run_task(
         pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
         share = [e.idx for e in examples for _ in e.continuations]
         lls, tokens = loglikelihoods(lm, pairs, batch_size, progress, share, max_tokens)
-        k = 0
-        correct_norm = []
-        for e in examples:
-            s = lls[k : k + len(e.continuations)]
-            k += len(e.continuations)
-            acc_pred = max(range(len(s)), key=lambda i: s[i])
-            normed = [v / _choice_len(c) for v, c in zip(s, e.continuations)]
-            norm_pred = max(range(len(s)), key=lambda i: normed[i])
-            pred = norm_pred if task.metric == "acc_norm" else acc_pred
-            correct_norm.append(float(norm_pred == e.gold))
-            records.append(
-                {
-                    "idx": e.idx,
-                    "pred": pred,
-                    "gold": e.gold,
-                    "correct": pred == e.gold,
-                    "scores": s,
-                    "acc_pred": acc_pred,
-                    "acc_norm_pred": norm_pred,
-                }
-            )
+        records = mc_records(task, examples, lls)
         extra["acc"] = sum(r["acc_pred"] == r["gold"] for r in records) / max(1, len(records))
-        extra["acc_norm"] = sum(correct_norm) / max(1, len(correct_norm))
+        extra["acc_norm"] = sum(r["acc_norm_pred"] == r["gold"] for r in records) / max(1, len(records))
     else:
         texts, tokens = generate(
             lm, [e.prompt for e in examples], task.stop, task.max_new_tokens, max(1, batch_size // 2), progress

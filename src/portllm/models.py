@@ -445,7 +445,7 @@ def record_tensor_hashes(files: dict[Path, dict[str, str]]) -> None:
 def file_sha256(path: Path) -> str:
     """sha256 of a whole file (a GGUF), remembered by file stat like `content_sha256`."""
     cache = _HashCache()
-    digest = cache.get(path, "file", lambda: _sha256_file(path))
+    digest = cache.get(path, "file", lambda: sha256_file(path))
     cache.save()
     return digest
 
@@ -472,7 +472,8 @@ def _hash_range(f: Any, info: TensorInfo, path: Path) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 8 MiB blocks (one implementation for patches, GGUFs and signatures)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import json
 import math
 import re
@@ -26,7 +25,7 @@ import torch
 from . import __version__
 from .atomic import atomic_dir
 from .errors import PortLLMError
-from .models import BaseInfo, BaseRef
+from .models import BaseInfo, BaseRef, sha256_file
 from .stream import Index, read_header
 
 MANIFEST = "portllm.json"
@@ -39,14 +38,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

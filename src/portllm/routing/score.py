@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
-from ..evaluate import EvalResult, Progress, TaskRun, _choice_len, _token_budget, accuracy, bootstrap_stderr, run_task
+from ..evaluate import EvalResult, Progress, TaskRun, _token_budget, accuracy, bootstrap_stderr, mc_records, run_task
 from ..progress import Bar
 from ..tasks import Example, Task, load_examples
 from .describe import request_text
@@ -64,28 +63,10 @@ def score_tasks(
     wall = time.perf_counter() - t0
     k = 0
     for name, (task, examples) in mc.items():
-        records: list[dict[str, Any]] = []
-        norm_ok = []
         n_pairs = sum(len(e.continuations) for e in examples)
-        for e in examples:
-            s = lls[k : k + len(e.continuations)]
-            k += len(e.continuations)
-            acc_pred = max(range(len(s)), key=lambda i: s[i])
-            normed = [v / _choice_len(c) for v, c in zip(s, e.continuations)]
-            norm_pred = max(range(len(s)), key=lambda i: normed[i])
-            pred = norm_pred if task.metric == "acc_norm" else acc_pred
-            norm_ok.append(float(norm_pred == e.gold))
-            records.append(
-                {
-                    "idx": e.idx,
-                    "pred": pred,
-                    "gold": e.gold,
-                    "correct": pred == e.gold,
-                    "scores": s,
-                    "acc_pred": acc_pred,
-                    "acc_norm_pred": norm_pred,
-                }
-            )
+        records = mc_records(task, examples, lls[k : k + n_pairs])
+        k += n_pairs
+        norm_ok = [float(r["acc_norm_pred"] == r["gold"]) for r in records]
         correct = [float(r["correct"]) for r in records]
         acc = accuracy(records)
         share_of = n_pairs / max(1, len(pairs))
