@@ -142,7 +142,7 @@ def sweep(
             interpolate(theta, direction, t, d, overwrite=True)
         levels.append({"label": f"t={t:g}", "t": t, "evolution": f"interpolated:{plan.direction.label}", "dir": d})
     for ev in plan.real:
-        levels.append({"label": ev.label, "t": None, "evolution": ev.label, "dir": evolved(ev)})
+        levels.append({"label": ev.label, "t": None, "evolution": ev.label, "corpus": ev.corpus, "dir": evolved(ev)})
     for lv in levels:
         lv["fingerprint"] = fingerprint(lv["dir"])
         sums = store.json("drift_sums", (fp, lv["fingerprint"]), lambda lv=lv: drift_sums(theta, lv["dir"]))
@@ -206,7 +206,8 @@ def sweep(
         zero = records(scored(theta, fp, None, False, task, r.eval_limit), task)
         patches = {s: patch_on(theta, fp, task, r, s) for s in plan.seeds}
         with_patch = {s: records(scored(theta, fp, patches[s], False, task, r.eval_limit), task) for s in plan.seeds}
-        for lv in levels:
+        task_levels = [lv for lv in levels if _scores(r, lv)]
+        for lv in task_levels:
             ev = records(scored(lv["dir"], lv["fingerprint"], None, False, task, r.eval_limit), task)
             behaviour.setdefault(lv["label"], {})[task] = sum(a["pred"] == b["pred"] for a, b in zip(zero, ev)) / len(
                 ev
@@ -258,7 +259,7 @@ def sweep(
                         },
                     }
                 )
-                if s == plan.seeds[0] and _corrects(plan, lv):
+                if s == plan.seeds[0] and r.extras and _corrects(plan, lv):
                     cells[-1]["corrected"] = _correct(
                         plan, task, r, lv, patches[s], theta, fp, store, data, scored, records, with_patch[s], ported
                     )
@@ -268,8 +269,8 @@ def sweep(
                     f"{c['evolved+patch']:.3f}" for c in cells if c["task"] == task and c["level"] == lv["label"]
                 )
             )
-        for tr in plan.retune_levels:
-            lv = next((x for x in levels if x["t"] == tr), None)
+        for tr in plan.retune_levels if r.retune_levels is None else r.retune_levels:
+            lv = next((x for x in task_levels if x["t"] == tr), None)
             if lv is None:
                 continue
             p2 = patch_on(lv["dir"], lv["fingerprint"], task, r, plan.seeds[0])
@@ -295,12 +296,12 @@ def sweep(
             for c in cells:
                 if c["task"] == task and c["level"] == lv["label"] and c["seed"] == plan.seeds[0]:
                     c["evolved+retuned"] = pr.acc_a
-        if plan.warm_steps:
+        if plan.warm_steps and r.extras:
             warm += _warm_start(
                 plan,
                 task,
                 r,
-                levels,
+                task_levels,
                 patches[plan.seeds[0]],
                 store,
                 data,
@@ -404,6 +405,13 @@ def _warm_start(
                 }
             )
     return rows
+
+
+def _scores(r, lv: dict[str, Any]) -> bool:
+    """Is this base on the task's grid? (its recipe may narrow the plan's levels and real bases)"""
+    if lv["t"] is not None:
+        return r.levels is None or lv["t"] in r.levels
+    return r.real is None or lv["corpus"] in r.real
 
 
 def _corrects(plan: SweepPlan, lv: dict[str, Any]) -> bool:
