@@ -74,8 +74,9 @@ PLANS: dict[str, SweepPlan] = {
             "sst2_heldout": TaskRecipe(60, 1e-3, 128, 1000),
             # ARC-Easy's patch learned +19.6 points (docs/routing); BoolQ's only reached the majority class.
             # Its evals cost ~4 min per 500 here: five bases (0 to 4.52% and the real text update), 3 seeds.
-            "arc_easy": TaskRecipe(120, 1e-3, 128, 500, levels=(0.0, 0.5, 1.0, 2.0), real=("text",),
-                                   retune_levels=(2.0,), extras=False),
+            "arc_easy": TaskRecipe(
+                120, 1e-3, 128, 500, levels=(0.0, 0.5, 1.0, 2.0), real=("text",), retune_levels=(2.0,), extras=False
+            ),
         },
         real=(Evolution("text", 40, 1e-3, 128), Evolution("instruct", 40, 4e-4, 128)),
         warm_steps=(10, 30),
