@@ -323,6 +323,38 @@ def test_study_writes_report(zoo, tmp_path):
     assert not [m for m in logs[n_logs:] if m.startswith(("scoring", "merging"))]
 
 
+def test_study_tunes_glider_on_a_dev_slice_disjoint_from_the_test_slice(zoo, tmp_path):
+    from dataclasses import replace
+
+    from portllm.errors import PortLLMError
+    from portllm.routing.phatgoose import GateConfig
+    from portllm.routing.study import StudyConfig, run_study
+
+    data = tiny.sentiment_data(tmp_path / "data", n_train=32, n_eval=10)
+    cfg = StudyConfig(
+        base=str(zoo["base"]),
+        patches=[str(zoo["patches"][0])],
+        held_out=[],
+        routers=["glider"],
+        limit=6,
+        merges=[],
+        gates=GateConfig(steps=2, batch_size=4, max_length=32),
+        tune=4,
+        tune_top_k=(1,),
+        tune_alpha=(1.0, 10.0),
+    )
+    logs = []
+    rep = run_study(cfg, tmp_path / "out", tmp_path / "cache", data, log=logs.append)
+    tu = rep["tuning"]
+    assert tu["dev_rows"] == [6, 10] and tu["dev_n"] == {"sst2": 4} and len(tu["grid"]) == 2
+    assert tu["chosen"]["dev"] == max(g["dev"] for g in tu["grid"])
+    assert rep["routers_params"]["glider (tuned)"]["alpha"] == tu["chosen"]["alpha"]
+    assert rep["held_in"]["per_task"]["sst2"]["routers"]["glider (tuned)"]["n"] == 6  # scored on the test rows
+    assert any("(4 each, dev)" in m for m in logs) and "Tuning glider" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(PortLLMError, match="no eval examples after the first 10"):
+        run_study(replace(cfg, limit=10), tmp_path / "out2", tmp_path / "cache", data, log=logs.append)
+
+
 # ---------------------------------------------------------------- review fixes
 
 

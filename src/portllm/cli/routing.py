@@ -87,6 +87,9 @@ def study_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="results cache (default $PORTLLM_CACHE/routing/study)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
+    tune: int = typer.Option(
+        0, "--tune", min=0, help="choose glider's top-k and α on this many eval examples per task after --limit"
+    ),
 ) -> None:
     """Held-in (mixed) and held-out suites: each router against the oracle, the best merge and the base."""
     from ..routing.study import StudyConfig, run_study
@@ -102,6 +105,7 @@ def study_cmd(
         alpha=alpha,
         merges=[m for m in merges.split(",") if m],
         batch_size=batch_size,
+        tune=tune,
     )
     from ..models import cache_root
 

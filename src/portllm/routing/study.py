@@ -47,6 +47,11 @@ class StudyConfig:
     batch_size: int = 16
     dtype: str = "float32"
     gates: GateConfig = field(default_factory=GateConfig)  # PHATGOOSE gate training (phatgoose, glider)
+    # glider's k and α chosen on a dev slice: the `tune` eval examples per held-in task that follow the
+    # `limit` test examples (disjoint from them); 0 = no tuning, glider runs with its defaults only
+    tune: int = 0
+    tune_top_k: tuple[int, ...] = (1, 2)
+    tune_alpha: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
 
 
 def _summary(run: Any) -> dict[str, Any]:
@@ -113,12 +118,15 @@ def run_study(
     loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
     desc_key = {e.name: (e.description, (e.embedding or [0])[:4]) for e in pset.experts}
 
-    def scored(router_spec: dict[str, Any] | None, loaded: dict[str, Any]) -> dict[str, Any]:
+    def scored(router_spec: dict[str, Any] | None, loaded: dict[str, Any], part: str = "test") -> dict[str, Any]:
         what = {"router": router_spec, "descriptions": desc_key} if router_spec else {"router": None}
+        if part != "test":
+            what["part"] = part
         label = router_spec["router"] if router_spec else "base"
 
         def compute() -> dict[str, Any]:
-            log(f"scoring {label} on {', '.join(loaded)} ({cfg.limit} each)")
+            n = {len(ex) for _, ex in loaded.values()}
+            log(f"scoring {label} on {', '.join(loaded)} ({'/'.join(map(str, sorted(n)))} each, {part})")
             r = get_router(**{"name": router_spec["router"]}, **_knobs(router_spec)) if router_spec else None
             runs = score_tasks(pset, r, loaded, cfg.batch_size)
             return {t: _summary(run) for t, run in runs.items()}
@@ -139,6 +147,7 @@ def run_study(
             routers[name] = {"params": spec}
         routers[name]["held_in"] = scored(spec, loaded_in)
         routers[name]["held_out"] = scored(spec, loaded_out) if loaded_out else {}
+    tuning = _tune(cfg, tasks_in, data, scored, routers) if cfg.tune and "glider" in cfg.routers else None
     merges: dict[str, Any] = {}
     for method in cfg.merges:
 
@@ -163,11 +172,49 @@ def run_study(
 
         merges[method] = cache_.get({"merge": method}, tasks_in, compute_merge)
     report = _report(cfg, pset, described, tasks_in, base_in, base_out, oracle, routers, merges)
+    report["tuning"] = tuning
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", markdown(report))
     chart(report, out / CHART)
     return report
+
+
+def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers: dict[str, Any]) -> dict[str, Any]:
+    """Choose glider's k and α by held-in accuracy on a dev slice disjoint from the test slice, then score
+    the choice on the test suites as router "glider (tuned)". Ties go to the smaller k, then smaller α."""
+    dev = {}
+    for t in tasks_in:
+        task = get_task(t)
+        ex = load_examples(task, "eval", data, cfg.limit + cfg.tune)[cfg.limit :]
+        if not ex:
+            raise PortLLMError(
+                f"{t} has no eval examples after the first {cfg.limit}: tuning needs a dev slice beyond the "
+                "test slice (lower --limit or --tune 0)"
+            )
+        dev[t] = (task, ex)
+    grid = []
+    for k in cfg.tune_top_k:
+        for a in cfg.tune_alpha:
+            spec = {kk: v for kk, v in get_router("glider", top_k=k, alpha=a).params().items() if kk != "clusters"}
+            res = scored(spec, dev, "dev")
+            grid.append({"top_k": k, "alpha": a, "dev": _mean(res, tasks_in), "per_task": res})
+    best = max(grid, key=lambda g: g["dev"])  # max keeps the first of equals: the grid's order breaks ties
+    spec = {k: v for k, v in get_router("glider", top_k=best["top_k"], alpha=best["alpha"]).params().items()}
+    loaded_in = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in tasks_in}
+    loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
+    routers["glider (tuned)"] = {
+        "params": spec,
+        "held_in": scored(spec, loaded_in),
+        "held_out": scored(spec, loaded_out) if loaded_out else {},
+    }
+    return {
+        "router": "glider",
+        "dev_rows": [cfg.limit, cfg.limit + cfg.tune],
+        "dev_n": {t: len(ex) for t, (_, ex) in dev.items()},
+        "grid": [{k: v for k, v in g.items() if k != "per_task"} for g in grid],
+        "chosen": {"top_k": best["top_k"], "alpha": best["alpha"], "dev": best["dev"]},
+    }
 
 
 def _knobs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +372,24 @@ def markdown(rep: dict[str, Any]) -> str:
     for n, p in rep["routers_params"].items():
         lines.append(f"- `{n}`: " + (", ".join(f"{k}={v}" for k, v in p.items() if k != "router") or "no parameters"))
     lines += ["", "Merges tried (held-in avg): " + ", ".join(f"{m} {_fmt(v)}" for m, v in hi["merges"].items()), ""]
+    tu = rep.get("tuning")
+    if tu:
+        lo, hi_ = tu["dev_rows"]
+        lines += [
+            "## Tuning glider's k and α (dev slice, not the test examples)",
+            "",
+            f"Held-in eval rows {lo}–{hi_ - 1} of each task (disjoint from the {lo} test rows above); "
+            f"chosen: top-k {tu['chosen']['top_k']}, α {tu['chosen']['alpha']:g} "
+            f"(dev avg {_fmt(tu['chosen']['dev'])}), "
+            'scored on the test suites as "glider (tuned)".',
+            "",
+            "| top-k | " + " | ".join(f"α {a:g}" for a in sorted({g["alpha"] for g in tu["grid"]})) + " |",
+            "|---|" + "---:|" * len({g["alpha"] for g in tu["grid"]}),
+        ]
+        for k in sorted({g["top_k"] for g in tu["grid"]}):
+            row = {g["alpha"]: g["dev"] for g in tu["grid"] if g["top_k"] == k}
+            lines.append(f"| {k} | " + " | ".join(_fmt(row.get(a)) for a in sorted(row)) + " |")
+        lines.append("")
     lines += ["## Patches", ""]
     for p in rep["patches"]:
         lines.append(f"- `{p['name']}` ({p['task']}): {p['description']!r} — {p['source']}")
