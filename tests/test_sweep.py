@@ -73,6 +73,9 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
     assert r["correction"]["cells"] == 1 and r["correction"]["verdict"] in ("helps", "hurts", "no clear effect")
     v = r["forecast_validation"]
     assert v["cells"] == len(cells) and "spearman_loss" in v and "mae_neg_flip_rate_points" in v
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["c"] == 0 and cal["flip_c"] == 0  # through the origin: no signal, no forecast
+    assert all(c["forecast"]["loss"] == 0 and c["forecast"]["neg_flip_rate"] == 0 for c in control)
     assert json.loads((out / "report.json").read_text())["cells"] == json.loads(json.dumps(cells, default=str))
     md = (out / "report.md").read_text()
     assert "## sst2" in md and "Forecast, validated out of sample" in md and "t=2" in md
@@ -134,3 +137,35 @@ def test_rescale_cli_prints_the_choice_and_refuses_bad_scales(toy, tmp_path):
     assert got["scale"] == 1.0 and got["n"] == 8  # same base: λ = 1 is exact
     r = subprocess.run([*cmd, "--scales", "1,-2"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 3 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_validation_leaves_levels_and_tasks_out_on_synthetic_cells():
+    import random
+
+    from portllm.sweep.calibrate import fit, validate
+
+    rng = random.Random(0)
+    cells = []
+    for task in ("a", "b"):
+        for level, t in (("t=0", 0.0), ("t=1", 1.0), ("t=2", 2.0), ("t=3", 3.0)):
+            raw, dis = 0.05 * t + rng.uniform(0, 0.01) * t, 0.1 * t
+            cells.append(
+                {
+                    "task": task,
+                    "level": level,
+                    "loss": 2 * raw,
+                    "neg_flip_rate": 0.5 * raw + 0.5 * dis,
+                    "forecast": {
+                        "raw_loss": raw,
+                        "subspace_disturbance": 0.0,
+                        "raw_neg_flip_rate": raw,
+                        "disagreement": dis,
+                    },
+                }
+            )
+    f = fit(cells)
+    assert f.a == pytest.approx(2) and f.flip_a == pytest.approx(0.5) and f.flip_b == pytest.approx(0.5)
+    v = validate(cells)
+    assert v["cells"] == 8 and v["spearman_loss"] == pytest.approx(1) and v["mae_neg_flip_rate_points"] < 1e-6
+    assert v["leave_one_task_out"]["tasks"] == 2 and v["leave_one_task_out"]["cells"] == 8
+    assert [c["forecast"]["loss"] for c in cells if c["level"] == "t=0"] == [0.0, 0.0]

@@ -59,15 +59,27 @@ class OutputSignals:
 
 @dataclass(frozen=True)
 class Calibration:
-    """loss_points = a · raw_loss_points + b · subspace_disturbance + c (fitted on a sweep)."""
+    """The map from raw signals to points, fitted on a sweep (`portllm.sweep.calibrate.fit`):
+    loss = a · raw_loss + b · subspace_disturbance + c; neg-flip rate = flip_a · raw_flips + flip_b ·
+    disagreement + flip_c (all in points). Sweeps fit c = flip_c = 0: no signal, no forecast (the t = 0 control)."""
 
     a: float = 1.0
     b: float = 0.0
     c: float = 0.0
     flip_a: float = 1.0
+    flip_b: float = 0.0
     flip_c: float = 0.0
     residual_sd_points: float | None = None
     source: str = "raw (uncalibrated): θ+Δθ's own probabilities as the belief about the right answer"
+
+    def loss(self, raw_points: float, disturbance: float) -> float:
+        return self.a * raw_points + self.b * disturbance + self.c
+
+    def flips(self, raw_flip_points: float, disagreement_points: float) -> float:
+        return max(0.0, self.flip_a * raw_flip_points + self.flip_b * disagreement_points + self.flip_c)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def load(cls, path: str | Path | None) -> Calibration:
@@ -243,9 +255,9 @@ def forecast(
         notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
         return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
     raw = -100 * outputs.expected_change
-    loss = cal.a * raw + cal.b * weights.subspace_disturbance + cal.c
+    loss = cal.loss(raw, weights.subspace_disturbance)
     lo_raw, hi_raw = (-100 * outputs.expected_change_ci[1], -100 * outputs.expected_change_ci[0])
     spread = 1.96 * cal.residual_sd_points if cal.residual_sd_points else 0.0
     interval = (cal.a * lo_raw + loss - cal.a * raw - spread, cal.a * hi_raw + loss - cal.a * raw + spread)
-    flips = cal.flip_a * 100 * outputs.expected_neg_flip_rate + cal.flip_c
-    return Forecast(str(patch), str(base), str(old), weights, outputs, loss, interval, max(0.0, flips), cal, notes)
+    flips = cal.flips(100 * outputs.expected_neg_flip_rate, 100 * outputs.disagreement)
+    return Forecast(str(patch), str(base), str(old), weights, outputs, loss, interval, flips, cal, notes)

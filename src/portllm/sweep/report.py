@@ -173,6 +173,14 @@ def markdown(r: dict[str, Any]) -> str:
             f"{'met' if v['met']['mae_neg_flip_rate_points'] else 'not met'})",
             f"- loss MAE: {v['mae_loss_points']:.2f} points",
         ]
+        t = v.get("leave_one_task_out")
+        if t and t.get("cells"):
+            trho = "-" if t["spearman_loss"] is None else f"{t['spearman_loss']:.3f}"
+            lines += [
+                f"- a harder protocol, leave one task out ({t['tasks']} tasks; {t['protocol']}): ρ {trho}, "
+                f"negative-flip-rate MAE {t['mae_neg_flip_rate_points']:.2f} points, loss MAE "
+                f"{t['mae_loss_points']:.2f} points",
+            ]
     lines += [
         "",
         f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs; wall time of this run "

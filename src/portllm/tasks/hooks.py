@@ -79,6 +79,24 @@ def _scalar(x: Any) -> bool:
     return isinstance(x, (str, int, float)) and not isinstance(x, bool)
 
 
+@hook("labeled_choices", provides=("stem", "options", "answer_index"))
+def _labeled(row: dict[str, Any], v: Vars) -> Vars:
+    """The hub's flattened layout (CommonsenseQA): question text, choices as parallel label/text lists."""
+    c = row.get("choices")
+    if not isinstance(row.get("question"), str) or not isinstance(c, dict):
+        raise row_error(row, "row needs question (text) and choices {label: [...], text: [...]}")
+    labels, texts = c.get("label"), c.get("text")
+    if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts) or not labels:
+        raise row_error(row, "choices.label and choices.text must be lists of the same length")
+    if not all(_scalar(x) for x in labels + texts):
+        raise row_error(row, "choices.label and choices.text must hold text")
+    labels = [str(x) for x in labels]
+    key = str(row.get("answerKey", "")).strip()
+    if key not in labels:
+        raise row_error(row, f"answerKey {key[:20]!r} not among {labels}")
+    return {"stem": row["question"], "options": [str(x) for x in texts], "answer_index": labels.index(key)}
+
+
 @hook("obqa_choices", needs=("choice_text", "answer_key"), provides=("options", "answer_index"))
 def _obqa(row: dict[str, Any], v: Vars) -> Vars:
     """OpenBookQA's TSV packs the four choices into one '(A) ... (B) ... (C) ... (D) ...' string."""
