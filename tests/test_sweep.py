@@ -111,11 +111,13 @@ def test_sweep_resumes_from_its_cache(toy, tmp_path):
 def test_a_task_recipe_can_narrow_the_grid(toy, tmp_path):
     from dataclasses import replace
 
-    narrow = TaskRecipe(steps=12, lr=2e-2, max_length=64, eval_limit=24, levels=(0.0, 2.0), real=(), extras=False)
+    narrow = TaskRecipe(
+        steps=12, lr=2e-2, max_length=64, eval_limit=24, levels=(0.0, 2.0), real=(), warm=False, correct=False
+    )
     plan = replace(PLAN, tasks={"sst2": narrow}, seeds=(0,), real=(Evolution("text", steps=2, lr=5e-2, max_length=32),))
     r = sweep(plan, str(toy["base"]), tmp_path / "out", toy["data"], tmp_path / "cache", log=lambda m: None)
     assert sorted(c["t"] for c in r["cells"]) == [0.0, 2.0]  # not 0.5, 1 nor the real base
-    assert not any(c.get("corrected") for c in r["cells"])  # extras off: no correction ...
+    assert not any(c.get("corrected") for c in r["cells"])  # correction off ...
     assert r["warm_start"] == [] and [x["level"] for x in r["retunes"]] == ["t=2"]  # ... plan's re-tune kept
 
 

@@ -43,6 +43,7 @@ EXPECTED = {  # task: (train n, eval n, eval label counts)
     "sst2_heldout": (60614, 6735, {1: 3741, 0: 2994}),
     "openbookqa": (4957, 500, {0: 138, 2: 132, 1: 126, 3: 104}),
     "cola": (8551, 1043, {1: 721, 0: 322}),
+    "commonsense_qa": (500, 721, {1: 155, 2: 148, 0: 142, 3: 141, 4: 135}),
 }
 
 
@@ -135,6 +136,12 @@ SNAPSHOTS = {
         0,
     ),
     "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?", "\nAnswer:", None, 0),
+    "commonsense_qa": (
+        "Question: A revolving door is convenient for two direction travel",
+        "\nAnswer:",
+        (" bank", " library", " department store", " mall", " new york"),
+        0,
+    ),
     "openbookqa": (
         "A person wants to start saving money",
         "the best way to save money is to",

@@ -259,7 +259,7 @@ def sweep(
                         },
                     }
                 )
-                if s == plan.seeds[0] and r.extras and _corrects(plan, lv):
+                if s == plan.seeds[0] and r.correct and _corrects(plan, lv):
                     cells[-1]["corrected"] = _correct(
                         plan, task, r, lv, patches[s], theta, fp, store, data, scored, records, with_patch[s], ported
                     )
@@ -296,7 +296,7 @@ def sweep(
             for c in cells:
                 if c["task"] == task and c["level"] == lv["label"] and c["seed"] == plan.seeds[0]:
                     c["evolved+retuned"] = pr.acc_a
-        if plan.warm_steps and r.extras:
+        if plan.warm_steps and r.warm:
             warm += _warm_start(
                 plan,
                 task,
