@@ -144,3 +144,12 @@ def test_check_prints_the_forecast_verdict_and_forecast_cli_speaks_json(setup):
     assert d["outputs"]["n"] == 20 and d["loss_points"] >= 0 and d["verdict"].startswith("expected to lose")
     r = _cli("check", setup.patch, "--base", setup.along, "--inputs", "sst2", data=setup.data)
     assert r.returncode == 3 and "--inputs needs --from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_builtin_calibration_ships_with_the_package_and_raw_is_uncalibrated():
+    from portllm.forecast import Calibration
+
+    b = Calibration.load("builtin")
+    assert "sweep" in b.source and b.c == 0 and b.flip_c == 0 and b.a > 0
+    assert b.flips(0.0, 0.0) == 0 and b.loss(0.0, 0.0) == 0  # no signal, no forecast
+    assert Calibration.load("raw") == Calibration() == Calibration.load(None)

@@ -57,6 +57,9 @@ class OutputSignals:
     expected_neg_flip_rate: float | None = None
 
 
+BUILTIN_CALIBRATION = Path(__file__).with_name("forecast_calibration.json")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The map from raw signals to points, fitted on a sweep (`portllm.sweep.calibrate.fit`):
@@ -83,8 +86,12 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path | None) -> Calibration:
-        if path is None:
+        """None or "raw": the uncalibrated estimate; "builtin": the one fitted on this project's committed sweep
+        (docs/sweep, shipped as forecast_calibration.json); else a sweep's calibration.json."""
+        if path is None or str(path) == "raw":
             return cls()
+        if str(path) == "builtin":
+            path = BUILTIN_CALIBRATION
         try:
             d = json.loads(Path(path).read_text())
             return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}) if isinstance(d, dict) else cls()

@@ -118,7 +118,9 @@ def check_cmd(
         None, "--inputs", help="with --from: forecast the loss on this task's unlabeled inputs (or a text file)"
     ),
     n: int = typer.Option(200, "--n", min=1, help="with --inputs: how many inputs"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="with --inputs: a sweep's calibration"),
+    calibration: str = typer.Option(
+        "builtin", "--calibration", help="with --inputs: builtin (fitted on docs/sweep), raw, or a calibration.json"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Will the patch fit BASE? Exit 0 compatible, 1 with warnings, 2 incompatible."""

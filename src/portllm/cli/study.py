@@ -102,8 +102,10 @@ def forecast_cmd(
     old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on (needed for a loss)"),
     inputs: Optional[str] = typer.Option(None, "--inputs", help="a task's unlabeled inputs, or a text file"),
     n: int = typer.Option(200, "--n", min=1, help="how many inputs to compare the two models on"),
-    calibration: Optional[Path] = typer.Option(
-        None, "--calibration", help="calibration.json from a sweep (default: raw, uncalibrated estimate)"
+    calibration: str = typer.Option(
+        "builtin",
+        "--calibration",
+        help="builtin (fitted on docs/sweep), raw (uncalibrated), or a sweep's calibration.json",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
