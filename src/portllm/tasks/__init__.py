@@ -1,4 +1,4 @@
-"""The task suite: the seven tasks of the PortLLM paper plus four commonsense extras.
+"""The task suite: the seven tasks of the PortLLM paper plus eight more (commonsense, science, GLUE, held-out SST-2).
 
 Each task is one file in defs/ (after lm-evaluation-harness's task YAMLs): where its train and eval
 splits come from, how a row becomes a prompt (Jinja2), the answer choices (or the generation and
