@@ -81,9 +81,20 @@ def test_output_signals_are_consistent_bounds(setup):
         assert o.expected_change_ci[0] <= o.expected_change <= o.expected_change_ci[1]
 
 
-def test_without_old_base_says_what_it_cannot_tell(setup):
-    f = forecast(setup.patch, setup.along)
-    assert f.loss_points is None and "without --from OLD" in f.sentence()
+def test_without_old_base_uses_the_recorded_one_or_says_what_it_cannot_tell(setup, tmp_path):
+    import json
+    import shutil
+
+    f = forecast(setup.patch, setup.along)  # the manifest names the base, a local directory: found and used
+    assert f.old == str(Patch.load(setup.patch).source_name) and f.weights is not None
+    assert "using the base the patch records" in f.notes[0] and "--inputs" in f.sentence()
+    moved = tmp_path / "patch"
+    shutil.copytree(setup.patch, moved)
+    raw = json.loads((moved / "portllm.json").read_text())
+    raw["base"]["name"] = str(tmp_path / "gone")  # the recorded base is not here
+    (moved / "portllm.json").write_text(json.dumps(raw))
+    f = forecast(moved, setup.along)
+    assert f.loss_points is None and f.weights is None and "without --from OLD" in f.sentence()
 
 
 def test_choice_signals_formula():

@@ -115,7 +115,7 @@ class Forecast:
     def sentence(self) -> str:
         """The plain-language verdict `check` prints."""
         if self.loss_points is None:
-            return "no forecast of the loss: " + (self.notes[0] if self.notes else "give --from OLD")
+            return "no forecast of the loss: " + (self.notes[-1] if self.notes else "give --from OLD")
         lo, hi = self.loss_interval or (self.loss_points, self.loss_points)
         what = "lose" if self.loss_points >= 0 else "gain"
         s = f"expected to {what} ~{abs(self.loss_points):.1f} points (95% interval {lo:+.1f} to {hi:+.1f} lost)"
@@ -220,6 +220,20 @@ def text_signals(lm_a: Any, lm_b: Any, path: Path, n: int) -> OutputSignals:
     )
 
 
+def _recorded_base(p: Any) -> str | None:
+    """The base named in the patch's manifest, when it is here (embedded or a local directory, never a
+    download) and is the very model the patch was made on (same fingerprint)."""
+    from .models import EMBEDDED, fingerprint, resolve_base
+
+    name, fp = p.source_name, p.source_fingerprint
+    if not name or not fp or not (name in EMBEDDED or Path(name).is_dir()):
+        return None
+    try:
+        return name if fingerprint(resolve_base(name)) == fp else None
+    except PortLLMError:
+        return None
+
+
 def forecast(
     patch: str | Path,
     base: str | Path,
@@ -238,6 +252,9 @@ def forecast(
     p = Patch.load(patch)
     cal = Calibration.load(calibration)
     notes: list[str] = []
+    if old is None and (found := _recorded_base(p)) is not None:
+        old = found
+        notes.append(f"OLD not given: using the base the patch records, {p.source_name} (its fingerprint matches)")
     if old is None:
         old_name = p.source_name
         notes.append(

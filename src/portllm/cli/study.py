@@ -132,7 +132,7 @@ def forecast_cmd(
         t.add_row("KL(θ+Δθ ‖ θ'+Δθ)", f"{o.mean_kl:.4f}", "mean over inputs")
     out.print(t)
     out.print(f"verdict: {f.sentence()}")
-    for note in f.notes[1:] if f.loss_points is None else f.notes:
+    for note in f.notes[:-1] if f.loss_points is None else f.notes:
         out.print(f"[dim]{note}[/dim]")
     out.print(f"[dim]calibration: {f.calibration.source}[/dim]")
 
