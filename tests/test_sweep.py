@@ -80,6 +80,7 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
     md = (out / "report.md").read_text()
     assert "## sst2" in md and "Forecast, validated out of sample" in md and "t=2" in md
     assert "training-free correction" in md
+    assert "per layer type" in md and "| q_proj |" in md
 
 
 def test_rescale_on_the_same_base_keeps_the_patch_as_it_is(toy, tmp_path):

@@ -139,7 +139,7 @@ def run_study(
     routers: dict[str, Any] = {}
     for name in cfg.routers:
         r = get_router(name, top_k=cfg.top_k, alpha=cfg.alpha)
-        spec = {k: v for k, v in r.params().items() if k != "clusters"}
+        spec = _spec(r)
         if name == "mixture":
             r.prepare(pset)
             routers[name] = {"params": r.params()}
@@ -147,7 +147,11 @@ def run_study(
             routers[name] = {"params": spec}
         routers[name]["held_in"] = scored(spec, loaded_in)
         routers[name]["held_out"] = scored(spec, loaded_out) if loaded_out else {}
-    tuning = _tune(cfg, tasks_in, data, scored, routers) if cfg.tune and "glider" in cfg.routers else None
+    tuning = (
+        _tune(cfg, tasks_in, data, scored, routers, loaded_in, loaded_out)
+        if cfg.tune and "glider" in cfg.routers
+        else None
+    )
     merges: dict[str, Any] = {}
     for method in cfg.merges:
 
@@ -180,7 +184,7 @@ def run_study(
     return report
 
 
-def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers: dict[str, Any]) -> dict[str, Any]:
+def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers, loaded_in, loaded_out) -> dict[str, Any]:
     """Choose glider's k and α by held-in accuracy on a dev slice disjoint from the test slice, then score
     the choice on the test suites as router "glider (tuned)". Ties go to the smaller k, then smaller α."""
     dev = {}
@@ -196,13 +200,10 @@ def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers: dict[str
     grid = []
     for k in cfg.tune_top_k:
         for a in cfg.tune_alpha:
-            spec = {kk: v for kk, v in get_router("glider", top_k=k, alpha=a).params().items() if kk != "clusters"}
-            res = scored(spec, dev, "dev")
+            res = scored(_spec(get_router("glider", top_k=k, alpha=a)), dev, "dev")
             grid.append({"top_k": k, "alpha": a, "dev": _mean(res, tasks_in), "per_task": res})
     best = max(grid, key=lambda g: g["dev"])  # max keeps the first of equals: the grid's order breaks ties
-    spec = {k: v for k, v in get_router("glider", top_k=best["top_k"], alpha=best["alpha"]).params().items()}
-    loaded_in = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in tasks_in}
-    loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
+    spec = _spec(get_router("glider", top_k=best["top_k"], alpha=best["alpha"]))
     routers["glider (tuned)"] = {
         "params": spec,
         "held_in": scored(spec, loaded_in),
@@ -215,6 +216,11 @@ def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers: dict[str
         "grid": [{k: v for k, v in g.items() if k != "per_task"} for g in grid],
         "chosen": {"top_k": best["top_k"], "alpha": best["alpha"], "dev": best["dev"]},
     }
+
+
+def _spec(router: Any) -> dict[str, Any]:
+    """A router's parameters as a cache key and a way to rebuild it (mixture's clusters are derived, not set)."""
+    return {k: v for k, v in router.params().items() if k != "clusters"}
 
 
 def _knobs(spec: dict[str, Any]) -> dict[str, Any]:

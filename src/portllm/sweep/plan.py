@@ -68,8 +68,8 @@ class SweepPlan:
 
 
 PLANS: dict[str, SweepPlan] = {
-    # about 5 h on a 2-core CPU in all (sst2_heldout ~2.9 h, arc_easy 45 min, commonsense_qa ~1 h); resumes
-    # from its cache
+    # about 4.3 h on a 2-core CPU in all (sst2_heldout ~2.9 h, arc_easy 45 min, commonsense_qa 43 min, one
+    # torch thread, docs/sweep/NOTES.md); resumes from its cache
     "full": SweepPlan(
         "full",
         {

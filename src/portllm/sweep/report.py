@@ -51,22 +51,6 @@ def _cell(rows: list[dict[str, Any]], level: str, band: bool, sign: bool) -> str
     return s + (f" [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]" if band and x["n"] > 1 else "")
 
 
-TYPE_ORDER = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "embed_tokens",
-    "lm_head",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "norm",
-)
-
-
 def markdown(r: dict[str, Any]) -> str:
     tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
     p = r["plan"]
@@ -89,7 +73,8 @@ def markdown(r: dict[str, Any]) -> str:
         ag = ", ".join(f"{t} {100 * v:.1f}%" for t, v in agree.items())
         kl = "-" if lv.get("kl_text") is None else f"{lv['kl_text']:.4f}"
         lines.append(f"| {lv['label']} | {lv['evolution']} | {100 * lv['drift']:.2f}% | {kl} | {ag} |")
-    types = [k for k in TYPE_ORDER if any(k in (lv.get("drift_by_type") or {}) for lv in r["levels"])]
+    seen = {k for lv in r["levels"] for k in lv.get("drift_by_type") or {}}
+    types = sorted(seen, key=lambda k: (not k.endswith("_proj"), k))  # the patched projections first
     if types:
         lines += ["", "Relative drift ‖θ'−θ‖/‖θ‖ per layer type (%):", ""]
         lines += ["| level | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
