@@ -23,6 +23,7 @@ from .stream import Index, paired_tensors
 __all__ = ["CheckReport", "Finding", "check", "drift_summary", "measure_drift", "structural_problems"]
 
 LEVELS = ("ok", "info", "warn", "error")
+GATE_MODES = ("attach", "merge", "shapes")
 DRIFT_WARN = 1.0  # a matrix that moved by more than its own norm is a different model
 
 
@@ -54,10 +55,34 @@ class CheckReport:
 
     @property
     def shape_compatible(self) -> bool:
-        return not any(f.level == "error" and f.topic in ("targets", "shapes") for f in self.findings)
+        return not self.blocking("shapes")
 
     def add(self, level: str, topic: str, detail: str) -> None:
         self.findings.append(Finding(level, topic, detail))
+
+    def blocking(self, mode: str) -> list[Finding]:
+        """The errors that stop `mode`: "attach" (B·A added beside the weights at run time: a quantized base is
+        fine), "merge" (ΔW written into the weights) or "shapes" (only a missing or misshapen target blocks: what
+        a forced port or a drift measurement still needs). The one gate port, eval, serve, the vLLM export,
+        a patch set and a warm start all ask."""
+        if mode not in GATE_MODES:
+            raise ValueError(f"gate mode {mode!r}: use one of {', '.join(GATE_MODES)}")
+        errors = [f for f in self.findings if f.level == "error"]
+        if mode == "attach":
+            return [f for f in errors if f.topic != "quantization"]
+        if mode == "shapes":
+            return [f for f in errors if f.topic in ("targets", "shapes")]
+        return errors
+
+    def require(self, mode: str, what: str, hint: str = "") -> None:
+        """Raise one line, `what: topic: detail` + `hint`, when `blocking(mode)` holds anything."""
+        errors = self.blocking(mode)
+        if errors:
+            raise PortLLMError(f"{what}: {errors[0].topic}: {errors[0].detail}{hint}")
+
+    def warnings(self) -> list[str]:
+        """The warn-level findings, one `topic: detail` line each."""
+        return [f"{f.topic}: {f.detail}" for f in self.findings if f.level == "warn"]
 
     def first_error(self) -> str | None:
         return next((f"{f.topic}: {f.detail}" for f in self.findings if f.level == "error"), None)

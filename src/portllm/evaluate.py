@@ -73,11 +73,7 @@ def open_lm(
         require_trusted(patch, require_signature, trusted)
         loaded = Patch.load(patch, require_manifest=False)
         base = BaseRef.of(spec)  # resolved once: the check and the load share it
-        rep = check(loaded, base)
-        # quantization only forbids merging ΔW into the weights; attaching at runtime adds B·A·x beside them
-        errors = [f for f in rep.findings if f.level == "error" and f.topic != "quantization"]
-        if errors:
-            raise PortLLMError(f"patch {patch} does not fit {spec}: {errors[0].topic}: {errors[0].detail}")
+        check(loaded, base).require("attach", f"patch {patch} does not fit {spec}")
         fp = loaded.weights_sha256
     model, tok = load_base(base if patch is not None else spec, dtype=dtype)
     if tok is None:

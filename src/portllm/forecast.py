@@ -134,8 +134,7 @@ def weight_signals(patch: Any, base: str | Path, old: str | Path, report: Any = 
     from .check import check
 
     rep = report if report is not None and report.drift else check(patch, base, old)
-    if not rep.shape_compatible:
-        raise PortLLMError(f"patch does not fit {base}: {rep.first_error()}")
+    rep.require("shapes", f"patch does not fit {base}")
     return WeightSignals.from_rows(rep.drift)
 
 

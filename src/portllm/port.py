@@ -86,16 +86,15 @@ def port(
         ref = BaseRef.of(base)  # resolved once: check, the merge and the provenance share it
         rep = check(patch, ref)
         # a quantized base cannot take ΔW into its values, whatever --force says; an adapter for it is fine
-        errors = [f for f in rep.findings if f.level == "error" and not (as_adapter and f.topic == "quantization")]
+        errors = rep.blocking("attach" if as_adapter else "merge")
         if errors:
-            reason = f"{errors[0].topic}: {errors[0].detail}"
-            quantized = next((f"{f.topic}: {f.detail}" for f in errors if f.topic == "quantization"), None)
-            hard = not rep.shape_compatible or quantized is not None
+            # --force overrides identity/vocabulary errors, never a missing target or a quantized merge
+            hard = rep.blocking("shapes") + [f for f in errors if f.topic == "quantization"]
             if not force:
                 hint = "" if hard else "; pass --force to port anyway"
-                raise PortLLMError(f"refusing to port {patch.path}: {reason}{hint}")
+                rep.require("attach" if as_adapter else "merge", f"refusing to port {patch.path}", hint)
             if hard:
-                raise PortLLMError(f"cannot port {patch.path} even with --force: {quantized or reason}")
+                raise PortLLMError(f"cannot port {patch.path} even with --force: {hard[0].topic}: {hard[0].detail}")
         target = rep.target_info
         event = {
             "event": "ported",

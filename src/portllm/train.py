@@ -120,9 +120,7 @@ class WarmStart:
         if patch.path is None:
             raise PortLLMError("an init patch must be saved first: its record names its path and weights sha256")
         where = f"init patch {patch.path}"
-        rep = check(patch, base)
-        if rep.verdict == "incompatible":
-            raise PortLLMError(f"{where} does not fit base {base}: {rep.first_error()}")
+        check(patch, base).require("merge", f"{where} does not fit base {base}")
         if patch.full_weights:
             raise PortLLMError(
                 f"{where} replaces whole tensors ({next(iter(patch.full_weights))}); a warm start takes LoRA "

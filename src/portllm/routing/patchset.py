@@ -133,12 +133,11 @@ class PatchSet:
             loaded.append(Patch.load(p, require_manifest=False))
         for p in loaded:
             rep = check(p, ref)
-            errors = [f for f in rep.findings if f.level == "error" and f.topic != "quantization"]
-            if errors:
-                raise PortLLMError(
-                    f"patch {p.path} does not fit {ref.name}: {errors[0].topic}: {errors[0].detail}; "
-                    "port it onto this base first (`portllm port ... --as-adapter`)"
-                )
+            rep.require(
+                "attach",
+                f"patch {p.path} does not fit {ref.name}",
+                "; port it onto this base first (`portllm port ... --as-adapter`)",
+            )
             if rep.source_fingerprint and rep.source_fingerprint != rep.target_fingerprint:
                 raise PortLLMError(
                     f"patch {p.path} was made on another base ({p.source_name}, fingerprint "

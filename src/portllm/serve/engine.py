@@ -385,10 +385,11 @@ class Engine:
         require_trusted(path, self.config.require_signature, self.config.trusted)
         loaded = Patch.load(path, require_manifest=False)
         rep = check(loaded, self.ref)
-        errors = [f for f in rep.findings if f.level == "error" and f.topic != "quantization"]
-        if errors:
-            raise PatchRefused(f"patch {path} does not fit {self.name}: {errors[0].topic}: {errors[0].detail}")
-        warnings = [f"{f.topic}: {f.detail}" for f in rep.findings if f.level == "warn"]
+        try:
+            rep.require("attach", f"patch {path} does not fit {self.name}")
+        except PortLLMError as e:
+            raise PatchRefused(str(e)) from None
+        warnings = rep.warnings()
         if loaded.manifest is None:
             warnings.append(
                 "identity: a plain adapter (no portllm.json): the base it was made for is unknown, only its shapes "

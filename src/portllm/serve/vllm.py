@@ -114,12 +114,8 @@ def export_vllm(
     for name, path in patches.items():
         patch, _ = load_patch(path, require_signature, trusted)
         rep = check(patch, ref)
-        errors = [f for f in rep.findings if f.level == "error" and f.topic != "quantization"]
-        if errors:
-            raise PortLLMError(
-                f"refusing to export {name} ({path}): does not fit {base}: {errors[0].topic}: {errors[0].detail}"
-            )
-        result.warnings[name] = [f"{f.topic}: {f.detail}" for f in rep.findings if f.level == "warn"]
+        rep.require("attach", f"refusing to export {name} ({path}): does not fit {base}")
+        result.warnings[name] = rep.warnings()
         ranks += [m.rank for m in patch.modules.values()]
     taken = [name for name in patches if (out / name).exists()]
     if taken and not overwrite:
