@@ -27,7 +27,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: install lint
-	PORTLLM_REQUIRE_DATA=1 PORTLLM_TEST_CACHE=$(PORTLLM_CACHE) $(PY) -m pytest -q -rs -p no:cacheprovider
+	PORTLLM_REQUIRE_DATA=1 PORTLLM_REQUIRE_DEPS=1 PORTLLM_TEST_CACHE=$(PORTLLM_CACHE) $(PY) -m pytest -q -rs -p no:cacheprovider
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"

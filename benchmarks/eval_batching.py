@@ -40,7 +40,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from portllm.evaluate import EvalResult, TaskResult
+    from portllm.eval import EvalResult, TaskResult
 
     console = Console(width=120)
     results: dict[str, dict[str, TaskResult]] = {}

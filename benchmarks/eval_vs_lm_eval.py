@@ -106,7 +106,7 @@ def request_tokens(model_dir: Path, tasks: list[str], limit: int, data: Path) ->
     """Context + continuation tokens of every request: the work to do, before any sharing."""
     from transformers import AutoTokenizer
 
-    from portllm.evaluate import encode_pair
+    from portllm.eval import encode_pair
     from portllm.tasks import get_task, load_examples
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -146,7 +146,7 @@ def main() -> None:
     from rich.table import Table
 
     from portllm import resolve_base
-    from portllm.evaluate import EvalResult
+    from portllm.eval import EvalResult
 
     console = Console(width=130)
     tasks = args.tasks.split(",")

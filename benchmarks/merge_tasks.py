@@ -32,7 +32,7 @@ def main() -> None:
     from rich.console import Console
 
     from portllm import port
-    from portllm.evaluate import evaluate, open_lm
+    from portllm.eval import evaluate, open_lm
     from portllm.merge import DENSITY, METHODS, merge, methods_with, similarity
     from portllm.patch import Patch
     from portllm.tasks import get_task

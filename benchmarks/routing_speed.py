@@ -71,7 +71,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from portllm.evaluate import open_lm
+    from portllm.eval import open_lm
     from portllm.models import load_base
     from portllm.routing import PatchSet, Request, get_router
 

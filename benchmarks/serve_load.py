@@ -77,38 +77,39 @@ def naive_engine_class():
     """Engine's queue and HTTP app, but one request at a time: set_adapter, then transformers' generate."""
     import torch
 
-    from portllm.serve.engine import BASE, Engine, Event
+    from portllm.serve import BASE, Engine, Event, Scheduler
 
-    class NaiveEngine(Engine):
-        def _work(self) -> None:
+    class NaiveScheduler(Scheduler):
+        def work(self) -> None:
             with torch.inference_mode():
-                while not self._stopping:
+                while not self.stopping:
                     try:
-                        s = self._queue.get(timeout=0.05)
+                        s = self.queue.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    with self._model_lock:
+                    with self.registry.model_lock:
                         try:
                             self._one(s)
                         except Exception as e:
-                            self._finish_stream(s, Event(finish_reason="error", error=f"{e.__class__.__name__}: {e}"))
+                            self.finish(s, Event(finish_reason="error", error=f"{e.__class__.__name__}: {e}"))
 
         def _one(self, s: Any) -> None:
+            model = self.registry.model
             if s.cancelled:
-                self._finish_stream(s, Event(finish_reason="cancelled"))
+                self.finish(s, Event(finish_reason="cancelled"))
                 return
             p = s.request.params
             ids = torch.tensor([s.request.prompt_ids])
             if s.adapter == BASE:
-                ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+                ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
             else:
-                self.model.set_adapter(s.adapter)
+                model.set_adapter(s.adapter)
                 ctx = nullcontext()
             sampling = {"do_sample": False}
             if p.temperature > 0:
                 sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p}
             with ctx:
-                out = self.model.generate(
+                out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=p.max_tokens,
@@ -121,7 +122,10 @@ def naive_engine_class():
             text = self.tokenizer.decode(kept, skip_special_tokens=True)
             reason = "length" if len(new) >= p.max_tokens and len(kept) == len(new) else "stop"
             self.stats["completion_tokens"] += len(new)
-            self._finish_stream(s, Event(text, tuple(new), reason, len(s.request.prompt_ids), len(new)))
+            self.finish(s, Event(text, tuple(new), reason, len(s.request.prompt_ids), len(new)))
+
+    class NaiveEngine(Engine):
+        scheduler_class = NaiveScheduler
 
     return NaiveEngine
 

@@ -1,6 +1,8 @@
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +21,24 @@ def pytest_sessionstart(session):
             "skipped: point PORTLLM_DATA at the data, or run pytest without PORTLLM_REQUIRE_DATA=1",
             returncode=4,
         )
+
+
+def deps_required() -> bool:
+    """`make test` sets PORTLLM_REQUIRE_DEPS=1 (and PORTLLM_REQUIRE_DATA=1): there a missing test dependency
+    fails the run, as missing data does, instead of skipping tests silently."""
+    return os.environ.get("PORTLLM_REQUIRE_DEPS") == "1" or os.environ.get("PORTLLM_REQUIRE_DATA") == "1"
+
+
+def require_module(name: str) -> ModuleType:
+    """Import `name` for a test (use instead of pytest.importorskip): when it is missing, fail under
+    `make test` (PORTLLM_REQUIRE_DEPS=1 or PORTLLM_REQUIRE_DATA=1), else skip."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        msg = f"test dependency {name!r} is missing ({e}): run `make install`"
+    if deps_required():
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)

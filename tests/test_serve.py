@@ -7,15 +7,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
 
 import tiny
+from conftest import require_module
 from portllm import import_adapter
+from portllm.serve import GenRequest, SamplingParams
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+openai = require_module("openai")
+httpx = require_module("httpx")
+require_module("fastapi")
 
 TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -61,7 +65,7 @@ def sw(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(sw):
     """The library's own greedy generation (`evaluate.generate`) with each patch: what the server must say."""
-    from portllm.evaluate import generate, open_lm
+    from portllm.eval import generate, open_lm
 
     cache = {}
 
@@ -134,7 +138,8 @@ def stop_server(proc):
 def server(sw, tmp_path_factory):
     """The tiny base as `tiny`, patches a and b; yields the /v1 URL."""
     args = ["--base", sw["base"], "--served-name", "tiny", "--patch", f"a={sw['a']}", "--patch", f"b={sw['b']}"]
-    proc, url = start_server([*args, "--max-batch", "8"], tmp_path_factory.mktemp("log") / "serve.log")
+    loading = ["--allow-runtime-loading", "--patch-root", sw["root"]]  # opt-in (tests/test_serve_security.py)
+    proc, url = start_server([*args, *loading, "--max-batch", "8"], tmp_path_factory.mktemp("log") / "serve.log")
     yield url
     stop_server(proc)
 
@@ -273,7 +278,7 @@ def test_runtime_load_checks_every_patch(sw, server, client, reference):
     assert httpx.post(server + "/unload_lora_adapter", json={"lora_name": "plain"}).status_code == 200
 
     r = httpx.post(server + "/load_lora_adapter", json={"lora_name": "x", "lora_path": str(sw["root"] / "none")})
-    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"  # as a path outside --patch-root
 
     for name in ("c", "warn"):
         r = httpx.post(server + "/unload_lora_adapter", json={"lora_name": name})
@@ -310,9 +315,10 @@ def engine(sw):
     eng.stop()
 
 
-def _req(eng, prompt, patch, n=8, **kw):
-    from portllm.serve import GenRequest, SamplingParams
+GREEDY_PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
+
+def _req(eng, prompt, patch, n=8, **kw):
     return GenRequest(eng.encode(prompt), patch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw))
 
 
@@ -334,9 +340,9 @@ def test_engine_mixed_batches_equal_requests_alone(engine):
 
 
 def test_engine_queue_full_cancel_and_timeout(engine):
-    from portllm.serve.engine import Overloaded
+    from portllm.serve import Overloaded
 
-    with engine._model_lock:  # the worker stalls at its next step
+    with engine.model_lock:  # the worker stalls at its next step
         first = engine.submit(_req(engine, PROMPTS[0], "a", n=30))
         while engine.queued:
             time.sleep(0.001)
@@ -356,7 +362,7 @@ def test_engine_queue_full_cancel_and_timeout(engine):
     running.cancel()
     done = running.result()
     assert done.finish_reason == "cancelled" and done.completion_tokens < 100
-    assert engine._refs.get("p2", 0) == 0  # every request released its patch
+    assert engine.registry.refs("p2") == 0  # every request released its patch
 
 
 def test_engine_stop_strings_are_never_streamed(engine):
@@ -370,7 +376,7 @@ def test_engine_stop_strings_are_never_streamed(engine):
 
 
 def test_engine_unload_waits_for_running_requests(sw, engine):
-    from portllm.serve.engine import UnknownModel
+    from portllm.serve import UnknownModel
 
     engine.load_patch("c", sw["c"])
     adapter = engine.patches["c"].adapter
@@ -401,13 +407,44 @@ def test_engine_routes_auto_through_the_router_seam(engine):
     assert routed.token_ids == engine.submit(_req(engine, PROMPTS[0], "b")).result().token_ids
 
 
+def test_engine_refuses_a_routed_patch_that_is_not_loaded(engine):
+    """A router naming a patch the engine does not have fails that request (never the base answering for it);
+    the other requests are served by the patches they were routed to."""
+    from fastapi.testclient import TestClient
+
+    from portllm.serve import create_app
+
+    class Confused:
+        def route(self, eng, requests):
+            return ["nosuch" if r.text == "lost" else "b" for r in requests]
+
+    engine.router = Confused()
+    try:
+        ids = engine.encode(PROMPTS[0])
+        streams = [engine.submit(GenRequest(ids, "auto", GREEDY_PARAMS, text=t)) for t in ("lost", "found")]
+        lost, found = (s.result() for s in streams)
+        with TestClient(create_app(engine)) as http:
+            r = http.post("/v1/completions", json={"model": "auto", "prompt": "lost", "max_tokens": 2})
+    finally:
+        engine.router = None
+        engine.start()
+    assert lost.finish_reason == "error" and lost.token_ids == [] and lost.patch == "auto"  # never routed
+    assert "'nosuch', which is not a loaded patch" in lost.error and "a, b" in lost.error
+    assert found.finish_reason == "length" and found.patch == "b"
+    assert found.token_ids == engine.submit(_req(engine, PROMPTS[0], "b")).result().token_ids
+    err = r.json()["error"]
+    assert r.status_code == 500 and err["type"] == "server_error" and "not a loaded patch" not in err["message"]
+    assert err["message"] == f"internal error (request id {r.headers['x-request-id']})"  # the why is logged
+    assert engine.registry.refs("auto") == 0  # the failed requests released what they held
+
+
 def test_http_overload_and_timeout_answers(engine):
     from fastapi.testclient import TestClient
 
     from portllm.serve import create_app
 
     with TestClient(create_app(engine)) as http:  # the app's lifespan starts and stops the (running) engine
-        with engine._model_lock:
+        with engine.model_lock:
             first = engine.submit(_req(engine, PROMPTS[0], None, n=4))
             while engine.queued:
                 time.sleep(0.001)
@@ -430,23 +467,69 @@ def test_http_overload_and_timeout_answers(engine):
 # ---------------------------------------------------------------- command line and vLLM export
 
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's engine arguments: --max-lora-rank choices
+
+
+def _parse_vllm_serve(shell):
+    """`vllm serve` as vLLM documents its flags (positional model, --lora-modules NAME=PATH ...); unknown flags fail."""
+    import argparse
+    import shlex
+
+    ap = argparse.ArgumentParser(prog="vllm serve", exit_on_error=False)
+    ap.add_argument("model")
+    ap.add_argument("--served-model-name", nargs="+")
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--enable-lora", action="store_true")
+    ap.add_argument("--max-loras", type=int, default=1)
+    ap.add_argument("--max-lora-rank", type=int, default=16, choices=VLLM_MAX_LORA_RANKS)
+    ap.add_argument("--lora-modules", nargs="+", default=[])
+    argv = shlex.split(shell)
+    assert argv[:2] == ["vllm", "serve"], argv
+    ns = ap.parse_args(argv[2:])
+    modules = dict(m.split("=", 1) for m in ns.lora_modules)
+    assert len(modules) == len(ns.lora_modules), ns.lora_modules  # no name given twice
+    return ns, modules
+
+
 def test_export_vllm_checks_and_writes_modules(sw, tmp_path):
+    """The printed command, read as vLLM reads it, serves the base with every module: each NAME=PATH is a
+    directory that PEFT loads onto the base with the source adapter's exact tensors and config."""
+    import json
+
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+    from transformers import AutoModelForCausalLM
+
     from portllm import Patch, PortLLMError
     from portllm.serve import export_vllm
 
     res = export_vllm(sw["base"], {"a": sw["a"], "warn": sw["warn"]}, tmp_path / "mods", served_name="tiny", port=9000)
-    assert set(res.modules) == {"a", "warn"} and any("chat template" in w for w in res.warnings["warn"])
-    p = Patch.load(res.modules["a"])
-    assert p.manifest.lineage[-1]["event"] == "ported" and p.manifest.lineage[-1]["mode"] == "adapter"
-    assert p.config["base_model_name_or_path"] == str(sw["base"])
-    cmd = res.command
-    assert cmd[:3] == ["vllm", "serve", str(sw["base"].absolute())]
-    assert cmd[cmd.index("--max-loras") + 1] == "2" and cmd[cmd.index("--max-lora-rank") + 1] == "8"
-    assert cmd[cmd.index("--lora-modules") + 1 :] == [
-        f"a={tmp_path / 'mods' / 'a'}",
-        f"warn={tmp_path / 'mods' / 'warn'}",
-    ]
-    assert "--enable-lora" in cmd and cmd[cmd.index("--served-model-name") + 1] == "tiny"
+    assert any("chat template" in w for w in res.warnings["warn"]) and res.warnings["a"] == []
+    ns, modules = _parse_vllm_serve(res.shell)
+    assert Path(ns.model).is_absolute() and Path(ns.model).samefile(sw["base"])  # the base itself, no download
+    assert ns.served_model_name == ["tiny"] and ns.port == 9000 and ns.enable_lora
+    assert set(modules) == {"a", "warn"} and ns.max_loras >= len(modules)  # all in one batch
+    ranks = []
+    for name, path in modules.items():
+        path = Path(path)
+        assert path.is_absolute() and (path / "adapter_model.safetensors").is_file(), path
+        config = json.loads((path / "adapter_config.json").read_text())
+        source_dir = sw["root"] / f"adapter-{name}"  # what PEFT itself saved, before import and export
+        source = json.loads((source_dir / "adapter_config.json").read_text())
+        assert {k: config[k] for k in ("r", "lora_alpha", "target_modules")} == {
+            k: source[k] for k in ("r", "lora_alpha", "target_modules")
+        }
+        assert Path(config["base_model_name_or_path"]).samefile(sw["base"])  # re-stamped for the served base
+        ranks.append(config["r"])
+        want = load_peft_weights(str(source_dir))
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sw["base"]), str(path))
+        got = get_peft_model_state_dict(model)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+    assert ns.max_lora_rank >= max(ranks)
+    lineage = Patch.load(modules["a"]).manifest.lineage[-1]  # the export is recorded in the module's manifest
+    assert lineage["event"] == "ported" and lineage["mode"] == "adapter"
+
     with pytest.raises(PortLLMError, match="refusing to export bad .*does not fit"):
         export_vllm(sw["base"], {"b": sw["b"], "bad": sw["bad"]}, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()  # nothing written when one patch does not fit

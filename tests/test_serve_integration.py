@@ -5,11 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import require_module
+
 pytestmark = pytest.mark.integration
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+openai = require_module("openai")
+httpx = require_module("httpx")
+require_module("fastapi")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def smol_patch(tmp_path_factory):
 
 
 def test_smollm2_server_serves_base_and_patch(smol_patch, tmp_path):
-    from portllm.evaluate import generate, open_lm
+    from portllm.eval import generate, open_lm
     from test_serve import start_server, stop_server
 
     prompts = ["The capital of France is", "Question: Is the sky blue? Answer:"]

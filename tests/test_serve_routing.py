@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import tiny
+from conftest import require_module
 from portllm import Patch, import_adapter
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
+require_module("fastapi")
+require_module("httpx")
 from test_serve import GREEDY, TEMPLATE, _with_template, cli, one_line_error  # noqa: E402
 
 DESCRIBED = {
@@ -45,18 +46,20 @@ def engine(zoo):
     from portllm.serve import Engine, EngineConfig
 
     eng = Engine(zoo["base"], {"movies": zoo["movies"], "math": zoo["math"]}, EngineConfig(max_batch=4), name="tiny")
-    eng.router = serve_router("glider", eng)
+    eng.router = serve_router("description", eng)
     yield eng.start()
     eng.stop()
 
 
 @pytest.fixture(scope="module")
-def http(engine):
+def http(zoo, engine):
     from fastapi.testclient import TestClient
 
     from portllm.serve import create_app
+    from portllm.serve.security import ServerSecurity
 
-    with TestClient(create_app(engine)) as client:
+    security = ServerSecurity(allow_runtime_loading=True, patch_roots=(zoo["root"],))  # runtime loading is opt-in
+    with TestClient(create_app(engine, security)) as client:
         yield client
     engine.start()
 
@@ -80,7 +83,7 @@ def test_global_router_serves_the_described_patch(engine, http):
     r = _complete(http, "auto", MATH)
     assert r.headers["x-portllm-routed-to"] == "math" and r.json()["model"] == "auto:math"
     routing = json.loads(r.headers["x-portllm-routing"])
-    assert routing["router"] == "glider" and routing["patch"] == "math"
+    assert routing["router"] == "description" and routing["patch"] == "math"
     assert routing["scores"]["math"] > routing["scores"]["movies"]
     assert r.json()["choices"][0]["text"] == _complete(http, "math", MATH).json()["choices"][0]["text"]
     assert r.json()["choices"][0]["text"] != _complete(http, "movies", MATH).json()["choices"][0]["text"]
@@ -96,11 +99,11 @@ def test_global_router_serves_the_described_patch(engine, http):
     assert chunks and {c["model"] for c in chunks} == {"auto:movies"}
 
     # below the threshold: the base answers
-    engine.router = serve_router("glider:threshold=0.99", engine)
+    engine.router = serve_router("description:threshold=0.99", engine)
     try:
         r = _complete(http, "auto", MATH)
     finally:
-        engine.router = serve_router("glider", engine)
+        engine.router = serve_router("description", engine)
     assert r.headers["x-portllm-routed-to"] == "tiny" and r.json()["model"] == "auto:tiny"
     assert r.json()["choices"][0]["text"] == _complete(http, "tiny", MATH).json()["choices"][0]["text"]
 
@@ -190,7 +193,7 @@ def test_arrow_picks_the_patch_a_prompt_activates(zoo):
     prompts = [[40] * 8, [200] * 8]
     toys = _toy_patches(zoo, prompts)
     eng = Engine(zoo["base"], {"t0": toys[0]}, EngineConfig(max_batch=4), name="tiny")
-    eng.router = serve_router("arrow", eng)
+    eng.router = serve_router("arrow-request", eng)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     with eng:
         eng.load_patch("t1", toys[1])  # loaded at runtime: its prototypes are computed when first needed
@@ -199,7 +202,7 @@ def test_arrow_picks_the_patch_a_prompt_activates(zoo):
             got = eng.submit(req).result()
             assert got.patch == f"t{j}", req.routing
             s = req.routing["scores"]
-            assert req.routing["router"] == "arrow" and s[f"t{j}"] > 2 * s[f"t{1 - j}"]
+            assert req.routing["router"] == "arrow-request" and s[f"t{j}"] > 2 * s[f"t{1 - j}"]
             assert got.token_ids == eng.submit(GenRequest(list(ids), f"t{j}", params)).result().token_ids
         # batched: both in one step, each routed from its own prompt
         both = [eng.submit(GenRequest(list(ids), "auto", params)) for ids in prompts]
@@ -213,10 +216,10 @@ def test_arrow_picks_the_patch_a_prompt_activates(zoo):
 
 def test_cli_router_errors_are_one_line(zoo):
     assert "unknown router for serving" in one_line_error(cli("serve", "--base", zoo["base"], "--router", "bogus"))
-    line = one_line_error(cli("serve", "--base", zoo["base"], "--router", "glider:alpha=3"))
+    line = one_line_error(cli("serve", "--base", zoo["base"], "--router", "description:alpha=3"))
     assert "takes no 'alpha=3'" in line and "threshold" in line
     line = one_line_error(
-        cli("serve", "--base", zoo["base"], "--router", "glider", "--patch", f"m={zoo['mystery']}", "--port", "0")
+        cli("serve", "--base", zoo["base"], "--router", "description", "--patch", f"m={zoo['mystery']}", "--port", "0")
     )
     assert "m have no description" in line
 
@@ -226,9 +229,9 @@ def test_serve_router_api(zoo, engine):
     from portllm.routing import serve_router
     from portllm.serve import router_factory
 
-    assert serve_router("global", engine).name == "global"
-    assert serve_router("glider", engine, threshold=0.5).values["threshold"] == 0.5
+    assert serve_router("description", engine).name == "description"
+    assert serve_router("description", engine, threshold=0.5).values["threshold"] == 0.5
     with pytest.raises(PortLLMError, match="one patch per request"):
         router_factory("phatgoose")
     with pytest.raises(PortLLMError, match=r"threshold must be a number in \[-1, 1\]"):
-        serve_router("glider:threshold=3", engine)
+        serve_router("description:threshold=3", engine)

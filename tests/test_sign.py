@@ -234,7 +234,7 @@ def test_cli_keygen_sign_verify(world, tmp_path, capsys, monkeypatch):
 
 
 def test_merge_and_open_lm_hooks_refuse_before_reading(world, keys, signed):
-    from portllm.evaluate import open_lm
+    from portllm.eval import open_lm
     from portllm.merge import merge
 
     alice = [keys["alice"].public]

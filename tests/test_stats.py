@@ -4,9 +4,10 @@ import random
 
 import pytest
 
+from conftest import require_module
 from portllm.stats import majority, mcnemar_exact, paired, paired_bootstrap, wilson
 
-scipy_stats = pytest.importorskip("scipy.stats")
+scipy_stats = require_module("scipy.stats")
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (10, 10), (7, 20), (450, 872), (1, 3)])

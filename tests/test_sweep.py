@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import tiny
@@ -23,16 +24,43 @@ PLAN = SweepPlan(
     direction=Evolution("text", steps=6, lr=5e-2, max_length=32),
     levels=(0.0, 0.5, 1.0, 2.0),
     retune_levels=(2.0,),
-    correct_levels=(2.0,),
+    correct_levels=(0.0, 2.0),  # at t = 0 (θ' = θ) the right λ is known: 1
     correct_inputs=8,
     dtype="float32",
     kl_texts=8,
 )
 
 
-def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
-    out = tmp_path / "out"
-    r = sweep(PLAN, str(toy["base"]), out, toy["data"], tmp_path / "cache", log=lambda m: None)
+@pytest.fixture(scope="module")
+def ran(toy, tmp_path_factory):
+    """PLAN run once on a fresh cache: its report, its log, and the cache (the resume test reruns on it)."""
+    root = tmp_path_factory.mktemp("ran")
+    said: list[str] = []
+    r = sweep(PLAN, str(toy["base"]), root / "out", toy["data"], root / "cache", log=said.append)
+    return {"report": r, "out": root / "out", "cache": root / "cache", "log": said}
+
+
+def _held_out_forecast(cells):
+    """Leave one level out, computed here from the cells' raw signals with numpy alone: per held-out
+    level, least squares through the origin on the other levels' cells, in points."""
+    pred, fpred = {}, {}
+    for held in {c["level"] for c in cells}:
+        train = [c for c in cells if c["level"] != held]
+        f = [c["forecast"] for c in train]
+        x = np.array([[100 * g["raw_loss"], g["subspace_disturbance"]] for g in f])
+        ab = np.linalg.lstsq(x, np.array([100 * c["loss"] for c in train]), rcond=None)[0]
+        fx = np.array([[100 * g["raw_neg_flip_rate"], 100 * g["disagreement"]] for g in f])
+        fab = np.linalg.lstsq(fx, np.array([100 * c["neg_flip_rate"] for c in train]), rcond=None)[0]
+        for i, c in enumerate(cells):
+            if c["level"] == held:
+                g = c["forecast"]
+                pred[i] = ab @ [100 * g["raw_loss"], g["subspace_disturbance"]]
+                fpred[i] = max(0.0, fab @ [100 * g["raw_neg_flip_rate"], 100 * g["disagreement"]])
+    return [pred[i] for i in range(len(cells))], [fpred[i] for i in range(len(cells))]
+
+
+def test_sweep_writes_every_artefact_and_the_control_is_exact(ran):
+    out, r = ran["out"], ran["report"]
     for f in ("report.json", "report.md", "loss.png", "forecast.png", "calibration.json"):
         assert (out / f).is_file(), f
     cells = r["cells"]
@@ -63,16 +91,6 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
     assert drifts[0.0] < drifts[0.5] < drifts[1.0] < drifts[2.0]
     assert drifts[2.0] == pytest.approx(2 * drifts[1.0], rel=1e-3)  # the levels walk one straight line
     assert [c["evolved+retuned"] is not None for c in cells if c["seed"] == 0 and c["t"] == 2.0] == [True]
-    fixed = [c for c in cells if c.get("corrected")]
-    assert [(c["seed"], c["t"]) for c in fixed] == [(0, 2.0)]
-    x = fixed[0]["corrected"]
-    assert x["scale"] in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0) and x["inputs"] == 8 and len(x["agreement"]) == 6
-    assert x["agreement"][f"{x['scale']:g}"] == max(x["agreement"].values())  # chosen by agreement, no labels
-    if x["scale"] == 1.0:
-        assert x["evolved+patch"] == fixed[0]["evolved+patch"] and x["gain_over_plain"] == 0
-    assert r["correction"]["cells"] == 1 and r["correction"]["verdict"] in ("helps", "hurts", "no clear effect")
-    v = r["forecast_validation"]
-    assert v["cells"] == len(cells) and "spearman_loss" in v and "mae_neg_flip_rate_points" in v
     cal = json.loads((out / "calibration.json").read_text())
     assert cal["c"] == 0 and cal["flip_c"] == 0  # through the origin: no signal, no forecast
     assert all(c["forecast"]["loss"] == 0 and c["forecast"]["neg_flip_rate"] == 0 for c in control)
@@ -81,6 +99,120 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, tmp_path):
     assert "## sst2" in md and "Forecast, validated out of sample" in md and "t=2" in md
     assert "training-free correction" in md
     assert "per layer type" in md and "| q_proj |" in md
+
+
+def test_the_correction_at_zero_drift_keeps_the_patch_and_the_verdict_follows_the_cells(ran):
+    """θ' = θ at t = 0, so λ = 1 reproduces θ+Δθ exactly and must be chosen; with that cell's zero gain beside
+    any other single gain g, the mean g/2 always lies inside its 95% interval (±0.98|g|): no clear effect."""
+    cells = ran["report"]["cells"]
+    fixed = [c for c in cells if c.get("corrected")]
+    assert [(c["seed"], c["t"]) for c in fixed] == [(0, 0.0), (0, 2.0)]
+    zero, far = fixed[0], fixed[1]
+    x = zero["corrected"]
+    assert x["scale"] == 1.0 and x["agreement"]["1"] == 1.0 and x["inputs"] == 8 and len(x["agreement"]) == 6
+    assert x["evolved+patch"] == zero["evolved+patch"] == zero["base+patch"] and x["gain_over_plain"] == 0
+    y = far["corrected"]
+    assert y["agreement"][f"{y['scale']:g}"] == max(y["agreement"].values())  # chosen by agreement, no labels
+    assert y["gain_over_plain"] == pytest.approx(y["evolved+patch"] - far["evolved+patch"])
+    assert y["loss"] == pytest.approx(far["base+patch"] - y["evolved+patch"])
+    summary = ran["report"]["correction"]
+    gains = np.array([c["corrected"]["gain_over_plain"] for c in fixed])
+    half = 1.96 * gains.std(ddof=1) / np.sqrt(len(gains))
+    assert summary["cells"] == 2 and summary["verdict"] == "no clear effect"
+    assert summary["mean_gain_points"] == pytest.approx(100 * gains.mean(), abs=1e-9)
+    assert summary["ci_points"] == pytest.approx([100 * (gains.mean() - half), 100 * (gains.mean() + half)], abs=1e-9)
+    assert summary["scale_not_1"] == int(y["scale"] != 1.0)
+
+
+def test_a_correction_that_removes_the_patch_is_judged_to_hurt(toy, ran, monkeypatch):
+    """λ = 0 makes θ'+λΔθ θ' itself; at t = 0 that is θ zero-shot, which loses what the patch learned, so the
+    sweep must measure exactly that loss and call the correction harmful."""
+    from dataclasses import replace
+
+    import portllm.sweep.run as sweep_run
+    from portllm.rescale import ScaleChoice
+
+    asked = []
+
+    def drop_the_patch(patch, old, new, task, n, scales, data):
+        asked.append(n)
+        return ScaleChoice(0.0, n, {f"{s:g}": 0.0 for s in scales}, {f"{s:g}": 0.0 for s in scales})
+
+    monkeypatch.setattr(sweep_run, "choose_scale", drop_the_patch)
+    # everything but the correction (another input count: another cache key) comes from the first run's cache
+    plan = replace(PLAN, seeds=(0,), levels=(0.0,), retune_levels=(), correct_levels=(0.0,), correct_inputs=7)
+    r = sweep(plan, str(toy["base"]), ran["cache"].parent / "hurt", toy["data"], ran["cache"], log=lambda m: None)
+    assert asked == [7]
+    (c,) = r["cells"]
+    assert c["evolved"] == c["base"] and c["evolved+patch"] == c["base+patch"] > c["base"]  # the toy patch learned
+    x = c["corrected"]
+    assert x["scale"] == 0.0 and x["evolved+patch"] == c["base"]
+    assert x["gain_over_plain"] == pytest.approx(c["base"] - c["base+patch"]) and x["gain_ci"][0] < 0
+    assert x["loss"] == pytest.approx(c["base+patch"] - c["base"])
+    fix = r["correction"]
+    assert fix["verdict"] == "hurts" and fix["mean_gain_points"] == pytest.approx(100 * (c["base"] - c["base+patch"]))
+    assert fix["scale_not_1"] == 1 and fix["helped"] == 0
+
+
+def test_correction_verdict_needs_the_interval_to_exclude_zero():
+    from portllm.sweep.run import correction_summary
+
+    def cells(gains, lows=None):
+        return [
+            {"corrected": {"gain_over_plain": g, "gain_ci": [lo, g + 0.05], "scale": 1.25}}
+            for g, lo in zip(gains, lows or [g - 0.05 for g in gains])
+        ]
+
+    assert correction_summary([{"corrected": None}]) is None
+    assert correction_summary(cells([0.10, 0.12, 0.08]))["verdict"] == "helps"
+    assert correction_summary(cells([-0.10, -0.12, -0.08]))["verdict"] == "hurts"
+    mixed = correction_summary(cells([0.10, -0.06, 0.02]))  # mean +2 points, interval about ±9
+    assert mixed["verdict"] == "no clear effect" and mixed["mean_gain_points"] == pytest.approx(2.0)
+    assert correction_summary(cells([0.10, 0.12, 0.08]))["helped"] == 3 and mixed["helped"] == 1
+
+
+def _check_validation(cells, v):
+    """`validate`'s figures and the forecasts it filled in, against numpy least squares, scipy's Spearman ρ
+    and plain mean absolute errors over the same cells."""
+    from scipy.stats import spearmanr
+
+    pred, fpred = _held_out_forecast(cells)
+    assert [c["forecast"]["loss"] for c in cells] == pytest.approx([p / 100 for p in pred], abs=1e-9)
+    assert [c["forecast"]["neg_flip_rate"] for c in cells] == pytest.approx([q / 100 for q in fpred], abs=1e-9)
+    loss = [100 * c["loss"] for c in cells]
+    nfr = [100 * c["neg_flip_rate"] for c in cells]
+    assert v["cells"] == len(cells)
+    assert v["spearman_loss"] == pytest.approx(spearmanr(pred, loss).statistic, abs=1e-9)
+    assert v["mae_loss_points"] == pytest.approx(np.mean(np.abs(np.subtract(pred, loss))), abs=1e-9)
+    assert v["mae_neg_flip_rate_points"] == pytest.approx(np.mean(np.abs(np.subtract(fpred, nfr))), abs=1e-9)
+    assert v["met"]["spearman_loss"] == (v["spearman_loss"] >= 0.8)
+    assert v["met"]["mae_neg_flip_rate_points"] == (v["mae_neg_flip_rate_points"] <= 1.5)
+
+
+def test_forecast_validation_matches_an_independent_computation(ran):
+    """The sweep's leave-one-level-out validation recomputed independently on its own cells, then on the same
+    cells with the measured outcomes moved off the fitted plane (on the toy every flip is negative, so the
+    flip forecast is exact there and its MAE 0 whatever the averaging)."""
+    import copy
+
+    from portllm.sweep.calibrate import validate
+
+    r = ran["report"]
+    cells = r["cells"]
+    assert len(cells) == 8
+    _check_validation(cells, r["forecast_validation"])
+    moved = copy.deepcopy(cells)
+    for i, c in enumerate(moved):
+        c["loss"] += 0.01 * (i % 3)
+        c["neg_flip_rate"] += 0.02 * ((i * 5) % 7) / 7
+    v = validate(moved)
+    assert v["mae_neg_flip_rate_points"] > 0.1 and "leave_one_task_out" not in v  # one task
+    _check_validation(moved, v)
+    # the calibration written beside the report: the same least squares on every cell
+    x = np.array([[100 * c["forecast"]["raw_loss"], c["forecast"]["subspace_disturbance"]] for c in cells])
+    a, b = np.linalg.lstsq(x, np.array([100 * c["loss"] for c in cells]), rcond=None)[0]
+    cal = json.loads((ran["out"] / "calibration.json").read_text())
+    assert (cal["a"], cal["b"]) == pytest.approx((a, b), rel=1e-6, abs=1e-9)
 
 
 def test_rescale_on_the_same_base_keeps_the_patch_as_it_is(toy, tmp_path):
@@ -100,13 +232,14 @@ def test_rescale_on_the_same_base_keeps_the_patch_as_it_is(toy, tmp_path):
     assert (half.modules[name].delta() - 0.5 * orig.modules[name].delta()).abs().max() < 1e-6
 
 
-def test_sweep_resumes_from_its_cache(toy, tmp_path):
-    cache = tmp_path / "cache"
-    first = sweep(PLAN, str(toy["base"]), tmp_path / "a", toy["data"], cache, log=lambda m: None)
+def test_sweep_resumes_from_its_cache(toy, ran, tmp_path):
+    computed = ("training", "scoring", "evolving", "interpolating", "porting")
+    assert any("training" in m for m in ran["log"]) and any("evolving" in m for m in ran["log"])  # the first run did
     said: list[str] = []
-    again = sweep(PLAN, str(toy["base"]), tmp_path / "b", toy["data"], cache, log=said.append)
-    assert [c["evolved+patch"] for c in again["cells"]] == [c["evolved+patch"] for c in first["cells"]]
-    assert not any("training" in m or "scoring" in m or "evolving" in m for m in said)  # nothing recomputed
+    again = sweep(PLAN, str(toy["base"]), tmp_path / "b", toy["data"], ran["cache"], log=said.append)
+    assert again["cells"] == ran["report"]["cells"]
+    assert not any(m.lstrip().startswith(computed) for m in said)  # nothing recomputed
+    assert said[0].startswith("θ = ") and any(m.startswith("[sst2]") for m in said)
 
 
 def test_a_task_recipe_can_narrow_the_grid(toy, tmp_path):

@@ -47,7 +47,7 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_open_lm_checks_the_patch_before_loading(world, tmp_path, monkeypatch):
     from portllm import models
-    from portllm.evaluate import open_lm
+    from portllm.eval import open_lm
 
     wide = tiny.make_base(tmp_path / "wide", hidden=48)
     loaded = []
@@ -370,7 +370,7 @@ def test_tied_base_modules_to_save_ports_as_peft_runs_it(tmp_path, module, shard
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from portllm.evaluate import open_lm
+    from portllm.eval import open_lm
     from portllm.models import content_sha256
 
     base = _tied_base(tmp_path / "tied", shard)

@@ -18,9 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .atomic import atomic_dir
+from .device import resolve_device
 from .errors import PortLLMError
+from .models import architecture_of, copy_side_files, fingerprint, load_base, resolve_base, weight_index
 from .resources import measure
-from .train import LoopConfig
+from .stream import paired_tensors
+from .tasks import data_dir
+from .train import LoopConfig, examples_digest, fit
 
 if TYPE_CHECKING:
     from .interpolate import InterpolateResult
@@ -100,7 +104,7 @@ def _read_json(model_dir: str | Path) -> dict[str, Any]:
 
 def read_lineage(model_dir: str | Path) -> EvolveResult | InterpolateResult:
     """The lineage of an evolved or an interpolated model directory; both carry parent, drift and fingerprint."""
-    from .interpolate import InterpolateResult
+    from .interpolate import InterpolateResult  # here, not at the top: interpolate imports this module
 
     if "interpolated" in _read_json(model_dir):
         return InterpolateResult.read(model_dir)
@@ -109,8 +113,6 @@ def read_lineage(model_dir: str | Path) -> EvolveResult | InterpolateResult:
 
 def corpus_files(corpus: str, data: str | Path | None) -> list[Path]:
     """A preset name (instruct, text, mix), a file, or files joined with '+', relative to the data dir."""
-    from .tasks import data_dir
-
     spec = PRESETS.get(corpus, corpus)
     d = data_dir(data)
     files = []
@@ -164,9 +166,6 @@ def lm_examples(texts: list[str], tok: Any, max_length: int) -> list[tuple[list[
 
 def drift_sums(old_dir: Path, new_dir: Path) -> dict[str, tuple[float, float]]:
     """(||θ' − θ||², ||θ||²) summed per layer type (q_proj, up_proj, embed_tokens, norms...), streamed."""
-    from .models import weight_index
-    from .stream import paired_tensors
-
     sums: dict[str, tuple[float, float]] = {}
     for name, wa, wb in paired_tensors(weight_index(old_dir), weight_index(new_dir)):
         kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
@@ -190,9 +189,6 @@ def evolve(
     progress: bool = False,
 ) -> EvolveResult:
     """Continue pretraining `base` on `corpus` and write the evolved model with its lineage."""
-    from .models import architecture_of, copy_side_files, fingerprint, load_base, resolve_base
-    from .train import examples_digest, fit
-
     cfg = cfg or EvolveConfig()
     if cfg.mode not in ("full", "lora"):
         raise PortLLMError(f"evolve mode {cfg.mode!r} unknown; use full or lora")
@@ -212,7 +208,7 @@ def evolve(
         examples = lm_examples(corpus_texts(files), tok, cfg.max_length)
         if len(examples) < cfg.batch_size:
             raise PortLLMError(f"too few examples: the corpus gives {len(examples)} windows, fewer than one batch")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(cfg.device)
         model.to(device)
         torch.manual_seed(cfg.seed)
         if cfg.mode == "lora":

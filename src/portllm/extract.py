@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .errors import PortLLMError
 from .linalg import factor
+from .models import BaseRef
+from .patch import Patch, lora_config, new_manifest
 from .progress import Bar
-
-if TYPE_CHECKING:
-    from .models import BaseRef
+from .stream import paired_tensors
 
 
 @dataclass
@@ -81,10 +81,6 @@ def extract(
     progress: bool = False,
 ) -> ExtractResult:
     """Write the low-rank patch that takes `base` to (approximately) `tuned`."""
-    from .models import BaseRef
-    from .patch import Patch, lora_config, new_manifest
-    from .stream import paired_tensors
-
     if energy is not None and not 0 < energy <= 1:
         raise PortLLMError(f"--energy must be in (0, 1], got {energy}")
     if energy is None and (rank is None or rank < 1):

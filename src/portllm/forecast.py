@@ -14,13 +14,22 @@ NEW, not what it lost. A calibration fitted on a drift sweep maps the raw signal
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .check import check
 from .errors import PortLLMError
+from .eval import open_lm, run_task
+from .models import EMBEDDED, fingerprint, resolve_base
+from .patch import Patch
+from .stats import paired_bootstrap
+from .tasks import get_task, load_examples
 
 
 @dataclass(frozen=True)
@@ -131,8 +140,6 @@ class Forecast:
 
 def weight_signals(patch: Any, base: str | Path, old: str | Path, report: Any = None) -> WeightSignals:
     """From `check`'s drift rows (pass its report when `check` already ran, so nothing is read twice)."""
-    from .check import check
-
     rep = report if report is not None and report.drift else check(patch, base, old)
     rep.require("shapes", f"patch does not fit {base}")
     return WeightSignals.from_rows(rep.drift)
@@ -154,8 +161,6 @@ def _choice_probs(record: dict[str, Any], metric: str, conts: tuple[str, ...]) -
 
 def choice_signals(records_a: list[dict], records_b: list[dict], examples: list[Any], task: Any) -> OutputSignals:
     """Disagreement, KL and the unlabeled expected change from two runs' per-choice scores."""
-    from .stats import paired_bootstrap
-
     n = len(records_a)
     if n == 0 or n != len(records_b):
         raise PortLLMError("forecast needs the same, non-empty inputs for both models")
@@ -184,7 +189,6 @@ def choice_signals(records_a: list[dict], records_b: list[dict], examples: list[
 
 
 def _examples(inputs: str, n: int, data: str | Path | None) -> tuple[Any, list[Any]]:
-    from .tasks import get_task, load_examples
 
     task = get_task(inputs)
     if task.kind != "mc":
@@ -193,36 +197,64 @@ def _examples(inputs: str, n: int, data: str | Path | None) -> tuple[Any, list[A
 
 
 def _next_token_probs(lm: Any, texts: list[str]) -> list[Any]:
-    import torch
-
+    device = lm.model.get_input_embeddings().weight.device
     out = []
     with torch.inference_mode():
         for t in texts:
-            ids = lm.tokenizer(t, return_tensors="pt").input_ids[:, -lm.max_length :]
-            out.append(torch.softmax(lm.model(ids).logits[0, -1].float(), -1))
+            ids = lm.tokenizer(t, return_tensors="pt").input_ids[:, -lm.max_length :].to(device)
+            out.append(torch.softmax(lm.model(ids).logits[0, -1].float(), -1).cpu())
     return out
 
 
-def text_signals(lm_a: Any, lm_b: Any, path: Path, n: int) -> OutputSignals:
-    """Next-token disagreement and KL on the first n non-empty lines of a text file."""
-    import torch
-
+def text_lines(path: Path, n: int) -> list[str]:
+    """The first n non-empty lines of a text file: the inputs `--inputs FILE` compares the models on."""
     texts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()][:n]
     if not texts:
         raise PortLLMError(f"{path} has no non-empty lines to compare the models on")
-    pa, pb = _next_token_probs(lm_a, texts), _next_token_probs(lm_b, texts)
+    return texts
+
+
+def text_signals(pa: list[Any], pb: list[Any], path: Path) -> OutputSignals:
+    """Next-token disagreement and KL between two models' next-token distributions on the same lines."""
     kl = [float((a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum()) for a, b in zip(pa, pb)]
     dis = sum(int(torch.argmax(a) != torch.argmax(b)) for a, b in zip(pa, pb))
     conf = [float(a.max()) for a in pa]
-    return OutputSignals(
-        str(path), "next-token", len(texts), dis / len(texts), sum(kl) / len(kl), sum(conf) / len(conf)
-    )
+    return OutputSignals(str(path), "next-token", len(pa), dis / len(pa), sum(kl) / len(kl), sum(conf) / len(conf))
+
+
+def model_outputs(spec: str | Path, patch: str | Path, inputs: str, n: int, data, dtype: str, device: str) -> Any:
+    """One model's outputs on the inputs (next-token distributions for a text file, per-choice records for a
+    task). The model is freed before returning, so a forecast holds one model at a time, never two."""
+    lm = open_lm(spec, patch, dtype=dtype, device=device)
+    try:
+        path = Path(inputs)
+        if path.is_file():
+            return _next_token_probs(lm, text_lines(path, n))
+        task, examples = _examples(inputs, n, data)
+        return run_task(lm, task, examples).records
+    finally:
+        del lm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def output_signals(
+    patch: str | Path, old: str | Path, base: str | Path, inputs: str, n: int, data, dtype: str, device: str
+) -> OutputSignals:
+    """θ+Δθ's and θ'+Δθ's outputs compared, scored one model after the other."""
+    a = model_outputs(old, patch, inputs, n, data, dtype, device)
+    b = model_outputs(base, patch, inputs, n, data, dtype, device)  # runtime attach equals the port (test_port)
+    path = Path(inputs)
+    if path.is_file():
+        return text_signals(a, b, path)
+    task, examples = _examples(inputs, n, data)
+    return choice_signals(a, b, examples, task)
 
 
 def _recorded_base(p: Any) -> str | None:
     """The base named in the patch's manifest, when it is here (embedded or a local directory, never a
     download) and is the very model the patch was made on (same fingerprint)."""
-    from .models import EMBEDDED, fingerprint, resolve_base
 
     name, fp = p.source_name, p.source_fingerprint
     if not name or not fp or not (name in EMBEDDED or Path(name).is_dir()):
@@ -243,11 +275,9 @@ def forecast(
     calibration: str | Path | None = None,
     dtype: str = "float32",
     report: Any = None,
+    device: str = "cpu",
 ) -> Forecast:
     """Predict the accuracy lost and the negative-flip rate of porting `patch` onto `base`."""
-    from .evaluate import open_lm, run_task
-    from .patch import Patch
-
     p = Patch.load(patch)
     cal = Calibration.load(calibration)
     notes: list[str] = []
@@ -264,16 +294,7 @@ def forecast(
     weights = weight_signals(p, base, old, report)
     outputs = None
     if inputs:
-        lm_a = open_lm(old, patch, dtype=dtype)
-        lm_b = open_lm(base, patch, dtype=dtype)  # runtime attach equals the port (tested in test_port)
-        path = Path(inputs)
-        if path.is_file():
-            outputs = text_signals(lm_a, lm_b, path, n)
-        else:
-            task, examples = _examples(inputs, n, data)
-            ra = run_task(lm_a, task, examples).records
-            rb = run_task(lm_b, task, examples).records
-            outputs = choice_signals(ra, rb, examples, task)
+        outputs = output_signals(patch, old, base, inputs, n, data, dtype, device)
     if outputs is None or outputs.expected_change is None:
         notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
         return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)

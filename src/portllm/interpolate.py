@@ -19,6 +19,8 @@ from typing import Any
 
 from .atomic import atomic_dir
 from .errors import PortLLMError
+from .evolve import drift_by_type
+from .models import copy_side_files, fingerprint, resolve_base, weight_files, weight_index
 from .progress import Bar
 from .stream import ShardWriter, read_header, read_tensor
 
@@ -84,9 +86,6 @@ def interpolate(
     progress: bool = False,
 ) -> InterpolateResult:
     """Write θ + t·(θ' − θ) with θ's shards, dtypes and side files; tensors θ' lacks stay θ's."""
-    from .evolve import drift_by_type
-    from .models import copy_side_files, fingerprint, resolve_base, weight_files, weight_index
-
     if not -1.0 <= t <= 4.0:
         raise PortLLMError(f"--interpolate {t} is outside [-1, 4]: that is no longer an update of this base")
     t0 = time.perf_counter()

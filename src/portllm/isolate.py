@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from .errors import PortLLMError
-from .resources import Usage
+from .resources import Usage, measure
 
 T = TypeVar("T")
 
@@ -90,7 +90,6 @@ def _child(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict, filters
     sys.stdout = sys.stderr
     try:
         _use_filters(filters)
-        from .resources import measure
 
         with measure() as usage:
             result = fn(*args, **kwargs)

@@ -328,8 +328,13 @@ class BaseRef:
         return _fingerprint(self.index)
 
     @cached_property
+    def tensor_sha256(self) -> dict[str, str]:
+        """sha256 of each stored tensor's bytes (what `content_sha256` combines), remembered by file stat."""
+        return _tensor_sha256(self.index)
+
+    @cached_property
     def content_sha256(self) -> str:
-        return _content_sha256(self.index)
+        return _combine_sha256(self.index, self.tensor_sha256)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -421,12 +426,16 @@ def content_sha256(spec: str | Path | BaseRef) -> str:
     return BaseRef.of(spec).content_sha256
 
 
-def _content_sha256(idx: Index) -> str:
+def _tensor_sha256(idx: Index) -> dict[str, str]:
     cache = _HashCache()
     digests: dict[str, str] = {}
     for f in sorted({f for f, _ in idx.values()}):
         digests.update(cache.get(f, "tensors", lambda f=f: _hash_tensors(f, read_header(f).tensors.values())))
     cache.save()
+    return digests
+
+
+def _combine_sha256(idx: Index, digests: dict[str, str]) -> str:
     h = hashlib.sha256(b"portllm-sha1")
     for name in sorted(idx):
         info = idx[name][1]
@@ -650,8 +659,9 @@ def base_info(spec: str | Path | BaseRef) -> BaseInfo:
 # ---------------------------------------------------------------- loading and exporting
 
 
-def load_base(spec: str | Path | BaseRef, dtype: str = "float32", device: str = "cpu"):
-    """Open a base as a transformers causal LM (plus its tokenizer, or None)."""
+def load_base(spec: str | Path | BaseRef, dtype: str = "float32", device: str = "cpu", spread: bool = False):
+    """Open a base as a transformers causal LM (plus its tokenizer, or None) on a resolved device (see
+    device.place); `spread` lays its layers over every visible GPU with transformers' device_map."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -659,12 +669,15 @@ def load_base(spec: str | Path | BaseRef, dtype: str = "float32", device: str = 
     hf_logging.disable_progress_bar()
     d = resolve_base(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), use_safetensors=True)
+        extra = {"device_map": "auto"} if spread else {}
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), use_safetensors=True, **extra)
     except Exception as e:
         raise PortLLMError(
             f"transformers cannot load {d}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}"
         ) from None
-    model.to(device).eval()
+    if not spread:
+        model.to(device)
+    model.eval()
     tok = None
     if has_tokenizer(d):
         tok = AutoTokenizer.from_pretrained(d)

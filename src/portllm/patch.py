@@ -67,6 +67,30 @@ class LoraModule:
         d = (self.B.float() @ self.A.float()) * (self.scaling * scale)
         return d.T if self.fan_in_fan_out else d
 
+    def add_to(self, w: torch.Tensor, scale: float = 1.0, rows: int = 64) -> torch.Tensor:
+        """w + scale·ΔW, written into `w` itself and returned: fp32 sums, one rounding to w's dtype.
+
+        The same values as `(w.float() + delta(scale)).to(w.dtype)`, computed `rows` rows at a time: ΔW is
+        never formed whole and the fp32 copy is one block, so a port's memory traffic is w's own bytes
+        (forming ΔW, adding and converting whole matrices made the merge several times slower than a copy).
+        """
+        if tuple(w.shape) != self.weight_shape:
+            raise PortLLMError(f"{self.weight_name} is {tuple(w.shape)}; the patch expects {self.weight_shape}")
+        a, b = self.A.float(), self.B.float()
+        left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)  # ΔW = scaling · left @ right
+        alpha = self.scaling * scale
+        block = None if w.dtype == torch.float32 else torch.empty(min(rows, w.shape[0]), w.shape[1])
+        for r0 in range(0, w.shape[0], rows):
+            part = w[r0 : r0 + rows]
+            if block is None:
+                part.addmm_(left[r0 : r0 + rows], right, alpha=alpha)
+            else:
+                t = block[: part.shape[0]]
+                t.copy_(part)
+                t.addmm_(left[r0 : r0 + rows], right, alpha=alpha)
+                part.copy_(t)
+        return w
+
     def delta_norm(self) -> float:
         """||ΔW||_F from r×r Gram matrices, never forming ΔW."""
         a, b = self.A.double(), self.B.double()
@@ -280,7 +304,7 @@ class Patch:
                 parts.setdefault(m["module"], {})[m["ab"]] = t
         out = {}
         fifo = bool(self.config.get("fan_in_fan_out", False))
-        for name in sorted(parts, key=_natural):
+        for name in sorted(parts, key=natural_key):
             ab = parts[name]
             if set(ab) != {"A", "B"}:
                 raise PortLLMError(f"patch: module {name} has lora_{'A' if 'A' in ab else 'B'} but not its partner")
@@ -565,7 +589,8 @@ def _finite(x: Any) -> bool:
         return False
 
 
-def _natural(s: str) -> list:
+def natural_key(s: str) -> list:
+    """Sort key that orders numbered names as numbers (layers.2 before layers.10)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
@@ -608,7 +633,7 @@ def lora_config(
         "lora_alpha": r,
         "rank_pattern": other,
         "alpha_pattern": dict(other),
-        "target_modules": sorted(ranks, key=_natural),
+        "target_modules": sorted(ranks, key=natural_key),
         "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": False,
         "bias": "none",

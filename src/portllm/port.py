@@ -13,11 +13,12 @@ the merged model is written untied: both tensors stored, `tie_word_embeddings` f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,34 @@ from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
 from .sign import TrustedKey, Verification, load_patch, signature_record
-from .stream import ShardWriter, read_header, read_tensor
+from .stream import Header, ShardWriter, WriteBehind, read_header, read_tensor
 
 PROVENANCE = "portllm_provenance.json"
 ADDABLE = FLOAT_DTYPES  # dtypes ΔW can be added to; F8 and integers hold scaled (quantized) values
+
+
+@dataclass
+class PortTimings:
+    """Where a merged port's time went, in seconds (`benchmarks/port_speed.py` prints it).
+
+    The loop reads and adds; `write` (into the page cache), `hash` (the output's sha256, for its provenance) and
+    `sync` (fsync, for durability) are the busy seconds of the threads beside it, and `wait` is what the loop
+    spent blocked on them: the part of their cost the wall time shows. `check` includes hashing a base this
+    machine has not hashed before (later ports find it in the cache).
+    """
+
+    check: float = 0.0  # loading the patch, resolving the base, the compatibility check
+    read: float = 0.0
+    add: float = 0.0
+    write: float = 0.0
+    hash: float = 0.0
+    sync: float = 0.0
+    wait: float = 0.0
+    finish: float = 0.0  # provenance, the output's fingerprint, the rename into place
+    total: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 @dataclass
@@ -49,6 +74,7 @@ class PortResult:
     result_fingerprint: str | None = None
     result_content_sha256: str | None = None
     verification: Verification | None = None  # set when a signature was required
+    timings: PortTimings = field(default_factory=PortTimings)  # merged ports; not part of to_dict
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +107,7 @@ def port(
     With `require_signature` (or `trusted` keys), a patch that is unsigned, altered since signing or signed
     by another key is refused before any tensor is read and before anything is written.
     """
+    t0 = time.perf_counter()
     with measure() as usage:
         patch, verification = load_patch(patch, require_signature, trusted)
         ref = BaseRef.of(base)  # resolved once: check, the merge and the provenance share it
@@ -95,6 +122,7 @@ def port(
                 rep.require("attach" if as_adapter else "merge", f"refusing to port {patch.path}", hint)
             if hard:
                 raise PortLLMError(f"cannot port {patch.path} even with --force: {hard[0].topic}: {hard[0].detail}")
+        checked = time.perf_counter()
         target = rep.target_info
         event = {
             "event": "ported",
@@ -116,7 +144,35 @@ def port(
             result = _merge_streaming(patch, ref, Path(out), scale, overwrite, event, rep, progress)
     result.usage = usage
     result.verification = verification
+    result.timings.check = checked - t0
+    result.timings.total = time.perf_counter() - t0
     return result
+
+
+@dataclass
+class _Update:
+    """What the patch does to each base tensor: LoRA modules add ΔW, full weights replace the tensor."""
+
+    patch: Patch
+    scale: float
+    result: PortResult
+
+    def __post_init__(self) -> None:
+        self.by_weight = {m.weight_name: m for m in self.patch.modules.values()}
+        self.full = self.patch.full_weights
+
+    def touches(self, name: str) -> bool:
+        return name in self.by_weight or name in self.full
+
+    def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The tensor to write for `name`; a LoRA update is added into `w` itself (the caller's own buffer)."""
+        if name in self.by_weight:
+            self.result.applied += 1
+            return self.by_weight[name].add_to(w, self.scale)
+        if name in self.full:
+            self.result.replaced += 1
+            return self.full[name].to(w.dtype)
+        return w
 
 
 def _merge_streaming(
@@ -129,90 +185,161 @@ def _merge_streaming(
     rep: CheckReport,
     progress: bool,
 ) -> PortResult:
-    base_dir = ref.path
-    by_weight = {m.weight_name: m for m in patch.modules.values()}
-    full = patch.full_weights
-    files = weight_files(base_dir)
+    files = weight_files(ref.path)
     headers = [read_header(f) for f in files]
-    for h in headers:  # before anything is written: never add ΔW to raw quantized values
+    result = PortResult(out, "merged", rep)
+    update = _Update(patch, scale, result)
+    _refuse_quantized_targets(ref, headers, update)
+    untie = _untie(patch, ref)
+    total = sum(len(h.tensors) for h in headers) + (1 if untie and untie[1] not in ref.index else 0)
+    timings = result.timings
+    threads = torch.get_num_threads()
+    with Bar(progress, total, "porting") as bar, atomic_dir(out, overwrite=overwrite) as tmp:
+        index_file = _write_side_files(ref, tmp, untie)
+        behind = WriteBehind()
+        merge = _Merge(ref, tmp, update, untie, index_file, behind, timings, bar)
+        # the merge loop keeps one core; writing and hashing run on their own threads beside it. torch's pool
+        # would compete with them, and on a busy machine turns each small block update into a slow barrier
+        torch.set_num_threads(1)
+        try:
+            for f, h in zip(files, headers):
+                merge.shard(f, h)
+            digests = behind.finish()
+        except BaseException:
+            behind.close()  # threads stopped first: no write is under way when the files are closed
+            for w in merge.writers:
+                w.abort()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        timings.write, timings.hash, timings.sync, timings.wait = (
+            behind.write_s,
+            behind.hash_s,
+            behind.sync_s,
+            behind.wait_s,
+        )
+        t0 = time.perf_counter()
+        record_tensor_hashes(digests)  # hashed while written: the content hash below reads nothing
+        result.result_fingerprint = fingerprint(tmp)
+        result.result_content_sha256 = content_sha256(tmp)
+        _write_provenance(tmp, patch, event, rep, result, untie)
+    timings.finish = time.perf_counter() - t0
+    return result
+
+
+def _refuse_quantized_targets(ref: BaseRef, headers: list[Header], update: _Update) -> None:
+    """Before anything is written: never add ΔW to (or replace) raw quantized or integer values."""
+    for h in headers:
         for info in h.tensors.values():
-            if (info.name in by_weight or info.name in full) and info.dtype not in ADDABLE:
+            if update.touches(info.name) and info.dtype not in ADDABLE:
                 raise PortLLMError(
                     f"cannot port onto {ref.name}: {info.name} is stored as {info.dtype} (quantized or integer "
                     "values, ΔW cannot be added to them); use an unquantized (bf16/fp32) base"
                 )
-    untie = _untie(patch, ref)
-    emb, head = untie or (None, None)
-    head_stored = head in ref.index
-    total = sum(len(h.tensors) for h in headers) + (1 if untie and not head_stored else 0)
-    result = PortResult(out, "merged", rep)
-    bar = Bar(progress, total, "porting")
 
-    def patched(name: str, w: torch.Tensor) -> torch.Tensor:
-        if name in by_weight:
-            result.applied += 1
-            return (w.float() + by_weight[name].delta(scale)).to(w.dtype)
-        if name in full:
-            result.replaced += 1
-            return full[name].to(w.dtype)
-        return w
 
-    with bar, atomic_dir(out, overwrite=overwrite) as tmp:
-        copy_side_files(base_dir, tmp)
-        if untie:
-            _write_untied_config(ref, tmp)
-        index_file = base_dir / "model.safetensors.index.json"
-        if index_file.is_file():
-            shutil.copy2(index_file, tmp / index_file.name)
-        digests: dict[Path, dict[str, str]] = {}
-        for f, h in zip(files, headers):
-            infos = sorted(h.tensors.values(), key=lambda t: t.start)
-            layout = [(t.name, t.dtype, t.shape) for t in infos]
-            if untie and not head_stored and emb in h.tensors:  # the head gets its own tensor, after the embedding
-                e = h.tensors[emb]
-                layout.insert(layout.index((e.name, e.dtype, e.shape)) + 1, (head, e.dtype, e.shape))
-                if index_file.is_file():
-                    _add_to_index(tmp / index_file.name, head, f.name, e.nbytes)
-            writer = ShardWriter(tmp / f.name, layout, h.metadata)
-            sums = digests.setdefault(tmp / f.name, {})
+def _write_side_files(ref: BaseRef, tmp: Path, untie: tuple[str, str] | None) -> Path | None:
+    """Config, tokenizer and the shard index; the output's index file when the base has one."""
+    copy_side_files(ref.path, tmp)
+    if untie:
+        _write_untied_config(ref, tmp)
+    index_file = ref.path / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return None
+    shutil.copy2(index_file, tmp / index_file.name)
+    return tmp / index_file.name
 
-            def write(name: str, w: torch.Tensor, writer: ShardWriter = writer, sums: dict[str, str] = sums) -> None:
-                writer.write(name, w)
-                sums[name] = hashlib.sha256(w.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-                bar.advance()
 
-            try:
-                with open(f, "rb") as fh:
-                    fd = fh.fileno()
-                    for info in infos:
-                        w = read_tensor(info, f, fd)
-                        if info.name == head and untie:  # stored, but tied: at runtime it is the embedding
-                            w = _read(ref, emb)
-                        write(info.name, patched(info.name, w))
-                        if info.name == emb and untie and not head_stored:
-                            write(head, patched(head, w))
-                        del w
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-        record_tensor_hashes(digests)  # hashed while written: the content hash below reads nothing
-        result.result_fingerprint = fingerprint(tmp)
-        result.result_content_sha256 = content_sha256(tmp)
-        provenance = {
-            "tool": "portllm",
-            "tool_version": __version__,
-            "base": rep.target_info.to_dict(),
-            "patch": patch.manifest.to_dict() if patch.manifest else None,
-            "patch_path": str(patch.path) if patch.path else None,
-            "port": event,
-            "result_fingerprint": result.result_fingerprint,
-            "result_content_sha256": result.result_content_sha256,
-        }
-        if untie:
-            provenance["untied"] = {"embedding": emb, "head": head}
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
-    return result
+@dataclass
+class _Merge:
+    """Reads, updates and queues the output shards tensor by tensor; `WriteBehind` writes and hashes them.
+
+    Read buffers are reused, `SLOTS` of them (one being filled, the others waiting to be written and hashed):
+    a fresh allocation per tensor costs page faults and zeroing of every byte, as much as the read itself.
+    """
+
+    SLOTS = 3
+
+    ref: BaseRef
+    tmp: Path
+    update: _Update
+    untie: tuple[str, str] | None
+    index_file: Path | None
+    behind: WriteBehind
+    timings: PortTimings
+    bar: Bar
+
+    def __post_init__(self) -> None:
+        self.known = self.ref.tensor_sha256  # computed by the check: tensors written unchanged are not hashed
+        self.slots: list[list[Any]] = [[None, []] for _ in range(self.SLOTS)]  # [buffer, futures using it]
+        self.turn = 0
+        self.writers: list[ShardWriter] = []
+
+    def shard(self, f: Path, h: Header) -> None:
+        """One output shard in the base's file order; an untied head goes right after its embedding."""
+        emb, head = self.untie or (None, None)
+        new_head = bool(self.untie) and head not in self.ref.index
+        infos = sorted(h.tensors.values(), key=lambda t: t.start)
+        layout = [(t.name, t.dtype, t.shape) for t in infos]
+        if new_head and emb in h.tensors:
+            e = h.tensors[emb]
+            layout.insert(layout.index((e.name, e.dtype, e.shape)) + 1, (head, e.dtype, e.shape))
+            if self.index_file is not None:
+                _add_to_index(self.index_file, head, f.name, e.nbytes)
+        writer = ShardWriter(self.tmp / f.name, layout, h.metadata, self.behind)
+        self.writers.append(writer)
+        with open(f, "rb") as fh:
+            for info in infos:
+                slot = self._slot(info.nbytes)
+                t0 = time.perf_counter()
+                w, source = read_tensor(info, f, fh.fileno(), slot[0]), info.name
+                if info.name == head and self.untie:  # stored, but tied: at runtime it is the embedding
+                    w, source = _read(self.ref, emb), emb
+                self.timings.read += time.perf_counter() - t0
+                base_emb = w.clone() if new_head and info.name == emb else None  # w takes emb's update
+                slot[1] = self._apply(writer, info.name, w, source)
+                if base_emb is not None:  # the untied head starts from the base embedding
+                    slot[1] += self._apply(writer, head, base_emb, emb)
+                del w, base_emb
+        self.behind.close_shard(writer)
+
+    def _slot(self, nbytes: int) -> list[Any]:
+        """The next read buffer, once the tensor last read into it is written and hashed."""
+        slot = self.slots[self.turn % len(self.slots)]
+        self.turn += 1
+        self.behind.wait(slot[1])
+        slot[1] = []
+        if slot[0] is None or slot[0].numel() < nbytes:
+            slot[0] = None  # free the old buffer before the larger one is allocated
+            slot[0] = torch.empty(nbytes, dtype=torch.uint8)
+        return slot
+
+    def _apply(self, writer: ShardWriter, name: str, w: torch.Tensor, source: str) -> list[Future]:
+        """Update one tensor and queue it; the futures to wait for before its memory is reused."""
+        t0 = time.perf_counter()
+        new = self.update(name, w)
+        self.timings.add += time.perf_counter() - t0
+        self.bar.advance()
+        unchanged = not self.update.touches(name) and source in self.known  # the base's bytes, already hashed
+        return self.behind.write(writer, name, new, self.known[source] if unchanged else None)
+
+
+def _write_provenance(
+    tmp: Path, patch: Patch, event: dict[str, Any], rep: CheckReport, result: PortResult, untie: tuple[str, str] | None
+) -> None:
+    provenance = {
+        "tool": "portllm",
+        "tool_version": __version__,
+        "base": rep.target_info.to_dict(),
+        "patch": patch.manifest.to_dict() if patch.manifest else None,
+        "patch_path": str(patch.path) if patch.path else None,
+        "port": event,
+        "result_fingerprint": result.result_fingerprint,
+        "result_content_sha256": result.result_content_sha256,
+    }
+    if untie:
+        provenance["untied"] = {"embedding": untie[0], "head": untie[1]}
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
 
 
 def _untie(patch: Patch, ref: BaseRef) -> tuple[str, str] | None:

@@ -18,15 +18,16 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 
 from . import __version__
 from .atomic import write_text_atomic
 from .errors import PortLLMError
 from .patch import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, Manifest, Patch, now, parse_manifest, sha256_file
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 
 ALGORITHM = "ML-DSA-65"
 SIGNATURE = "portllm.sig"
@@ -62,8 +63,6 @@ def key_fingerprint(public_key: MLDSA65PublicKey) -> str:
 
 def keygen(prefix: str | Path, overwrite: bool = False) -> KeyPair:
     """Write PREFIX.key (private, mode 0600) and PREFIX.pub, both or neither; never clobbers unless asked."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
     prefix = Path(prefix)
     key_path, pub_path = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
@@ -145,8 +144,6 @@ def _read_pem(path: Path, what: str) -> bytes:
 
 def load_private_key(path: str | Path) -> MLDSA65PrivateKey:
     """An ML-DSA-65 private key written by `keygen`; a public key or another algorithm is refused by name."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
     data = _read_pem(Path(path), "private key")
     if b"PUBLIC KEY-----" in data:
@@ -164,8 +161,6 @@ def load_private_key(path: str | Path) -> MLDSA65PrivateKey:
 
 def load_public_key(path: str | Path) -> MLDSA65PublicKey:
     """An ML-DSA-65 public key (PREFIX.pub)."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PublicKey
 
     data = _read_pem(Path(path), "public key")
     if b"PRIVATE KEY-----" in data:
@@ -181,7 +176,6 @@ def load_public_key(path: str | Path) -> MLDSA65PublicKey:
 
 def _trusted_keys(trusted: Iterable[TrustedKey] | None) -> dict[str, tuple[str, MLDSA65PublicKey]]:
     """fingerprint -> (where the key came from, key)."""
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PublicKey
 
     keys = {}
     for t in trusted or ():
@@ -300,7 +294,6 @@ def _file_problem(path: Path, manifest: Manifest) -> tuple[str, str] | None:
 
 def sign_patch(path: str | Path, key: str | Path | MLDSA65PrivateKey) -> Signature:
     """Sign a patch in place: write `portllm.sig` (replacing an older one); `portllm.json` is left untouched."""
-    from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
     path = Path(path)
     if not path.is_dir():
@@ -347,7 +340,6 @@ class Verification:
 
 def check_signature(path: str | Path, trusted: Iterable[TrustedKey]) -> Verification:
     """Is this patch signed by a trusted key and unchanged since? Never raises for a bad patch, only bad input."""
-    from cryptography.exceptions import InvalidSignature
 
     path = Path(path)
     if not path.is_dir():

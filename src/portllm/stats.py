@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 Z95 = 1.959963984540054
 
 
@@ -43,8 +45,6 @@ def paired_bootstrap(
     a: Sequence[float], b: Sequence[float], iters: int = 10_000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
     """mean(b) − mean(a) and its percentile interval, resampling examples (pairs stay together)."""
-    import numpy as np
-
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError("paired scores must be two equally long 1-D sequences")

@@ -12,14 +12,12 @@ import gc
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import isolate
-
-if TYPE_CHECKING:
-    from .evaluate import TaskResult
-    from .port import PortResult
-    from .train import TrainConfig, TrainResult
+from .eval import TaskResult, evaluate, open_lm
+from .port import PortResult, port
+from .tasks import get_task
+from .train import TrainConfig, TrainResult, train
 
 
 def train_patch_step(
@@ -36,7 +34,6 @@ def train_patch_step(
     `init`: warm-start from this patch's factors (rank, alpha and targets then are the patch's).
     The patch's manifest records the run's own wall time and peak RSS (extra.training).
     """
-    from .train import train
 
     result, _ = isolate.run(
         train,
@@ -55,8 +52,6 @@ def train_patch_step(
 
 def port_step(patch: str | Path, base: str | Path, out: str | Path, progress: bool = False) -> PortResult:
     """Merge `patch` onto `base` into `out` (replaced), in its own process; `result.usage` is the port's own."""
-    from .port import port
-
     result, _ = isolate.run(port, Path(patch), str(base), Path(out), overwrite=True, progress=progress)
     return result
 
@@ -76,8 +71,6 @@ def eval_step(
 
     `gen_tokens` caps generation for generative tasks (GSM8K). A directory that exists is replaced.
     """
-    from .evaluate import evaluate, open_lm
-    from .tasks import get_task
 
     t = get_task(task)
     if t.kind == "gen" and gen_tokens:

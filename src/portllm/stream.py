@@ -7,13 +7,16 @@ held in RSS) and write a shard tensor by tensor, knowing the header up front.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -141,17 +144,26 @@ def _is_index(v: Any, limit: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit
 
 
-def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> torch.Tensor:
-    """Read one tensor with a plain pread: memory is that tensor and nothing else."""
+def read_tensor(
+    info: TensorInfo, path: str | Path, fd: int | None = None, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Read one tensor with a plain pread: memory is that tensor and nothing else.
+
+    `into` (uint8, at least `info.nbytes`) is a buffer to read into and view, reused by a caller that reads
+    many tensors: a fresh allocation per tensor costs page faults and zeroing of every byte, as much as the read.
+    """
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
+    if into is not None and (into.dtype != torch.uint8 or into.numel() < info.nbytes or not into.is_contiguous()):
+        raise PortLLMError(f"internal: read buffer too small or not contiguous bytes for {info.name!r}")
     own = fd is None
     if own:
         fd = os.open(path, os.O_RDONLY)
     try:
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        # not zero-filled: every byte is read into it
+        buf = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
+        view = memoryview(buf.numpy())
         got = 0
         while got < info.nbytes:
             chunk = os.preadv(fd, [view[got:]], info.start + got)
@@ -161,7 +173,7 @@ def read_tensor(info: TensorInfo, path: str | Path, fd: int | None = None) -> to
     finally:
         if own:
             os.close(fd)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return buf.view(dtype).reshape(info.shape)
 
 
 Index = dict[str, tuple[Path, TensorInfo]]  # tensor name -> (file, location), as models.weight_index returns
@@ -186,13 +198,124 @@ def paired_tensors(
         yield name, read_tensor(ia, fa).float(), read_tensor(ib, fb).float()
 
 
+class WriteBehind:
+    """What a streaming writer leaves to background threads, in order: writing each tensor into its shard,
+    taking its sha256 (from the bytes already in memory, never re-read) and fsyncing each finished shard.
+
+    File writes, hashlib and fsync release the GIL, so all three overlap the caller's next read and add, and
+    the output is as durable as before: `finish` returns only once every shard is on disk. The caller must
+    leave a tensor's memory alone until the futures `write` returned are done (`wait`), which also bounds the
+    memory in flight. The first error of a thread (a full disk) stops its later writes and is raised by
+    `wait`/`finish`. `write_s`, `hash_s` and `sync_s` are the threads' busy seconds, `wait_s` the caller's
+    time blocked on them.
+    """
+
+    def __init__(self) -> None:
+        self.write_s = self.hash_s = self.sync_s = self.wait_s = 0.0
+        self.digests: dict[Path, dict[str, str]] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="portllm-write")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="portllm-hash")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="portllm-fsync")
+        self._pending: list[Future] = []  # writes and hashes, in submission order
+        self._syncing: list[tuple[Future, BinaryIO]] = []
+        self._failed: BaseException | None = None
+
+    def write(self, writer: ShardWriter, name: str, tensor: torch.Tensor, digest: str | None = None) -> list[Future]:
+        """Write `tensor` into `writer` after what was queued before, and hash it unless its `digest` is known."""
+        sums = self.digests.setdefault(writer.path, {})
+        futures = [self._writer.submit(self._write, writer, name, tensor)]
+        if digest is None:
+            futures.append(self._hasher.submit(self._hash, sums, name, tensor))
+        else:
+            sums[name] = digest
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + futures
+        return futures
+
+    def close_shard(self, writer: ShardWriter) -> None:
+        """Close `writer` once its tensors are written; its fsync then runs on the fsync thread."""
+        self._pending.append(self._writer.submit(self._close, writer))
+
+    def wait(self, futures: list[Future]) -> None:
+        """Block until `futures` are done, re-raising the first error, counted in `wait_s`."""
+        t0 = time.perf_counter()
+        try:
+            for fut in futures:
+                fut.result()
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def finish(self) -> dict[Path, dict[str, str]]:
+        """Wait for every write, hash and fsync; the digests by file, then tensor name."""
+        try:
+            self.wait(self._pending)
+            self.wait([fut for fut, _ in self._syncing])
+        finally:
+            self.close()
+        return self.digests
+
+    def close(self) -> None:
+        """Stop the threads (work not yet started is dropped) and close every file handed over for fsync."""
+        for pool in (self._writer, self._hasher, self._syncer):
+            pool.shutdown(wait=True, cancel_futures=True)
+        for _, f in self._syncing:
+            f.close()
+
+    def _write(self, writer: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        if self._failed is not None:
+            raise self._failed
+        t0 = time.perf_counter()
+        try:
+            writer.write(name, tensor)
+        except BaseException as e:
+            self._failed = e
+            raise
+        finally:
+            self.write_s += time.perf_counter() - t0
+
+    def _close(self, writer: ShardWriter) -> None:
+        if self._failed is not None:
+            raise self._failed
+        writer.close()
+
+    def _hash(self, sums: dict[str, str], name: str, tensor: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        sums[name] = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+        self.hash_s += time.perf_counter() - t0
+
+    def sync(self, f: BinaryIO) -> None:
+        """fsync and close `f` (flushed) on the fsync thread; `finish` waits for it."""
+        self._syncing.append((self._syncer.submit(self._fsync, f), f))
+
+    def _fsync(self, f: BinaryIO) -> None:
+        t0 = time.perf_counter()
+        try:
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+        self.sync_s += time.perf_counter() - t0
+
+
+def tensor_bytes(t: torch.Tensor) -> Any:
+    """A tensor's bytes as a buffer (no copy when contiguous): what a safetensors file stores for it."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 class ShardWriter:
-    """Write a safetensors file tensor by tensor; the layout is fixed before the first byte."""
+    """Write a safetensors file tensor by tensor; the layout is fixed before the first byte.
+
+    With a `WriteBehind`, `close` leaves the fsync (and the close) of the finished file to its thread.
+    """
 
     def __init__(
-        self, path: str | Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+        self,
+        path: str | Path,
+        layout: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        behind: WriteBehind | None = None,
     ):
         self.path = Path(path)
+        self.behind = behind
+        self._handed = False
         header: dict = {}
         if metadata:
             header["__metadata__"] = metadata
@@ -215,7 +338,7 @@ class ShardWriter:
         if name != exp_name or DTYPE_NAMES[tensor.dtype] != dtype or tuple(tensor.shape) != shape:
             raise PortLLMError(f"internal: tensor {name!r} does not match the planned layout of {self.path.name}")
         if n:
-            self._f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self._f.write(tensor_bytes(tensor).data)
         self._i += 1
 
     def close(self) -> None:
@@ -223,11 +346,15 @@ class ShardWriter:
             self._f.close()
             raise PortLLMError(f"internal: {self.path.name} got {self._i} of {len(self._expected)} tensors")
         self._f.flush()
+        if self.behind is not None:
+            self.behind.sync(self._f)  # its thread fsyncs and closes the file
+            self._handed = True
+            return
         os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
-        if not self._f.closed:
+        if not self._f.closed and not self._handed:  # a handed-over file is closed by its WriteBehind
             self._f.close()
 
 

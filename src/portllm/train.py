@@ -24,17 +24,20 @@ from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from .check import check
+from .device import resolve_device
 from .errors import PortLLMError
+from .eval import LM, encode_pair, run_task
+from .models import BaseRef, load_base
+from .patch import ADAPTER_WEIGHTS, Patch, new_manifest, read_adapter, sha256_file
 from .progress import Bar
 from .resources import measure
-
-if TYPE_CHECKING:
-    from .models import BaseRef
-    from .patch import Patch
+from .tasks import get_task, load_examples
 
 PAPER_TARGETS: tuple[str, ...] = ()  # empty = the architecture's own "all linear projections" (architectures.json)
 PAPER_RANK, PAPER_ALPHA = 8, 16.0
@@ -53,10 +56,15 @@ class LoopConfig:
     warmup: float = 0.06
     weight_decay: float = 0.0
     checkpoint_every: int = 25
+    device: str = "auto"  # device.resolve_device: auto = CUDA when present, else the CPU; never a silent fallback
 
     def key(self) -> str:
-        """Identity of the recipe (checkpoints of another recipe are not resumed)."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        """Identity of the recipe (checkpoints of another recipe are not resumed; the device is not the recipe)."""
+        d = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k not in ("checkpoint_every", "device")
+        }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -113,9 +121,6 @@ class WarmStart:
     @classmethod
     def open(cls, init: str | Path | Patch, base: BaseRef, cfg: TrainConfig) -> WarmStart:
         """Load `init` and refuse, in one line, a patch that does not fit `base` or LoRA options that contradict it."""
-        from .check import check
-        from .patch import ADAPTER_WEIGHTS, Patch, sha256_file
-
         patch = init if isinstance(init, Patch) else Patch.load(init)
         if patch.path is None:
             raise PortLLMError("an init patch must be saved first: its record names its path and weights sha256")
@@ -166,7 +171,7 @@ class WarmStart:
 
     def load_into(self, model: Any) -> None:
         """Copy the patch's A and B into the fresh LoRA modules of a PEFT model, which must match them exactly."""
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # deferred: peft's import is slow; only a warm start needs it
 
         lm = model.base_model.model
         layers = {n: m for n, m in lm.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
@@ -191,9 +196,6 @@ def training_examples(
     task: Any, tok: Any, max_length: int, data: str | Path | None = None, limit: int | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per train example; labels are -100 on the prompt, so only the answer is learned."""
-    from .evaluate import encode_pair
-    from .tasks import load_examples
-
     out = []
     for e in load_examples(task, "train", data, limit):
         prompt = e.contexts[e.gold] if task.kind == "mc" else e.prompt
@@ -206,7 +208,7 @@ def training_examples(
     return out
 
 
-def _order(n: int, steps: int, batch: int, seed: int) -> list[int]:
+def example_order(n: int, steps: int, batch: int, seed: int) -> list[int]:
     """The example index of every slot of every step: seeded permutations, epoch after epoch."""
     g = torch.Generator().manual_seed(seed)
     need = steps * batch
@@ -239,12 +241,6 @@ def train(
 
     `init`: a patch whose factors the LoRA modules start from (warm start) instead of a fresh init.
     """
-    from peft import LoraConfig, get_peft_model
-
-    from .models import BaseRef, load_base
-    from .patch import Patch, new_manifest, read_adapter
-    from .tasks import get_task
-
     cfg = cfg or TrainConfig()
     base = BaseRef.of(base)  # resolved once for the model, its facts and the manifest
     out = Path(out)
@@ -254,51 +250,13 @@ def train(
         raise PortLLMError("--steps and --batch-size must be at least 1")
     task = get_task(task_name)
     warm = WarmStart.open(init, base, cfg) if init is not None else None
-    if warm:
-        cfg = warm.cfg
-    else:
-        cfg = replace(
-            cfg,
-            rank=PAPER_RANK if cfg.rank is None else cfg.rank,
-            alpha=PAPER_ALPHA if cfg.alpha is None else cfg.alpha,
-            target_modules=cfg.target_modules or base.arch.lora_targets,
-        )
+    cfg = warm.cfg if warm else _paper_lora(cfg, base)
     ckpt = out.parent / f".{out.name}.ckpt"
     with measure() as usage:
-        model, tok = load_base(base, dtype=cfg.dtype)
-        if tok is None:
-            raise PortLLMError(f"{base} has no tokenizer; training needs one")
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
-        if len(examples) < cfg.batch_size:
-            raise PortLLMError(
-                f"too few examples: {task.name} has {len(examples)} train examples, fewer than one batch of "
-                f"{cfg.batch_size}"
-            )
-        if cfg.steps * cfg.batch_size > len(examples) * cfg.max_epochs:
-            raise PortLLMError(
-                f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {task.name} has {len(examples)} "
-                "train examples, "
-                f"each would be seen more than {cfg.max_epochs} times; lower --steps or use more examples"
-            )
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok, examples = _load_for_training(base, task, cfg, data)
+        device = resolve_device(cfg.device)
         model.to(device)
-        torch.manual_seed(cfg.seed)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.rank,
-                lora_alpha=cfg.alpha,
-                target_modules=list(cfg.target_modules),
-                lora_dropout=0.0,
-                bias="none",
-                task_type="CAUSAL_LM",
-                **(warm.lora_extra if warm else {}),
-            ),
-        )
-        if warm:
-            warm.load_into(model)
+        model = _with_lora(model, cfg, warm)
         identity = {
             "recipe": cfg.key(),
             "base": base.fingerprint,
@@ -313,38 +271,104 @@ def train(
     result.init = warm.record if warm else None
     if eval_limit:
         result.eval = _self_eval(model, tok, task, data, eval_limit, base)
+    record = _training_record(cfg, task, len(examples), result, device)
+    _save_patch(model, base, task, {"training": record, "eval_on_base": result.eval}, warm, out, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return result
+
+
+def _paper_lora(cfg: TrainConfig, base: BaseRef) -> TrainConfig:
+    """A cold start's LoRA shape: what `cfg` names, else the paper's rank 8, alpha 16 on every linear projection."""
+    return replace(
+        cfg,
+        rank=PAPER_RANK if cfg.rank is None else cfg.rank,
+        alpha=PAPER_ALPHA if cfg.alpha is None else cfg.alpha,
+        target_modules=cfg.target_modules or base.arch.lora_targets,
+    )
+
+
+def _load_for_training(
+    base: BaseRef, task: Any, cfg: TrainConfig, data: str | Path | None
+) -> tuple[Any, Any, list[tuple[list[int], list[int]]]]:
+    """The base model, its tokenizer (padding with EOS where it has no pad token) and the tokenized train
+    examples; refuses a run with fewer examples than one batch, or one that would repeat them too often."""
+    model, tok = load_base(base, dtype=cfg.dtype)
+    if tok is None:
+        raise PortLLMError(f"{base} has no tokenizer; training needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
+    if len(examples) < cfg.batch_size:
+        raise PortLLMError(
+            f"too few examples: {task.name} has {len(examples)} train examples, fewer than one batch of "
+            f"{cfg.batch_size}"
+        )
+    if cfg.steps * cfg.batch_size > len(examples) * cfg.max_epochs:
+        raise PortLLMError(
+            f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {task.name} has {len(examples)} "
+            "train examples, "
+            f"each would be seen more than {cfg.max_epochs} times; lower --steps or use more examples"
+        )
+    return model, tok, examples
+
+
+def _with_lora(model: Any, cfg: TrainConfig, warm: WarmStart | None) -> Any:
+    """The model wrapped in fresh LoRA modules (seeded init), holding the init patch's factors on a warm start."""
+    from peft import LoraConfig, get_peft_model  # deferred: peft's import is slow, and only training needs it
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            target_modules=list(cfg.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            **(warm.lora_extra if warm else {}),
+        ),
+    )
+    if warm:
+        warm.load_into(model)
+    return model
+
+
+def _training_record(cfg: TrainConfig, task: Any, available: int, result: TrainResult, device: str) -> dict[str, Any]:
+    """The manifest's `training` record: the recipe, what the run saw and cost, its losses and init."""
+    losses = result.losses
+    return {
+        **asdict(cfg),
+        "target_modules": list(cfg.target_modules),
+        "task": task.name,
+        "examples_available": available,
+        "examples_seen": cfg.steps * cfg.batch_size,
+        "trainable_params": result.trainable_params,
+        "wall_s": round(result.wall_s, 2),
+        "peak_rss_mb": round(result.peak_rss_mb, 1),
+        "peak_gpu_mb": result.peak_gpu_mb,
+        "device": device,
+        "resumed_from": result.resumed_from,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "losses": [round(x, 4) for x in losses],
+        "init": result.init,
+    }
+
+
+def _save_patch(
+    model: Any, base: BaseRef, task: Any, extra: dict[str, Any], warm: WarmStart | None, out: Path, overwrite: bool
+) -> None:
+    """Write the trained LoRA as a portllm patch of `base`; a warm start's lineage continues its init's."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         config, tensors = read_adapter(Path(tmp))
-    info = base.info
-    extra = {
-        "training": {
-            **asdict(cfg),
-            "target_modules": list(cfg.target_modules),
-            "task": task.name,
-            "examples_available": len(examples),
-            "examples_seen": cfg.steps * cfg.batch_size,
-            "trainable_params": result.trainable_params,
-            "wall_s": round(result.wall_s, 2),
-            "peak_rss_mb": round(result.peak_rss_mb, 1),
-            "peak_gpu_mb": result.peak_gpu_mb,
-            "device": device,
-            "resumed_from": start,
-            "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-            "losses": [round(x, 4) for x in losses],
-            "init": result.init,
-        },
-        "eval_on_base": result.eval,
-    }
     config = dict(config, base_model_name_or_path=str(base))
-    manifest = new_manifest(info, config, tensors, "trained", task.name, extra)
+    manifest = new_manifest(base.info, config, tensors, "trained", task.name, extra)
     if warm:  # the factors descend from the init patch: its history, then this run
         event = dict(manifest.lineage[-1], init={k: warm.record[k] for k in ("path", "weights_sha256")})
         manifest.lineage = [*warm.lineage, event]
     Patch(config, tensors, manifest).save(out, overwrite=overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return result
 
 
 def fit(
@@ -370,12 +394,12 @@ def fit(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = _resume(ckpt, identity, names, params, opt)
-    order = _order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
+    order = example_order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
     model.train()
     with Bar(progress, cfg.steps, label, start=start, loss="-") as bar:
         for step in range(start, cfg.steps):
             batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            ids, labels, mask = _collate(batch, pad_id, device)
+            ids, labels, mask = collate(batch, pad_id, device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -394,7 +418,8 @@ def fit(
     return losses, start, sum(p.numel() for p in params)
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad: int, device: str):
+def collate(batch: list[tuple[list[int], list[int]]], pad: int, device: str):
+    """Right-padded ids, labels (-100 on padding) and attention mask for one batch (training and PHATGOOSE gates)."""
     width = max(len(x) for x, _ in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -425,8 +450,6 @@ def _save_ckpt(
     step: int,
     losses: list[float],
 ) -> None:
-    from safetensors.torch import save_file
-
     tmp = ckpt.parent / f"{ckpt.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -446,8 +469,6 @@ def _resume(
 ) -> tuple[int, list[float]]:
     if not (ckpt / "state.json").is_file():
         return 0, []
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((ckpt / "state.json").read_text())
     except ValueError:
@@ -472,9 +493,6 @@ def _resume(
 def _self_eval(
     model: Any, tok: Any, task: Any, data: str | Path | None, limit: int, base: str | Path
 ) -> dict[str, Any]:
-    from .evaluate import LM, run_task
-    from .tasks import load_examples
-
     lm = LM(model, tok, str(base))
     run = run_task(lm, task, load_examples(task, "eval", data, limit))
     return {"metric": run.metric, "value": run.value, "stderr": run.stderr, "n": run.n}

@@ -2,6 +2,9 @@
 
 Exit codes: 0 success (check: compatible), 1 check: compatible with warnings,
 2 check: incompatible, 3 any error (printed as one line), 130 interrupted.
+
+Command modules import the library inside each command on purpose: `portllm --help` and a one-line
+usage error never load transformers, PEFT, FastAPI or a command's whole subsystem.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from . import (  # noqa: F401  (registers the commands)
     training,
     trust,
 )
-from ._app import app, err
+from ._app import app, err, say
 
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -61,7 +64,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except PortLLMError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        say("error:", str(e))
         sys.exit(3)
     except (KeyboardInterrupt, *_ABORTS):
         err.print("interrupted")
@@ -71,6 +74,6 @@ def main() -> None:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         if not e.format_message():  # the help was just shown for a bare command
             sys.exit(0)
-        err.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        say("error:", f"{e.format_message()}{hint}")
         sys.exit(3)  # not click's 2, which `check` uses for "incompatible"
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
@@ -32,9 +33,20 @@ out = _console(stderr=False)
 err = _console(stderr=True)
 
 SPEC_HELP = "model directory, hub id, .gguf file, or embedded name (smollm2-135m, gemma3-270m)"
-_LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
-_VERDICT_STYLE = {"compatible": "bold green", "compatible with warnings": "bold yellow", "incompatible": "bold red"}
+LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
+VERDICT_STYLE = {"compatible": "bold green", "compatible with warnings": "bold yellow", "incompatible": "bold red"}
 
 
-def _json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def say(label: str, message: str, style: str = "red") -> None:
+    """One styled label, then `message` printed literally on stderr: a message's own square brackets
+    (`pip install 'portllm[serve]'`) are text, never rich markup."""
+    err.print(f"[{style}]{label}[/{style}] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def log_line(message: str) -> None:
+    """A progress or log line on stderr, printed literally."""
+    err.print(message, highlight=False, markup=False, soft_wrap=True)

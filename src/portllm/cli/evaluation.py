@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
+from ..device import DEVICE_HELP, DTYPE_HELP
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, _json, app, err, out
+from ..routing.routers import PER_TOKEN, router_class, router_names
+from ._app import SPEC_HELP, app, err, log_line, out, print_json
 
-ROUTER_NAMES = ("oracle", "glider", "arrow", "phatgoose", "mixture", "uniform", "none")  # routing.ROUTERS, unimported
-
-_VERDICT_STYLE = {"B better": "bold green", "B worse": "bold red", "inconclusive": "yellow"}
+VERDICT_STYLE = {"B better": "bold green", "B worse": "bold red", "inconclusive": "yellow"}
 
 if TYPE_CHECKING:
-    from ..evaluate import EvalResult
+    from ..eval import EvalResult
 
 
 @app.command("eval")
@@ -31,7 +31,7 @@ def eval_cmd(
         None, "--patches", help="comma-separated patches on this base, routed among per request (see --router)"
     ),
     router: Optional[str] = typer.Option(
-        None, "--router", help=f"with --patches: {', '.join(ROUTER_NAMES)} (default glider)"
+        None, "--router", help=f"with --patches: {', '.join(router_names(PER_TOKEN))} (default glider)"
     ),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="with --router: patches mixed per token"),
     alpha: Optional[float] = typer.Option(
@@ -51,7 +51,8 @@ def eval_cmd(
     max_batch_tokens: Optional[int] = typer.Option(
         None, "--max-batch-tokens", min=1, help="at most this many padded tokens per forward pass (default 640 on CPU)"
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     require_signature: bool = typer.Option(
         False, "--require-signature", help="refuse a patch not signed by a --trust key, or altered since"
@@ -60,11 +61,13 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Score a model (optionally with a patch, or several routed by --router) on the task suite."""
-    from ..evaluate import evaluate, open_lm
+    from ..device import resolve_device, resolve_dtype
+    from ..eval import evaluate, open_lm
     from ..tasks import parse_tasks
 
     if limit is not None and limit < 1:
         raise PortLLMError("--limit must be at least 1")
+    resolve_dtype(dtype, resolve_device(device))  # an absent device fails here, before any model is read
     task_list = parse_tasks(tasks)
     from ..tasks import data_dir as resolve_data
 
@@ -77,12 +80,23 @@ def eval_cmd(
     if patches is not None:
         if patch is not None:
             raise PortLLMError("give --patch (one patch) or --patches (routed), not both")
+        if resolve_device(device) != "cpu":
+            raise PortLLMError(f"routed scoring (--patches) runs on the CPU only for now; drop --device {device}")
+        dtype = resolve_dtype(dtype, "cpu")
         res = _eval_routed(
             model, patches, router or "glider", knobs, task_list, limit, data, out_dir, batch_size, max_batch_tokens,
             dtype, threads, require_signature, trust, not as_json and err.is_terminal,
         )  # fmt: skip
     else:
-        lm = open_lm(model, patch, dtype=dtype, threads=threads, require_signature=require_signature, trusted=trust)
+        lm = open_lm(
+            model,
+            patch,
+            dtype=dtype,
+            threads=threads,
+            require_signature=require_signature,
+            trusted=trust,
+            device=device,
+        )
         res = evaluate(
             lm,
             task_list,
@@ -94,7 +108,7 @@ def eval_cmd(
             max_tokens=max_batch_tokens,
         )
     if as_json:
-        _json(res.to_dict())
+        print_json(res.to_dict())
         return
     out.print(results_table(res))
     if out_dir:
@@ -130,16 +144,17 @@ def _eval_routed(
     if not paths:
         raise PortLLMError("--patches needs at least one patch directory")
     given = {k: v for k, v in knobs.items() if v is not None}
-    r = get_router(router, **given)
-    unused = sorted(set(given) - set(r.values))
-    if unused:  # an option the router does not take would be silently ignored
+    takes = [k.name for k in router_class(router, PER_TOKEN).knobs]
+    unused = sorted(set(given) - set(takes))
+    if unused:  # said in the CLI's option names (get_router would say it in the knobs' own)
         raise PortLLMError(
             f"--router {router} takes no --{unused[0].replace('_', '-')}; its options: "
-            + (", ".join(f"--{k.replace('_', '-')}" for k in r.values) or "none")
+            + (", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none")
         )
+    r = get_router(router, **given)
     ps = PatchSet(model, paths, dtype=dtype, require_signature=req, trusted=trust)
     ps.data = data
-    ps.log = lambda m: err.print(m, highlight=False)
+    ps.log = log_line
     err.print(f"routing {len(paths)} patches: " + ", ".join(f"{k}={v}" for k, v in r.params().items()), highlight=False)
     return evaluate_routed(ps, r, task_list, limit, data, out_dir, batch_size, bar, max_tokens)
 
@@ -180,11 +195,11 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Accuracy, paired difference B − A (95% CI, McNemar p, verdict), agreement and flips, per task."""
-    from ..evaluate import compare
+    from ..eval import compare
 
     c = compare(run_a, run_b, margin)
     if as_json:
-        _json(c.to_dict())
+        print_json(c.to_dict())
         return
     t = Table(
         title=f"A = {run_a}   B = {run_b}",
@@ -206,7 +221,7 @@ def compare_cmd(
             f"{f.diff:+.4f}",
             _interval(f.ci_low, f.ci_high, "+.4f"),
             f"{f.mcnemar_p:.2g}",
-            f"[{_VERDICT_STYLE.get(f.verdict, 'bold')}]{f.verdict}[/]",
+            f"[{VERDICT_STYLE.get(f.verdict, 'bold')}]{f.verdict}[/]",
             f"{f.agreement:.4f}",
             f"[red]{f.negative_flips}[/red]",
             f"[green]{f.positive_flips}[/green]",

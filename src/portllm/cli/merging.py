@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import PortLLMError
 from ..merge.methods import DENSITY, GAMMA, METHODS, Param, methods_with
-from ._app import SPEC_HELP, _json, app, err, out
+from ._app import SPEC_HELP, app, err, log_line, out, print_json
 
 MethodName = Literal[tuple(METHODS)]  # --method's choices: whatever is registered
 MERGE_HELP = "Merge patches into one patch (PEFT-loadable), on the full updates, re-factored by SVD.\n\n" + "\n\n".join(
@@ -51,7 +51,7 @@ def extract_cmd(
         progress=err.is_terminal,
     )
     if as_json:
-        _json(r.to_dict())
+        print_json(r.to_dict())
         return
     t = Table(title=f"extracted {out_path}: share of each layer's ||ΔW||_F kept")
     for c in ("module", "rank", "norm kept", "||ΔW||/||W||"):
@@ -118,14 +118,14 @@ def merge_cmd(
 
         ps = [load_patch(p, require_signature, trust)[0] for p in patches]
         scorer = heldout_scorer(base or ps[0].source_name, task, select_limit, data_dir)
-        merged, traj = greedy_select(ps, scorer, method, order=order, log=lambda m: err.print(m, highlight=False), **kw)
+        merged, traj = greedy_select(ps, scorer, method, order=order, log=log_line, **kw)
         report = merged.extra["merge"] | {"selection": traj}
     else:
         merged, rep = merge(patches, method, ws, **kw, require_signature=require_signature, trusted=trust)
         report = rep.to_dict()
     merged.save(out_path, overwrite=overwrite)
     if as_json:
-        _json({k: v for k, v in report.items() if k != "energy_kept"} | {"out": str(out_path)})
+        print_json({k: v for k, v in report.items() if k != "energy_kept"} | {"out": str(out_path)})
         return
     out.print(
         f"[green]merged[/green] {len(report['inputs'])} patches with {report['method']} -> {out_path} (rank "
@@ -148,7 +148,7 @@ def similarity_cmd(
     sim = similarity(ps)
     groups = clusters(sim, threshold)
     if as_json:
-        _json(
+        print_json(
             {
                 "patches": [str(p) for p in patches],
                 "cosine": sim,

@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ..errors import PortLLMError
-from ._app import _LEVEL_STYLE, _VERDICT_STYLE, SPEC_HELP, _json, app, err, out
+from ._app import LEVEL_STYLE, SPEC_HELP, VERDICT_STYLE, app, err, out, print_json, say
 
 
 @app.command("import-adapter")
@@ -43,7 +43,7 @@ def inspect_cmd(
 
     d = describe(Patch.load(patch_dir, require_manifest=False))
     if as_json:
-        _json(d)
+        print_json(d)
         return
     man = d["manifest"] or {}
     base = man.get("base", {})
@@ -135,14 +135,14 @@ def check_cmd(
 
         fc = forecast(patch_dir, base, old, inputs, n, calibration=calibration, report=rep)
     if as_json:
-        _json(rep.to_dict() | ({"forecast": fc.to_dict()} if fc else {}))
+        print_json(rep.to_dict() | ({"forecast": fc.to_dict()} if fc else {}))
         raise typer.Exit(rep.exit_code)
     t = Table(title=f"check {patch_dir} -> {base}")
     t.add_column("", width=5)
     t.add_column("topic")
     t.add_column("finding")
     for f in rep.findings:
-        t.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", f.topic, f.detail)
+        t.add_row(f"[{LEVEL_STYLE[f.level]}]{f.level}[/]", f.topic, f.detail)
     out.print(t)
     if rep.drift:
         from ..check import drift_summary
@@ -170,7 +170,7 @@ def check_cmd(
     if fc is not None:
         out.print(f"forecast: {fc.sentence()}  [dim]({fc.calibration.source})[/dim]")
     out.print(
-        f"verdict: [{_VERDICT_STYLE[rep.verdict]}]{rep.verdict}[/]  ({rep.source_fingerprint} -> "
+        f"verdict: [{VERDICT_STYLE[rep.verdict]}]{rep.verdict}[/]  ({rep.source_fingerprint} -> "
         f"{rep.target_fingerprint})"
     )
     raise typer.Exit(rep.exit_code)
@@ -211,13 +211,13 @@ def port_cmd(
         trusted=trust,
     )
     if as_json:
-        _json(res.to_dict())
+        print_json(res.to_dict())
         return
     if res.verification:
-        err.print(f"[green]signature[/green] {res.verification.reason}", highlight=False, soft_wrap=True)
+        say("signature", res.verification.reason, "green")
     for f in res.report.findings:
         if f.level in ("warn", "error"):
-            err.print(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/] {f.topic}: {f.detail}")
+            say(f.level, f"{f.topic}: {f.detail}", LEVEL_STYLE[f.level])
     what = "adapter for" if res.mode == "adapter" else "model"
     out.print(
         f"[green]ported[/green] {what} {base} -> {res.out}  ({res.applied} matrices updated"

@@ -9,7 +9,13 @@ from typing import Optional
 import typer
 
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, _json, app, err, out
+from ..models import cache_root
+from ..routing import PatchSet, describe
+from ..routing.phatgoose import GateConfig, gates_file, load_gates
+from ..routing.routers import PER_TOKEN, router_names
+from ..routing.study import DEFAULT_ROUTERS, StudyConfig, run_study
+from ..tasks import data_dir as resolve_data
+from ._app import SPEC_HELP, app, err, log_line, out, print_json
 
 
 @app.command("describe")
@@ -29,15 +35,12 @@ def describe_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Store a task description (and its all-MiniLM-L6-v2 embedding) in a patch's manifest, for routing."""
-    from ..routing import describe
-    from ..tasks import data_dir as resolve_data
-
     if text is not None and generate is not None:
         raise PortLLMError("give the description text or --generate-with BASE, not both")
     data = resolve_data(data_dir) if (text is None or examples) else None
     d = describe(patch, text, examples=examples, generate_with=generate, task=task, data=data)
     if as_json:
-        _json(d.to_dict())
+        print_json(d.to_dict())
         return
     out.print(f"[green]described[/green] {patch}: {d.description!r} ({d.source}; {d.examples} train prompts embedded)")
     if d.was_signed:
@@ -59,14 +62,10 @@ def gates_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
 ) -> None:
     """Train (and cache) each patch's PHATGOOSE gates on its own task's train data, base and patch frozen."""
-    from ..routing import PatchSet
-    from ..routing.phatgoose import GateConfig, gates_file, load_gates
-    from ..tasks import data_dir as resolve_data
-
     ps = PatchSet(base, patches)
     ps.gate_config = GateConfig(steps, batch_size, lr, max_length)
     ps.data = resolve_data(data_dir)
-    load_gates(ps, log=lambda m: err.print(m, highlight=False), progress=err.is_terminal)
+    load_gates(ps, log=log_line, progress=err.is_terminal)
     for i, e in enumerate(ps.experts):
         out.print(f"{e.name}: {gates_file(ps, i, ps.gate_config)}")
 
@@ -77,11 +76,13 @@ def study_cmd(
     patches: str = typer.Option(..., "--patches", help="comma-separated patch directories: the held-in tasks"),
     held_out: str = typer.Option("", "--held-out", help="comma-separated tasks with no patch"),
     routers: Optional[str] = typer.Option(
-        None, "--routers", help="comma-separated routers (default: glider,arrow,phatgoose,mixture,uniform)"
+        None,
+        "--routers",
+        help=f"comma-separated routers, of {', '.join(router_names(PER_TOKEN))} (default: {','.join(DEFAULT_ROUTERS)})",
     ),
     limit: int = typer.Option(200, "--limit", min=1, help="eval examples per task"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
-    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="for every router that takes it"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, help="for every router that takes it"),
     merges: str = typer.Option("linear,ties,dare_ties", "--merges", help="merge methods tried for the best merge"),
     out_dir: Path = typer.Option(Path("docs/routing"), "--out"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="results cache (default $PORTLLM_CACHE/routing/study)"),
@@ -92,14 +93,11 @@ def study_cmd(
     ),
 ) -> None:
     """Held-in (mixed) and held-out suites: each router against the oracle, the best merge and the base."""
-    from ..routing.study import StudyConfig, run_study
-    from ..tasks import data_dir as resolve_data
-
     cfg = StudyConfig(
         base=base,
         patches=[p for p in patches.split(",") if p],
         held_out=[t for t in held_out.split(",") if t],
-        routers=[r for r in (routers or "glider,arrow,phatgoose,mixture,uniform").split(",") if r],
+        routers=[r for r in routers.split(",") if r] if routers else list(DEFAULT_ROUTERS),
         limit=limit,
         top_k=top_k,
         alpha=alpha,
@@ -107,14 +105,12 @@ def study_cmd(
         batch_size=batch_size,
         tune=tune,
     )
-    from ..models import cache_root
-
     rep = run_study(
         cfg,
         out_dir,
         cache or cache_root() / "routing" / "study",
         resolve_data(data_dir),
-        log=lambda m: err.print(m, highlight=False),
+        log=log_line,
     )
     out.print((out_dir / "report.md").read_text())
     out.print(f"[dim]report: {out_dir / 'report.json'}; chart: {out_dir / rep['chart']}[/dim]")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, _json, app, err, out
+from ..routing.routers import PER_REQUEST, router_names
+from ._app import SPEC_HELP, app, out, print_json, say
 
 PATCH_HELP = "NAME=PATH: serve the patch at PATH as model NAME; repeat for more"
 
@@ -55,38 +59,92 @@ def serve_cmd(
     base: str = typer.Option(..., "--base", help=f"the base every patch is served on: {SPEC_HELP}"),
     patch: Optional[list[str]] = typer.Option(None, "--patch", help=PATCH_HELP),
     router: Optional[str] = typer.Option(
-        None, "--router", help="route requests for model 'auto': glider (= global; glider:threshold=0.3) or arrow"
+        None,
+        "--router",
+        help=f"route requests for model 'auto', one patch per request: {' or '.join(router_names(PER_REQUEST))} "
+        "(knobs after a colon: description:threshold=0.3)",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="port to listen on (0: any free one)"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="at most this many requests in one forward pass"),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests waiting beyond this are refused (429)"),
-    request_timeout: float = typer.Option(600.0, "--request-timeout", min=1, help="seconds a request may take (504)"),
+    api_key: Optional[list[str]] = typer.Option(
+        None,
+        "--api-key",
+        help="clients must send 'Authorization: Bearer KEY' (every path but /health); repeatable; default: "
+        "PORTLLM_API_KEY (comma-separated)",
+        show_default=False,
+    ),
+    allow_runtime_loading: bool = typer.Option(
+        False, "--allow-runtime-loading", help="allow POST /v1/load_lora_adapter and unload (needs --patch-root)"
+    ),
+    patch_root: Optional[list[Path]] = typer.Option(
+        None, "--patch-root", help="runtime loading: the only directories lora_path may lie in; repeatable"
+    ),
+    max_patches: Optional[int] = typer.Option(
+        None, "--max-patches", min=1, help="patches held at once, start-up and runtime (default 16)"
+    ),
+    allow_unload_startup_patches: bool = typer.Option(
+        False, "--allow-unload-startup-patches", help="let clients unload the --patch patches too"
+    ),
+    max_body_bytes: Optional[int] = typer.Option(
+        None, "--max-body-bytes", min=1, help="larger request bodies get 413 (default 1 MiB)"
+    ),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="requests in one forward pass (16)"),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1, help="waiting beyond this: 429 (64)"),
+    request_timeout: Optional[float] = typer.Option(
+        None, "--request-timeout", min=1, help="seconds a request may take: 504 (600)"
+    ),
     served_name: Optional[str] = typer.Option(None, "--served-name", help="the base's model name (default: BASE)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
-    runtime_loading: bool = typer.Option(
-        True, "--runtime-loading/--no-runtime-loading", help="allow POST /v1/load_lora_adapter and unload"
-    ),
     access_log: bool = typer.Option(False, "--access-log", help="log every HTTP request to stderr"),
     engine: str = typer.Option("portllm", "--engine", help="portllm (this process) or vllm (export, then run vLLM)"),
     vllm_dir: Path = typer.Option(Path("vllm-modules"), "--vllm-dir", help="--engine vllm: where the modules go"),
+    max_lora_rank: Optional[int] = typer.Option(
+        None, "--max-lora-rank", help="--engine vllm: vLLM's --max-lora-rank (default: the patches' largest)"
+    ),
     require_signature: bool = typer.Option(
         False, "--require-signature", help="refuse a patch not signed by a --trust key, or altered since"
     ),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help="a trusted public key (PREFIX.pub); repeatable"),
 ) -> None:
     """Serve BASE and its patches behind OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    # deferred: portllm.serve imports torch (the CLI's start-up)
+    from ..serve.security import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PATCHES, exposure_warning, parse_api_keys
+
     patches = parse_patches(patch)
     if require_signature and not trust:
         raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
+    if max_patches is not None and len(patches) > max_patches:
+        raise PortLLMError(f"{len(patches)} patches given and --max-patches is {max_patches}; raise --max-patches")
+    keys = parse_api_keys(api_key, os.environ.get("PORTLLM_API_KEY"))
     if engine == "vllm":
-        if router:
-            raise PortLLMError("--router is served by portllm's own engine only; drop it with --engine vllm")
-        _exec_vllm(base, patches, vllm_dir, served_name, host, port, require_signature, trust)
+        given = {
+            "--router": bool(router),
+            "--max-queue": max_queue is not None,
+            "--request-timeout": request_timeout is not None,
+            "--threads": threads is not None,
+            "--access-log": access_log,
+            "--patch-root": bool(patch_root),
+            "--allow-unload-startup-patches": allow_unload_startup_patches,
+            "--max-body-bytes": max_body_bytes is not None,
+        }  # portllm's own engine only: refused by name, never dropped
+        if any(given.values()):
+            names = ", ".join(flag for flag, on in given.items() if on)
+            raise PortLLMError(f"--engine vllm has no equivalent for {names}: drop them or use --engine portllm")
+        warning = exposure_warning(host, keys, allow_runtime_loading)
+        if warning:
+            say("warn", warning, "yellow")
+        if allow_runtime_loading:
+            say("warn", "vLLM loads a runtime lora_path from anywhere its process can read (no --patch-root)", "yellow")
+        run = VllmRun(base, patches, vllm_dir, served_name, host, port, require_signature, trust)
+        _exec_vllm(run, keys, dtype, max_batch, max_patches, max_lora_rank, allow_runtime_loading)
         return
     if engine != "portllm":
         raise PortLLMError(f"--engine {engine!r}: use portllm or vllm")
+    if max_lora_rank is not None:
+        raise PortLLMError("--max-lora-rank sizes vLLM's LoRA slots: use it with --engine vllm")
+    if not allow_runtime_loading and (patch_root or allow_unload_startup_patches):
+        raise PortLLMError("--patch-root and --allow-unload-startup-patches need --allow-runtime-loading")
     try:
         import uvicorn
 
@@ -94,47 +152,40 @@ def serve_cmd(
     except ImportError as e:
         raise PortLLMError(f"serving needs FastAPI and uvicorn: pip install 'portllm[serve]' ({e})") from None
     from ..serve import Engine, EngineConfig, router_factory
+    from ..serve.security import ServerSecurity
 
+    security = ServerSecurity(
+        api_keys=keys,
+        allow_runtime_loading=allow_runtime_loading,
+        patch_roots=tuple(patch_root or ()),
+        allow_unload_startup_patches=allow_unload_startup_patches,
+        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+    )  # before the model loads: a bad --patch-root is one line now
     make_router = router_factory(router) if router else None  # before the model loads: fail fast
     cfg = EngineConfig(
-        max_batch=max_batch,
-        max_queue=max_queue,
-        request_timeout_s=request_timeout,
-        dtype=dtype,
+        max_batch=max_batch or 16,
+        max_queue=max_queue or 64,
+        request_timeout_s=request_timeout or 600.0,
+        dtype=dtype or "float32",
         threads=threads,
         require_signature=require_signature,
         trusted=trust,
+        max_patches=max_patches or DEFAULT_MAX_PATCHES,
     )
-    eng = Engine(base, {}, cfg, name=served_name or base)
-    if make_router is not None:
-        eng.router = make_router(eng)
-    for name, path in patches.items():
-        info = eng.load_patch(name, path)
-        for w in info.warnings:
-            err.print(f"[yellow]warn[/yellow] {name}: {w}", highlight=False, soft_wrap=True)
-    check = getattr(eng.router, "check", None)
-    if check is not None:
-        check(eng)  # e.g. a patch the router cannot route to: one line now, not a 400 on every `auto` request
+    eng = _start_engine(Engine(base, {}, cfg, name=served_name or base), patches, make_router)
     if router and access_log:  # each routing decision (patch and scores) on stderr, with the access log
         import logging
 
         rlog = logging.getLogger("portllm.routing.serving")
         rlog.setLevel(logging.INFO)
         rlog.addHandler(logging.StreamHandler(sys.stderr))
+    warning = exposure_warning(host, keys, allow_runtime_loading)
+    if warning:
+        say("warn", warning, "yellow")
     sock = _listen(host, port)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    names = ", ".join(patches) or "none"
-    out.print(
-        f"[green]serving[/green] {eng.name} on http://{shown}:{bound}/v1  (patches: {names}"
-        + (f"; router: {router}" if router else "")
-        + f"; max batch {max_batch}, queue {max_queue})",
-        highlight=False,
-        soft_wrap=True,
-    )
-    sys.stdout.flush()
+    _announce(eng.name, host, sock.getsockname()[1], patches, router, cfg, security)
     config = uvicorn.Config(
-        create_app(eng, runtime_loading=runtime_loading),
+        create_app(eng, security),
         log_level="info" if access_log else "warning",
         access_log=access_log,
         timeout_graceful_shutdown=5,
@@ -142,30 +193,77 @@ def serve_cmd(
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _start_engine(eng: Any, patches: dict[str, Path], make_router: Any) -> Any:
+    """The engine with its router and its start-up patches (each checked, warnings printed)."""
+    if make_router is not None:
+        eng.router = make_router(eng)
+    for name, path in patches.items():
+        info = eng.load_patch(name, path, startup=True)
+        for w in info.warnings:
+            say("warn", f"{name}: {w}", "yellow")
+    check = getattr(eng.router, "check", None)
+    if check is not None and patches:  # none given: loaded at runtime (an `auto` request before that is a 400)
+        check(eng)  # e.g. a patch the router cannot route to: one line now, not a 400 on every `auto` request
+    return eng
+
+
+def _announce(name: str, host: str, port: int, patches: dict, router: str | None, cfg, security) -> None:
+    """The start-up line tests and users read the URL from; keys are counted, never shown."""
+    shown = f"[{host}]" if ":" in host else host
+    loading = "on" if security.allow_runtime_loading else "off"
+    out.print(
+        f"[green]serving[/green] {escape(name)} on http://{escape(shown)}:{port}/v1  "
+        f"(patches: {escape(', '.join(patches) or 'none')}"
+        + (f"; router: {escape(router)}" if router else "")
+        + f"; max batch {cfg.max_batch}, queue {cfg.max_queue}; api keys: {len(security.api_keys)}; "
+        f"runtime loading: {loading})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.stdout.flush()
+
+
+@dataclass(frozen=True)
+class VllmRun:
+    """What `portllm serve --engine vllm` exports before it hands over to vLLM."""
+
+    base: str
+    patches: dict[str, Path]
+    vllm_dir: Path
+    served_name: Optional[str]
+    host: str
+    port: int
+    require_signature: bool
+    trust: Optional[list[Path]]
+
+
 def _exec_vllm(
-    base: str,
-    patches: dict[str, Path],
-    vllm_dir: Path,
-    served_name: Optional[str],
-    host: str,
-    port: int,
-    require_signature: bool,
-    trust: Optional[list[Path]],
+    run: VllmRun,
+    keys: tuple[str, ...],
+    dtype: Optional[str],
+    max_batch: Optional[int],
+    max_patches: Optional[int],
+    max_lora_rank: Optional[int],
+    runtime_loading: bool,
 ) -> None:
     from ..serve import export_vllm
+    from ..serve.vllm import vllm_serve_options
 
+    opts = vllm_serve_options(keys, dtype, max_batch, runtime_loading)
     res = export_vllm(
-        base,
-        patches,
-        vllm_dir,
+        run.base,
+        run.patches,
+        run.vllm_dir,
         overwrite=True,
-        served_name=served_name,
-        host=host,
-        port=port,
-        require_signature=require_signature,
-        trusted=trust,
+        served_name=run.served_name,
+        host=run.host,
+        port=run.port,
+        require_signature=run.require_signature,
+        trusted=run.trust,
+        max_loras=max_patches,
+        max_lora_rank=max_lora_rank,
     )
-    _report_export(res)
+    _report_export(res, opts)
     exe = os.environ.get("PORTLLM_VLLM", "vllm")
     found = shutil.which(exe)
     if found is None:
@@ -174,16 +272,21 @@ def _exec_vllm(
             "torch and transformers: give it a virtualenv of its own and set PORTLLM_VLLM to its vllm)"
         )
     sys.stdout.flush()
-    os.execv(found, [found, *res.command[1:]])
+    os.execve(found, [found, *res.command[1:], *opts.args], {**os.environ, **opts.env})
 
 
-def _report_export(res) -> None:
+def _report_export(res, opts=None) -> None:
+    """Warnings, the modules written, then the command (with `opts`: its extra arguments and environment, API
+    keys hidden)."""
     for name, warnings in res.warnings.items():
         for w in warnings:
-            err.print(f"[yellow]warn[/yellow] {name}: {w}", highlight=False, soft_wrap=True)
+            say("warn", f"{name}: {w}", "yellow")
     for name, path in res.modules.items():
         out.print(f"[green]checked and written[/green] {name} -> {path}", highlight=False, soft_wrap=True)
-    print(res.shell)
+    if opts is None:
+        print(res.shell)
+    else:
+        print(" ".join(x for x in (opts.shown_env, shlex.join([*res.command, *opts.shown])) if x))
 
 
 @app.command("export-vllm")
@@ -218,6 +321,6 @@ def export_vllm_cmd(
         trusted=trust,
     )
     if as_json:
-        _json(res.to_dict())
+        print_json(res.to_dict())
         return
     _report_export(res)

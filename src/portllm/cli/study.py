@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, _json, app, err, out
+from ._app import SPEC_HELP, app, err, log_line, out, print_json
 
 
 @app.command("sweep")
@@ -62,10 +63,10 @@ def sweep_cmd(
         correct_levels=p.correct_levels if correct else (),
         correct_real=p.correct_real and correct,
     )
-    log = (lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None)
+    log = log_line if not as_json else (lambda m: None)
     r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)
     if as_json:
-        _json(r)
+        print_json(r)
         return
     from ..sweep.report import by_level
 
@@ -108,14 +109,18 @@ def forecast_cmd(
         help="builtin (fitted on docs/sweep), raw (uncalibrated), or a sweep's calibration.json",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Before any labelled evaluation: the points a port will lose and the share of answers that flip to wrong."""
+    """Before any labelled evaluation: the points a port will lose and the share of answers that flip to wrong.
+    With --inputs it scores θ+Δθ, frees it, then θ'+Δθ: one model in memory at a time."""
     from ..forecast import forecast
 
-    f = forecast(patch, base, old, inputs, n, data_dir, calibration)
+    dev = resolve_device(device)
+    f = forecast(patch, base, old, inputs, n, data_dir, calibration, resolve_dtype(dtype, dev), device=dev)
     if as_json:
-        _json(f.to_dict())
+        print_json(f.to_dict())
         return
     t = Table(title=f"forecast: {patch} -> {base}")
     t.add_column("signal")
@@ -146,6 +151,8 @@ def rescale_cmd(
     n: int = typer.Option(150, "--n", min=1, help="how many inputs"),
     scales: str = typer.Option("0.5,0.75,1,1.25,1.5,2", "--scales", help="the λ values to try"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Training-free correction: the λ for `port --scale` under which θ'+λΔθ answers most like θ+Δθ (no labels)."""
@@ -157,9 +164,10 @@ def rescale_cmd(
         raise PortLLMError(f"--scales must be numbers separated by commas, got {scales!r}") from None
     if not grid or any(not (0 < x < 100) for x in grid):
         raise PortLLMError("--scales needs at least one λ, each above 0 (e.g. 0.5,1,1.5,2)")
-    c = choose_scale(patch, old, base, inputs, n, grid, data_dir)
+    dev = resolve_device(device)
+    c = choose_scale(patch, old, base, inputs, n, grid, data_dir, resolve_dtype(dtype, dev), dev)
     if as_json:
-        _json(c.to_dict())
+        print_json(c.to_dict())
         return
     t = Table(title=f"rescale: {patch} -> {base} ({c.n} unlabeled {inputs} inputs)")
     t.add_column("λ", justify="right")

@@ -10,8 +10,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..device import DEVICE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, _json, app, err, out
+from ._app import SPEC_HELP, app, err, log_line, out, print_json
 
 if TYPE_CHECKING:
     from ..reproduce import ReproduceReport
@@ -44,7 +45,10 @@ def train_cmd(
     max_length: int = typer.Option(256, "--max-length", help="tokens per example (prompt cut from the left)"),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="use only the first N train examples"),
     seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32 (the recipe's default: LoRA trained in full precision), bfloat16, auto"
+    ),
     eval_limit: int = typer.Option(100, "--eval-limit", help="score the patch on this many eval examples (0: skip)"),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
@@ -55,7 +59,9 @@ def train_cmd(
     """Fine-tune a LoRA patch on one task (resumes from its checkpoint if interrupted), optionally from --init."""
     from ..train import TrainConfig, train
 
+    dev = resolve_device(device)
     cfg = TrainConfig(
+        device=dev,
         rank=rank,
         alpha=alpha,
         target_modules=tuple(t for t in targets.split(",") if t),
@@ -64,7 +70,7 @@ def train_cmd(
         batch_size=batch_size,
         max_length=max_length,
         seed=seed,
-        dtype=dtype,
+        dtype=resolve_dtype(dtype, dev),
         max_examples=max_examples,
     )
     r = train(
@@ -79,7 +85,7 @@ def train_cmd(
         init=init,
     )
     if as_json:
-        _json(r.to_dict())
+        print_json(r.to_dict())
         return
     out.print(
         f"[green]patch written[/green] {out_path}: {r.trainable_params:,} trainable parameters, {len(r.losses)} steps"
@@ -114,7 +120,8 @@ def evolve_cmd(
     lr: float = typer.Option(5e-5, "--lr"),
     max_length: int = typer.Option(256, "--max-length"),
     seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (default), bfloat16 or auto"),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
     ),
@@ -130,7 +137,9 @@ def evolve_cmd(
         _interpolate(base, toward, interpolate, out_path, overwrite, as_json)
         return
 
+    dev = resolve_device(device)
     cfg = EvolveConfig(
+        device=dev,
         mode=mode,
         rank=rank,
         alpha=2.0 * rank,
@@ -139,11 +148,11 @@ def evolve_cmd(
         batch_size=batch_size,
         max_length=max_length,
         seed=seed,
-        dtype=dtype,
+        dtype=resolve_dtype(dtype, dev),
     )
     lin = evolve(base, corpus, out_path, cfg, data=data_dir, overwrite=overwrite, progress=err.is_terminal)
     if as_json:
-        _json(lin.to_dict())
+        print_json(lin.to_dict())
         return
     _drift_table(lin.drift, f"drift ||θ'−θ||/||θ|| per layer type ({out_path})")
     out.print(
@@ -157,7 +166,7 @@ def _interpolate(base: str, toward: str, t: float, out_path: Path, overwrite: bo
 
     r = interpolate(base, toward, t, out_path, overwrite=overwrite, progress=err.is_terminal)
     if as_json:
-        _json(r.to_dict())
+        print_json(r.to_dict())
         return
     _drift_table(r.drift, f"drift ||θ(t)−θ||/||θ|| per layer type at t = {t:g} ({out_path})")
     out.print(
@@ -204,12 +213,12 @@ def reproduce_cmd(
         out_dir,
         data_dir,
         cache,
-        log=(lambda m: err.print(m, highlight=False, markup=False)) if not as_json else (lambda m: None),
+        log=log_line if not as_json else (lambda m: None),
         show_progress=err.is_terminal,
         margin=margin,
     )
     if as_json:
-        _json(r.to_dict())
+        print_json(r.to_dict())
         return
     out.print(reproduce_tables(r))
     out.print(

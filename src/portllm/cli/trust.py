@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ._app import _json, app, out
+from ._app import app, out, print_json
 
 
 @app.command("keygen")
@@ -20,7 +20,7 @@ def keygen_cmd(
 
     kp = keygen(prefix, overwrite=overwrite)
     if as_json:
-        _json(kp.to_dict())
+        print_json(kp.to_dict())
         return
     out.print(
         f"[green]key pair written[/green] {kp.private} (private: keep it secret) and {kp.public} (share it)  "
@@ -41,7 +41,7 @@ def sign_cmd(
 
     sig = sign_patch(patch_dir, key)
     if as_json:
-        _json(sig.to_dict())
+        print_json(sig.to_dict())
         return
     out.print(
         f"[green]signed[/green] {patch_dir} ({sig.algorithm}, key {sig.key_fingerprint}) -> {patch_dir / SIGNATURE}",
@@ -61,7 +61,7 @@ def verify_cmd(
 
     v = check_signature(patch_dir, trust)
     if as_json:
-        _json(v.to_dict())
+        print_json(v.to_dict())
     else:
         style = "green" if v.valid else "red"
         text = v.reason if v.valid else f"invalid: {v.reason}"

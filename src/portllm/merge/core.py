@@ -17,7 +17,8 @@ import torch
 
 from ..errors import PortLLMError
 from ..linalg import factor, lowrank_factor
-from ..patch import Patch, _natural, lora_config, new_manifest, now
+from ..patch import Patch, lora_config, natural_key, new_manifest, now
+from ..sign import require_trusted
 from .methods import DENSITY, GAMMA, get_method
 
 
@@ -130,7 +131,6 @@ def merge(
     `density` and `gamma` are used (and checked) only by the methods that declare them. With
     `require_signature` (or `trusted` public keys), every input is verified before any tensor is read.
     """
-    from ..sign import require_trusted
 
     checked = [require_trusted(p, require_signature, trusted) for p in patches]  # all, before any tensor is read
     ps = [Patch.load(v.path) if v else p if isinstance(p, Patch) else Patch.load(p) for p, v in zip(patches, checked)]
@@ -150,7 +150,7 @@ def merge(
     g = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, float] = {}
-    names = sorted({n for p in ps for n in p.modules}, key=_natural)
+    names = sorted({n for p in ps for n in p.modules}, key=natural_key)
     for name in names:
         present = [(w, p.modules[name]) for w, p in zip(weights, ps) if name in p.modules]
         if m.lowrank:  # Σ c_i s_i B_i A_i: stack the factors, never form the dense update

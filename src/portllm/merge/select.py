@@ -7,12 +7,15 @@ never its eval part, so the reported eval numbers stay clean.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import PortLLMError
+from ..eval import open_lm, run_task
 from ..patch import Patch
+from ..tasks import load_rows, parse_tasks
 from .core import merge
 from .similarity import similarity
 
@@ -65,11 +68,6 @@ def heldout_scorer(
     base: str | Path, tasks: str, limit: int = 100, data: str | Path | None = None
 ) -> Callable[[Patch], float]:
     """Mean score over `tasks` of base + patch on the last `limit` rows of each task's train part."""
-    import tempfile
-
-    from ..evaluate import open_lm, run_task
-    from ..tasks import load_rows, parse_tasks
-
     task_list = parse_tasks(tasks)
     slices = {}
     for t in task_list:

@@ -114,6 +114,12 @@ def learned_line(r: ReproduceReport) -> str | None:
 def markdown(r: ReproduceReport) -> str:
     """report.md: Table 2 (accuracy with intervals and the majority baseline), paired comparisons,
     Table 6 (cost), flips, settings."""
+    lines = _accuracy(r) + _paired(r) + _cost(r) + _flips(r) + _settings(r)
+    return "\n".join(lines)
+
+
+def _accuracy(r: ReproduceReport) -> list[str]:
+    """The title, θ and θ', and Table 2 with which tasks' patches learned."""
     ev = r.evolved
     lines = [
         f"# PortLLM reproduction ({r.profile} profile)",
@@ -136,31 +142,40 @@ def markdown(r: ReproduceReport) -> str:
     for cells, bold in rows:
         lines.append("| " + " | ".join(f"**{c}**" if bold and c else c for c in cells) + " |")
     line = learned_line(r)
-    if line:
-        lines += ["", line]
-    if r.paired:
-        lines += [
-            "",
-            "## Paired comparisons (B − A on the same examples, points)",
-            "",
-            f'Verdicts: "no difference" only where the whole 95% interval lies within ±{100 * r.margin:g} points; '
-            "otherwise better, worse, or inconclusive.",
-            "",
-            "| task | ported − re-tuned | McNemar p | verdict | ported − (θ + Δθ) | McNemar p | verdict "
-            "| (θ + Δθ) − θ | McNemar p | learned |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, cmp in r.paired.items():
-            cells = [name]
-            for k in ("ported_minus_retuned", "ported_minus_patched", "patched_minus_base"):
-                p = cmp[k]
-                cells += [fmt_diff(p.diff, (p.ci_low, p.ci_high)), f"{p.mcnemar_p:.2g}"]
-                if k != "patched_minus_base":
-                    cells.append(_short(p.verdict(r.margin)))
-            cells.append("yes" if r.learned and name in r.learned else "no")
-            lines.append("| " + " | ".join(cells) + " |")
+    return lines + (["", line] if line else [])
+
+
+def _paired(r: ReproduceReport) -> list[str]:
+    """Each task's paired comparisons with their verdicts (none in reports older than them)."""
+    if not r.paired:
+        return []
+    lines = [
+        "",
+        "## Paired comparisons (B − A on the same examples, points)",
+        "",
+        f'Verdicts: "no difference" only where the whole 95% interval lies within ±{100 * r.margin:g} points; '
+        "otherwise better, worse, or inconclusive.",
+        "",
+        "| task | ported − re-tuned | McNemar p | verdict | ported − (θ + Δθ) | McNemar p | verdict "
+        "| (θ + Δθ) − θ | McNemar p | learned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cmp in r.paired.items():
+        cells = [name]
+        for k in ("ported_minus_retuned", "ported_minus_patched", "patched_minus_base"):
+            p = cmp[k]
+            cells += [fmt_diff(p.diff, (p.ci_low, p.ci_high)), f"{p.mcnemar_p:.2g}"]
+            if k != "patched_minus_base":
+                cells.append(_short(p.verdict(r.margin)))
+        cells.append("yes" if r.learned and name in r.learned else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost(r: ReproduceReport) -> list[str]:
+    """Table 6: what porting and re-tuning cost."""
     e = r.efficiency
-    lines += [
+    return [
         "",
         "## Cost of porting vs re-tuning (Table 6 of the paper)",
         "",
@@ -173,6 +188,12 @@ def markdown(r: ReproduceReport) -> str:
         f"{fmt(e.time_retune_over_port, '.1f')}x |",
         "",
         e.note + ".",
+    ]
+
+
+def _flips(r: ReproduceReport) -> list[str]:
+    """θ' + Δθ against θ + Δθ, example by example."""
+    lines = [
         "",
         "## What the update broke: θ' + Δθ against θ + Δθ",
         "",
@@ -187,15 +208,17 @@ def markdown(r: ReproduceReport) -> str:
             f"| {100 * f.negative_flip_rate:.1f}% | {fmt_diff(f.diff, (f.ci_low, f.ci_high)) if paired else '-'} "
             f"| {f'{f.mcnemar_p:.2g}' if paired else '-'} | {_short(f.verdict) or '-'} |"
         )
-    lines += [
+    return lines
+
+
+def _settings(r: ReproduceReport) -> list[str]:
+    return [
         "",
         "## Settings",
         "",
         f"- LoRA: {json.dumps(r.settings['train'])}",
         f"- eval dtype: {r.settings['eval_dtype']}",
-    ]
-    lines += [f"- {n}" for n in r.settings["notes"]]
-    lines += [
+        *[f"- {n}" for n in r.settings["notes"]],
         f"- machine: {r.machine['platform']}, {r.machine['cpus']} CPUs",
         f"- total time: {r.timings_s['total'] / 60:.1f} min",
         "",
@@ -204,7 +227,6 @@ def markdown(r: ReproduceReport) -> str:
         "![cost](efficiency.png)",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _short(verdict: str) -> str:
@@ -215,7 +237,7 @@ def _short(verdict: str) -> str:
 def charts(r: ReproduceReport, out: Path) -> None:
     """accuracy.png (each variant per task with its Wilson 95% interval, and the majority baseline) and
     efficiency.png (port against re-tune)."""
-    import matplotlib
+    import matplotlib  # deferred: only drawing charts needs it, and the Agg backend must be set first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

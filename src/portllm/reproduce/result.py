@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..evaluate import DEFAULT_MARGIN, TaskFlips
+from ..eval import DEFAULT_MARGIN, TaskFlips
 from ..stats import Paired, wilson
 from .profiles import VARIANTS
 

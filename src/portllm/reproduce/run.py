@@ -1,8 +1,12 @@
 """The grid: for each task, train Δθ on θ and Δθ' on θ', port Δθ onto θ', score the five variants.
 
-Every step is cached by content under the cache directory, so a rerun (or a resumed, interrupted
-run) only does what changed. Training and porting run in their own processes (`steps`), so the
-cost each records is its own, not the experiment's.
+Every step is cached by content under the cache directory (`ReproduceCache`), so a rerun (or a resumed,
+interrupted run) only does what changed. Training and porting run in their own processes (`steps`), so
+the cost each records is its own, not the experiment's.
+
+The steps, in order: choose the tasks (`select_profile`), evolve θ into θ' (`evolve_base`), then per task
+train Δθ and Δθ' (`train_patches`), score the five variants (`score_variants`) and compare them
+(`compare_variants`); last, the report (`build_report`, `write_report`).
 
 The statistics come from the eval runs' per-example samples (so cached evals of any age serve): a
 Wilson interval per score, the majority-class baseline, and paired comparisons between variants
@@ -12,22 +16,29 @@ Wilson interval per score, the majority-class baseline, and paired comparisons b
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .. import steps
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
-from ..evaluate import DEFAULT_MARGIN
+from ..eval import DEFAULT_MARGIN, EvalResult, TaskFlips, accuracy, aligned_correct, flips, paired_records, read_run
+from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
+from ..models import architecture_of, cache_root, fingerprint, resolve_base
+from ..patch import MANIFEST, Patch
 from ..stats import Paired
+from ..tasks import data_dir, get_task
+from ..train import TrainConfig
+from .cache import ReproduceCache, key
 from .profiles import LABELS, NOTES, PLANS, PROFILES, VARIANTS, Profile, TaskPlan
 from .report import charts, fmt_drift, fmt_paired, markdown
 from .result import COMPARISONS, Cost, Efficiency, EvolvedBase, ReproduceReport, RetuneCost, TaskCost, TaskScores
@@ -35,14 +46,6 @@ from .result import COMPARISONS, Cost, Efficiency, EvolvedBase, ReproduceReport,
 ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached evals
 
 Log = Callable[[str], None]
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _files_key(files: list[Path]) -> list[tuple[str, int]]:
-    return [(f.name, f.stat().st_size) for f in files]
 
 
 def _recipe_args(plan: TaskPlan, prof: Profile, data: Path) -> list[str]:
@@ -68,9 +71,7 @@ def _recipe_args(plan: TaskPlan, prof: Profile, data: Path) -> list[str]:
     ]
 
 
-def _train_config(plan: TaskPlan, prof: Profile) -> Any:
-    from ..train import TrainConfig
-
+def _train_config(plan: TaskPlan, prof: Profile) -> TrainConfig:
     return TrainConfig(
         lr=plan.lr,
         steps=plan.steps,
@@ -82,11 +83,7 @@ def _train_config(plan: TaskPlan, prof: Profile) -> Any:
 
 
 def _patch_sha(p: Path | None) -> str | None:
-    if p is None:
-        return None
-    from ..patch import Patch
-
-    return Patch.load(p, verify=False).weights_sha256
+    return None if p is None else Patch.load(p, verify=False).weights_sha256
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -106,8 +103,6 @@ def learned(t: TaskScores, vs_base: Paired) -> bool:
 def macro_interval(diffs: list[list[float]], iters: int = 10_000, level: float = 0.95, seed: int = 0) -> list[float]:
     """95% interval of the mean over tasks of each task's mean paired difference: each task's examples
     are resampled on their own (a stratified paired bootstrap), so every task weighs as in the mean."""
-    import numpy as np
-
     ds = [np.asarray(d, dtype=np.float64) for d in diffs if len(d)]
     if not ds:
         return []
@@ -129,6 +124,42 @@ def _average(scores: dict[str, TaskScores], diffs: dict[str, list[float]], names
     }
 
 
+@dataclass
+class ReproduceContext:
+    """What every step of one reproduction shares: the profile, the data, the cache, how to report."""
+
+    prof: Profile
+    data: Path
+    cache: ReproduceCache
+    log: Log = print
+    show_progress: bool = False
+    margin: float = DEFAULT_MARGIN
+
+
+@dataclass
+class Bases:
+    """θ and the evolved θ' the grid compares, with θ''s lineage (steps, drift, cost)."""
+
+    theta: Path
+    fp_theta: str
+    evolved: Path
+    fp_evolved: str
+    lineage: EvolveResult
+    targets: tuple[str, ...]  # the LoRA targets θ' was evolved on (and the settings name)
+
+
+@dataclass
+class TaskOutcome:
+    """One task's measurements: its Table 2 row, flips, paired comparisons, per-example ported − re-tuned
+    differences (for the averages' intervals) and what porting and re-tuning cost."""
+
+    scores: TaskScores
+    flips: TaskFlips
+    paired: dict[str, Paired]
+    diffs: list[float]
+    cost: TaskCost
+
+
 def reproduce(
     base: str = "smollm2-135m",
     profile: str | Profile = "quick",
@@ -142,35 +173,44 @@ def reproduce(
 ) -> ReproduceReport:
     """Run the grid and write OUT/report.json, OUT/report.md and OUT/*.png. `margin` is what the paired
     verdicts call "no difference" (the whole 95% interval within ±margin)."""
-    from ..evaluate import EvalResult, accuracy, aligned_correct, flips, paired_records, read_run
-    from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
-    from ..models import architecture_of, cache_root, fingerprint, resolve_base
-    from ..patch import MANIFEST, Patch
-    from ..tasks import data_dir, get_task
-
     if not 0 < margin < 1:
         raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
-    prof = PROFILES[profile] if isinstance(profile, str) else profile
-    if tasks:
-        unknown = [t for t in tasks if get_task(t).name not in PLANS]
-        if unknown:
-            raise PortLLMError(f"no recipe for task {unknown[0]}")
-        names = [get_task(t).name for t in tasks]
-        prof = replace(prof, tasks={n: PLANS[n] for n in names}, notes=[NOTES[n] for n in names])
+    prof = select_profile(profile, tasks)
     data = data_dir(data)
     if data is None:
         raise PortLLMError("reproduce needs the benchmark data: set --data-dir or PORTLLM_DATA")
-    cache = Path(cache) if cache else cache_root() / "reproduce"
+    store = ReproduceCache(Path(cache) if cache else cache_root() / "reproduce")
+    ctx = ReproduceContext(prof, data, store, log, show_progress, margin)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    bases = evolve_base(ctx, base, timings)
+    outcomes = {name: run_task(ctx, bases, name, plan) for name, plan in prof.tasks.items()}
+    timings["total"] = time.perf_counter() - t_start
+    report = build_report(ctx, base, bases, outcomes, timings)
+    write_report(report, out)
+    return report
 
+
+def select_profile(profile: str | Profile, tasks: list[str] | None) -> Profile:
+    """The profile, narrowed to `tasks` (each with its shared recipe) when given."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    if not tasks:
+        return prof
+    unknown = [t for t in tasks if get_task(t).name not in PLANS]
+    if unknown:
+        raise PortLLMError(f"no recipe for task {unknown[0]}")
+    names = [get_task(t).name for t in tasks]
+    return replace(prof, tasks={n: PLANS[n] for n in names}, notes=[NOTES[n] for n in names])
+
+
+def evolve_base(ctx: ReproduceContext, base: str, timings: dict[str, float]) -> Bases:
+    """θ' from θ by continued pretraining, cached by parent, corpus and recipe (its time in `timings`)."""
+    prof = ctx.prof
     theta = resolve_base(base)
     fp_theta = fingerprint(theta)
-    log(f"θ  = {base} ({fp_theta})")
-
-    # θ': continued pretraining, cached by parent, corpus and recipe
+    ctx.log(f"θ  = {base} ({fp_theta})")
     ecfg = EvolveConfig(
         mode=prof.evolve_mode,
         steps=prof.evolve_steps,
@@ -181,114 +221,151 @@ def reproduce(
         dtype="float32" if prof.evolve_mode == "full" else prof.dtype,  # bf16 AdamW would lose small updates
         targets=architecture_of(theta).lora_targets,  # resolved before keying, so the cache key names them
     )
-    evolved = cache / "evolved" / _key(fp_theta, prof.corpus, _files_key(corpus_files(prof.corpus, data)), ecfg.key())
+    evolved = ctx.cache.evolved(fp_theta, prof.corpus, corpus_files(prof.corpus, ctx.data), ecfg.key())
     t0 = time.perf_counter()
     if not (evolved / LINEAGE).is_file():
-        log(f"evolving θ -> θ' ({prof.evolve_mode}, {prof.evolve_steps} steps on '{prof.corpus}')...")
-        evolve(theta, prof.corpus, evolved, ecfg, data=data, overwrite=True, progress=show_progress)
+        ctx.log(f"evolving θ -> θ' ({prof.evolve_mode}, {prof.evolve_steps} steps on '{prof.corpus}')...")
+        evolve(theta, prof.corpus, evolved, ecfg, data=ctx.data, overwrite=True, progress=ctx.show_progress)
     lineage = EvolveResult.read(evolved)
     timings["evolve"] = time.perf_counter() - t0
-    fp_evolved = lineage.fingerprint
-    log(f"θ' = {evolved} ({fp_evolved}); drift {fmt_drift(lineage.drift)}")
+    ctx.log(f"θ' = {evolved} ({lineage.fingerprint}); drift {fmt_drift(lineage.drift)}")
+    return Bases(theta, fp_theta, evolved, lineage.fingerprint, lineage, ecfg.targets)
 
-    scores: dict[str, TaskScores] = {}
-    task_flips = {}
-    paired: dict[str, dict[str, Paired]] = {}
-    diffs: dict[str, list[float]] = {}  # per example: ported correct − re-tuned correct
-    costs: dict[str, TaskCost] = {}
-    for name, plan in prof.tasks.items():
-        log(f"\n[{name}] {plan.steps} steps x {prof.batch_size}, eval on {plan.eval_limit or 'all'} examples")
-        tkey = _key(name, _recipe_args(plan, prof, data), ENGINE_VERSION)
-        patch = cache / "patches" / f"{name}-{_key(fp_theta, tkey)}"
-        retuned = cache / "patches" / f"{name}-{_key(fp_evolved, tkey)}"
-        for where, base_dir, dest in (("θ", theta, patch), ("θ'", evolved, retuned)):
-            if not (dest / MANIFEST).is_file():
-                log(f"  training Δ on {where}...")
-                steps.train_patch_step(base_dir, name, dest, _train_config(plan, prof), data, show_progress)
-        train_rec = Patch.load(retuned, verify=False).extra["training"]
 
-        # the port itself, measured in its own process; the ported directory is evaluated, then dropped
-        port_rec_file = cache / "ports" / f"{_key(_patch_sha(patch), fp_evolved)}.json"
-        ported = cache / "ported" / port_rec_file.stem
-        specs = {
-            "base": (theta, None),
-            "evolved": (evolved, None),
-            "base+patch": (theta, patch),
-            "evolved+patch": (ported, None),
-            "evolved+retuned": (evolved, retuned),
-        }
-        fps = {"base": fp_theta, "evolved": fp_evolved}
-        evals = {}
-        dirs = {}
-        for v in VARIANTS:
-            model_fp = fps.get(v, fp_evolved if v != "base+patch" else fp_theta)
-            pkey = _patch_sha(
-                patch if v in ("base+patch", "evolved+patch") else retuned if v == "evolved+retuned" else None
-            )
-            ekey = _key(
-                model_fp, pkey, v == "evolved+patch", name, plan.eval_limit, prof.eval_dtype, ENGINE_VERSION, str(data)
-            )
-            edir = cache / "evals" / f"{name}-{v.replace('+', '_')}-{ekey}"
-            if not (edir / "results.json").is_file():
-                if v == "evolved+patch" and not (ported / "config.json").is_file():
-                    log("  porting Δθ onto θ' (no training)...")
-                    rec = steps.port_step(patch, evolved, ported, show_progress)
-                    port_rec_file.parent.mkdir(parents=True, exist_ok=True)
-                    write_text_atomic(port_rec_file, json.dumps(rec.to_dict()))
-                log(f"  eval {LABELS[v]}...")
-                model, attached = specs[v]
-                steps.eval_step(
-                    model, attached, name, plan.eval_limit, data, edir, prof.eval_dtype, prof.gen_tokens, show_progress
-                )
-            evals[v] = EvalResult.read(edir).tasks[name]
-            dirs[v] = edir
-        if ported.exists():
-            shutil.rmtree(ported, ignore_errors=True)
-        port_rec = json.loads(port_rec_file.read_text()) if port_rec_file.is_file() else {}
-        recs = {v: read_run(dirs[v])[1][name] for v in VARIANTS}
-        accs = {v: accuracy(recs[v], generative=get_task(name).kind != "mc") for v in VARIANTS}
-        scores[name] = TaskScores(
-            {v: evals[v].value for v in VARIANTS},
-            evals["base"].metric,
-            evals["base"].n,
-            {v: evals[v].stderr for v in VARIANTS},
-            evals["evolved+patch"].value - evals["evolved+retuned"].value,
-            evals["evolved+patch"].value - evals["evolved"].value,
-            accs["base"].majority,
-            {v: [accs[v].ci_low, accs[v].ci_high] for v in VARIANTS},
-        )
-        task_flips[name] = flips(recs["base+patch"], recs["evolved+patch"], margin)
-        paired[name] = {k: paired_records(recs[a], recs[b]) for k, (a, b) in COMPARISONS.items()}
-        retuned_ok, ported_ok = aligned_correct(recs["evolved+retuned"], recs["evolved+patch"])
-        diffs[name] = [p - r for p, r in zip(ported_ok, retuned_ok)]
-        costs[name] = TaskCost(
-            Cost(port_rec.get("wall_s"), port_rec.get("peak_rss_mb"), 0),
-            RetuneCost(
-                train_rec["wall_s"],
-                train_rec["peak_rss_mb"],
-                train_rec["trainable_params"],
-                peak_gpu_mb=train_rec.get("peak_gpu_mb"),
-                steps=train_rec["steps"],
-                examples_seen=train_rec["examples_seen"],
-            ),
-        )
-        log(f"  {name}: " + "  ".join(f"{LABELS[v]} {scores[name].scores[v]:.3f}" for v in VARIANTS))
-        log(f"  ported − re-tuned: {fmt_paired(paired[name]['ported_minus_retuned'], margin)}")
-        gc.collect()
+def run_task(ctx: ReproduceContext, bases: Bases, name: str, plan: TaskPlan) -> TaskOutcome:
+    """One task of the grid: train, port and score (each step cached), then compare."""
+    prof = ctx.prof
+    ctx.log(f"\n[{name}] {plan.steps} steps x {prof.batch_size}, eval on {plan.eval_limit or 'all'} examples")
+    patch, retuned = train_patches(ctx, bases, name, plan)
+    dirs, port_rec = score_variants(ctx, bases, name, plan, patch, retuned)
+    train_rec = Patch.load(retuned, verify=False).extra["training"]
+    outcome = compare_variants(ctx, name, dirs, port_rec, train_rec)
+    ctx.log(f"  {name}: " + "  ".join(f"{LABELS[v]} {outcome.scores.scores[v]:.3f}" for v in VARIANTS))
+    ctx.log(f"  ported − re-tuned: {fmt_paired(outcome.paired['ported_minus_retuned'], ctx.margin)}")
+    gc.collect()
+    return outcome
 
-    learned_tasks = [n for n in scores if learned(scores[n], paired[n]["patched_minus_base"])]
-    timings["total"] = time.perf_counter() - t_start
-    report = ReproduceReport(
+
+def train_patches(ctx: ReproduceContext, bases: Bases, name: str, plan: TaskPlan) -> tuple[Path, Path]:
+    """Δθ trained on θ and Δθ' on θ' with the same recipe, each in its own process."""
+    tkey = _recipe_key(name, plan, ctx.prof, ctx.data)
+    patch = ctx.cache.patch(name, bases.fp_theta, tkey)
+    retuned = ctx.cache.patch(name, bases.fp_evolved, tkey)
+    for where, base_dir, dest in (("θ", bases.theta, patch), ("θ'", bases.evolved, retuned)):
+        if not (dest / MANIFEST).is_file():
+            ctx.log(f"  training Δ on {where}...")
+            cfg = _train_config(plan, ctx.prof)
+            steps.train_patch_step(base_dir, name, dest, cfg, ctx.data, ctx.show_progress)
+    return patch, retuned
+
+
+def _recipe_key(name: str, plan: TaskPlan, prof: Profile, data: Path) -> str:
+    """The patch cache's recipe key (the same on θ and θ', so Δθ and Δθ' share one recipe)."""
+    return key(name, _recipe_args(plan, prof, data), ENGINE_VERSION)
+
+
+def score_variants(
+    ctx: ReproduceContext, bases: Bases, name: str, plan: TaskPlan, patch: Path, retuned: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Each variant's eval run directory, and the port step's record ({} when no port ran for this cache).
+
+    θ' + Δθ is the real merged port, measured in its own process; the ported directory is scored, then
+    dropped."""
+    prof = ctx.prof
+    port_rec_file = ctx.cache.port_record(_patch_sha(patch), bases.fp_evolved)
+    ported = ctx.cache.ported(port_rec_file)
+    dirs = {}
+    for v, (model, attached, model_fp, patch_for_key) in _variants(bases, patch, retuned, ported).items():
+        ekey = (model_fp, _patch_sha(patch_for_key), v == "evolved+patch", name, plan.eval_limit)
+        edir = ctx.cache.eval_dir(name, v, *ekey, prof.eval_dtype, ENGINE_VERSION, str(ctx.data))
+        if not (edir / "results.json").is_file():
+            if v == "evolved+patch" and not (ported / "config.json").is_file():
+                ctx.log("  porting Δθ onto θ' (no training)...")
+                rec = steps.port_step(patch, bases.evolved, ported, ctx.show_progress)
+                port_rec_file.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(port_rec_file, json.dumps(rec.to_dict()))
+            ctx.log(f"  eval {LABELS[v]}...")
+            limit, dtype = plan.eval_limit, prof.eval_dtype
+            steps.eval_step(model, attached, name, limit, ctx.data, edir, dtype, prof.gen_tokens, ctx.show_progress)
+        dirs[v] = edir
+    if ported.exists():
+        shutil.rmtree(ported, ignore_errors=True)
+    return dirs, json.loads(port_rec_file.read_text()) if port_rec_file.is_file() else {}
+
+
+def _variants(
+    bases: Bases, patch: Path, retuned: Path, ported: Path
+) -> dict[str, tuple[Path, Path | None, str, Path | None]]:
+    """Per variant: the model to score, the patch attached at runtime, and (for the eval's cache key) the
+    fingerprint of the base and the patch the score stands for."""
+    b = bases
+    specs = {
+        "base": (b.theta, None, b.fp_theta, None),
+        "evolved": (b.evolved, None, b.fp_evolved, None),
+        "base+patch": (b.theta, patch, b.fp_theta, patch),
+        "evolved+patch": (ported, None, b.fp_evolved, patch),
+        "evolved+retuned": (b.evolved, retuned, b.fp_evolved, retuned),
+    }
+    return {v: specs[v] for v in VARIANTS}
+
+
+def compare_variants(
+    ctx: ReproduceContext, name: str, dirs: dict[str, Path], port_rec: dict[str, Any], train_rec: dict[str, Any]
+) -> TaskOutcome:
+    """From the eval runs' samples: the scores with their intervals, flips, paired comparisons and costs."""
+    evals = {v: EvalResult.read(dirs[v]).tasks[name] for v in VARIANTS}
+    recs = {v: read_run(dirs[v])[1][name] for v in VARIANTS}
+    accs = {v: accuracy(recs[v], generative=get_task(name).kind != "mc") for v in VARIANTS}
+    scores = TaskScores(
+        {v: evals[v].value for v in VARIANTS},
+        evals["base"].metric,
+        evals["base"].n,
+        {v: evals[v].stderr for v in VARIANTS},
+        evals["evolved+patch"].value - evals["evolved+retuned"].value,
+        evals["evolved+patch"].value - evals["evolved"].value,
+        accs["base"].majority,
+        {v: [accs[v].ci_low, accs[v].ci_high] for v in VARIANTS},
+    )
+    retuned_ok, ported_ok = aligned_correct(recs["evolved+retuned"], recs["evolved+patch"])
+    cost = TaskCost(
+        Cost(port_rec.get("wall_s"), port_rec.get("peak_rss_mb"), 0),
+        RetuneCost(
+            train_rec["wall_s"],
+            train_rec["peak_rss_mb"],
+            train_rec["trainable_params"],
+            peak_gpu_mb=train_rec.get("peak_gpu_mb"),
+            steps=train_rec["steps"],
+            examples_seen=train_rec["examples_seen"],
+        ),
+    )
+    return TaskOutcome(
+        scores,
+        flips(recs["base+patch"], recs["evolved+patch"], ctx.margin),
+        {k: paired_records(recs[a], recs[b]) for k, (a, b) in COMPARISONS.items()},
+        [p - r for p, r in zip(ported_ok, retuned_ok)],
+        cost,
+    )
+
+
+def build_report(
+    ctx: ReproduceContext, base: str, bases: Bases, outcomes: dict[str, TaskOutcome], timings: dict[str, float]
+) -> ReproduceReport:
+    """The report: Table 2 with the averages (all tasks; the learned ones as the headline), Table 6, flips."""
+    prof, lin = ctx.prof, bases.lineage
+    scores = {n: o.scores for n, o in outcomes.items()}
+    diffs = {n: o.diffs for n, o in outcomes.items()}
+    learned_tasks = [n for n, o in outcomes.items() if learned(o.scores, o.paired["patched_minus_base"])]
+    return ReproduceReport(
         profile=prof.name,
-        base={"name": base, "fingerprint": fp_theta},
+        base={"name": base, "fingerprint": bases.fp_theta},
         evolved=EvolvedBase(
-            str(evolved), fp_evolved, prof.corpus, lineage.steps, prof.evolve_mode, lineage.drift, lineage.wall_s
+            str(bases.evolved), bases.fp_evolved, prof.corpus, lin.steps, prof.evolve_mode, lin.drift, lin.wall_s
         ),
         settings={
             "train": {
                 "rank": 8,
                 "alpha": 16,
-                "targets": ",".join(t.removesuffix("_proj") for t in ecfg.targets),
+                "targets": ",".join(t.removesuffix("_proj") for t in bases.targets),
                 "batch_size": prof.batch_size,
                 "dtype": prof.dtype,
                 "seed": prof.seed,
@@ -297,9 +374,9 @@ def reproduce(
             "notes": prof.notes,
         },
         tasks=scores,
-        efficiency=_efficiency(list(costs.values())),
-        flips=task_flips,
-        per_task_cost=costs,
+        efficiency=_efficiency([o.cost for o in outcomes.values()]),
+        flips={n: o.flips for n, o in outcomes.items()},
+        per_task_cost={n: o.cost for n, o in outcomes.items()},
         average=_average(scores, diffs, list(scores)),
         machine={
             "platform": platform.platform(),
@@ -308,15 +385,17 @@ def reproduce(
             "python": platform.python_version(),
         },
         timings_s=timings,
-        paired=paired,
+        paired={n: o.paired for n, o in outcomes.items()},
         learned=learned_tasks,
         average_learned=_average(scores, diffs, learned_tasks),
-        margin=margin,
+        margin=ctx.margin,
     )
+
+
+def write_report(report: ReproduceReport, out: Path) -> None:
     write_text_atomic(out / "report.json", json.dumps(report.to_dict(), indent=2))
     write_text_atomic(out / "report.md", markdown(report))
     charts(report, out)
-    return report
 
 
 def _efficiency(costs: list[TaskCost]) -> Efficiency:

@@ -42,7 +42,7 @@ class Encoder:
     """all-MiniLM-L6-v2 on CPU: `encode(texts)` gives unit vectors (n, 384)."""
 
     def __init__(self, path: str | Path | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # deferred on purpose: transformers is slow to import
 
         self.path = encoder_path(path)
         try:

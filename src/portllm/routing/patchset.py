@@ -14,6 +14,7 @@ are absent from that layer's stack and routers give it no weight).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..check import check
 from ..errors import PortLLMError
+from ..eval import LM
+from ..models import BaseRef, load_base
 from ..patch import Patch
+from ..sign import require_trusted
 
 if TYPE_CHECKING:
-    from ..evaluate import LM
-    from ..models import BaseRef
-    from .routers import Router
+    from .routers import Router  # for annotations only: routers -> phatgoose -> patchset would be a cycle
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,6 @@ class PatchSet:
         require_signature: bool = False,
         trusted: list | None = None,
     ):
-        from ..check import check
-        from ..models import BaseRef, load_base
-        from ..sign import require_trusted
-
         if not patches:
             raise PortLLMError("a patch set needs at least one patch")
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -219,13 +218,11 @@ class PatchSet:
         """Identity of the set: base fingerprint and each patch's weights, in order."""
         h = hashlib.sha256(self.ref.fingerprint.encode())
         for p in self.patches:
-            h.update((p.weights_sha256 or _tensor_digest(p)).encode())
+            h.update((p.weights_sha256 or tensor_digest(p)).encode())
         return h.hexdigest()[:16]
 
     def lm(self, router: Router | None = None) -> LM:
         """The set as an `evaluate.LM` (routed by `router`, or the set's own)."""
-        from ..evaluate import LM
-
         if router is not None:
             self.use(router)
         cfg = getattr(self.model, "config", None)
@@ -319,7 +316,8 @@ def _unique_names(experts: list[Expert]) -> None:
             seen[e.name] = 0
 
 
-def _tensor_digest(p: Patch) -> str:
+def tensor_digest(p: Patch) -> str:
+    """sha256 of a patch's tensors (names and fp32 values): its identity when no manifest checksum covers them."""
     h = hashlib.sha256()
     for k in sorted(p.tensors):
         h.update(k.encode())
@@ -328,6 +326,4 @@ def _tensor_digest(p: Patch) -> str:
 
 
 def _natural_key(s: str) -> list:
-    import re
-
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

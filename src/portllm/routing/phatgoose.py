@@ -16,14 +16,18 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..atomic import owned_temp
 from ..errors import PortLLMError
-
-if TYPE_CHECKING:
-    from .patchset import PatchSet
+from ..models import cache_root
+from ..progress import Bar
+from ..tasks import get_task
+from ..train import collate, example_order, training_examples
+from .patchset import PatchSet, tensor_digest
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,8 @@ class GateConfig:
 
 
 def gates_file(pset: PatchSet, i: int, cfg: GateConfig) -> Path:
-    from ..models import cache_root
-    from .patchset import _tensor_digest
-
     p = pset.patches[i]
-    sha = p.weights_sha256 or _tensor_digest(p)  # this patch's own weights (never the set's: patches would collide)
+    sha = p.weights_sha256 or tensor_digest(p)  # this patch's own weights (never the set's: patches would collide)
     task = hashlib.sha256(str(p.task).encode()).hexdigest()[:8]  # gates learn from the task's data
     return cache_root() / "routing" / "gates" / f"{sha[:16]}-{task}-{pset.ref.fingerprint[:12]}-{cfg.key()}.safetensors"
 
@@ -88,9 +89,6 @@ def train_gates(
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Train patch i's gates (base and patches frozen); returns {module name: gate vector}."""
-    from ..tasks import get_task
-    from ..train import training_examples
-
     cfg = cfg or GateConfig()
     p = pset.patches[i]
     if not p.task:
@@ -108,23 +106,20 @@ def train_gates(
 
 
 def _train(pset: PatchSet, i: int, cfg: GateConfig, examples: list, progress: bool) -> dict[str, torch.Tensor]:
-    from ..progress import Bar
-    from ..train import _collate, _order
-
     trainer = _GateTraining(pset, i)
     saved = pset.router, pset._row_weights, pset._cache
     pset.router, pset._row_weights, pset._cache = trainer, None, {}  # no caller's selection overrides the gates
     for prm in pset.model.parameters():
         prm.requires_grad_(False)
     opt = torch.optim.AdamW(trainer.gates.parameters(), lr=cfg.lr, weight_decay=0.0)
-    order = _order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
+    order = example_order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
     device = next(pset.model.parameters()).device
     torch.manual_seed(cfg.seed)
     try:
         with Bar(progress, cfg.steps, f"gates {pset.experts[i].name}") as bar:
             for step in range(cfg.steps):
                 batch = [examples[j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                ids, labels, mask = _collate(batch, pset.tokenizer.pad_token_id, device)
+                ids, labels, mask = collate(batch, pset.tokenizer.pad_token_id, device)
                 loss = pset.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise PortLLMError(f"gate training loss became {float(loss)} at step {step}; lower the gate lr")
@@ -146,10 +141,6 @@ def load_gates(
     progress: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Every patch's gates from the cache, training (and caching) those missing unless `train_missing` is off."""
-    from safetensors.torch import load_file, save_file
-
-    from ..atomic import owned_temp
-
     cfg = cfg or getattr(pset, "gate_config", None) or GateConfig()
     data = data if data is not None else getattr(pset, "data", None)
     log = log or getattr(pset, "log", None)

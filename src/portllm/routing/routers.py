@@ -1,4 +1,12 @@
-"""Routers: how much of each patch every token (or row) of a request gets, one class each, in a registry.
+"""Routers: how much of each patch every token (or row) of a request gets, one class each, in ONE registry.
+
+Every router name resolves in `ROUTERS`, and each entry declares its kind (`KINDS`):
+- per-token (`Router`, this module): mixes patches inside every adapted layer through a `PatchSet`
+  (`portllm eval --patches`, `route-study`); built by `get_router`.
+- per-request (`serving.ServeRouter`): picks one loaded patch per request before its prefill, for
+  `portllm serve --router` (model `auto`); built by `serving.serve_router`. Each builder refuses the other
+  kind with one line. Names are unique: `glider` is per-token GLIDER everywhere; the server's routers are
+  `description` (request text vs patch descriptions) and `arrow-request` (Arrow, one patch per request).
 
 Local routers score tokens at each adapted layer from that layer's input x:
 - `arrow`: training-free; each patch's prototype is the top right singular vector of its B·A in that layer,
@@ -15,7 +23,8 @@ Row-level references: `oracle` (the row's own task's patch; needs the task label
 `uniform` (every patch 1/N: the linear average), `none` (the bare base).
 
 Adding a router: subclass `Router`, set `name`, `knobs`, implement `weights` (and `prepare` / `rows` when
-it precomputes per set / per request); decorate with `@register`. The CLI options and the study read ROUTERS.
+it precomputes per set / per request); decorate with `@register`. The CLI options and the study read ROUTERS
+(`router_names`). The package imports `serving`, so the registry holds both kinds once `portllm.routing` loads.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import PortLLMError
+from ..merge import clusters, similarity
+from ..tasks import get_task
+from .embed import shared_encoder
+from .phatgoose import load_gates
 
 if TYPE_CHECKING:
     from .patchset import PatchSet, Request, RoutedLinear
@@ -55,15 +68,20 @@ THRESHOLD = Knob(
 )
 LOCALS = ("phatgoose", "arrow")
 
+PER_TOKEN = "per-token"
+PER_REQUEST = "per-request"
+KINDS = {  # what a router of each kind does, and where it runs (error messages say it)
+    PER_TOKEN: "mixes patches per token inside every adapted layer (a PatchSet: portllm eval --patches, route-study)",
+    PER_REQUEST: "picks one loaded patch per request before its prefill (portllm serve --router, model 'auto')",
+}
 
-class Router:
-    """One routing rule with its knob values checked. `weights` gives (rows, seq or 1, N) or None (base only)."""
+
+class RouterBase:
+    """What every registered router declares: its unique name, its kind (KINDS) and its knobs, checked here."""
 
     name: ClassVar[str]
+    kind: ClassVar[str]
     knobs: ClassVar[tuple[Knob, ...]] = ()
-    needs_text: ClassVar[bool] = False  # reads each row's request text (global router)
-    needs_label: ClassVar[bool] = False  # reads each row's task label (oracle)
-    needs_gates: ClassVar[bool] = False  # PHATGOOSE gates must be trained first
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - {k.name for k in self.knobs}
@@ -88,6 +106,15 @@ class Router:
         """The values used, for reports."""
         return {"router": self.name, **self.values}
 
+
+class Router(RouterBase):
+    """A per-token routing rule (through a PatchSet). `weights` gives (rows, seq or 1, N) or None (base only)."""
+
+    kind = PER_TOKEN
+    needs_text: ClassVar[bool] = False  # reads each row's request text (global router)
+    needs_label: ClassVar[bool] = False  # reads each row's task label (oracle)
+    needs_gates: ClassVar[bool] = False  # PHATGOOSE gates must be trained first
+
     def prepare(self, pset: PatchSet) -> None:
         """Precompute what does not depend on the request (prototypes, gates, embeddings)."""
 
@@ -103,23 +130,42 @@ class Router:
         return int(self.values.get("top_k", 1))
 
 
-ROUTERS: dict[str, type[Router]] = {}
+ROUTERS: dict[str, type[RouterBase]] = {}  # every router of every kind, by its unique name
 
 
-def register(cls: type[Router]) -> type[Router]:
+def register(cls: type[RouterBase]) -> type[RouterBase]:
+    """Add a router class to the registry (a class decorator); names are unique across kinds."""
     if cls.name in ROUTERS:
         raise ValueError(f"router {cls.name!r} is registered twice")
+    if getattr(cls, "kind", None) not in KINDS:
+        raise ValueError(f"router {cls.name!r} declares no kind ({' or '.join(KINDS)})")
     ROUTERS[cls.name] = cls
     return cls
 
 
+def router_names(kind: str | None = None) -> list[str]:
+    """The registered names, of one kind (PER_TOKEN, PER_REQUEST) or all, in registration order."""
+    return [n for n, c in ROUTERS.items() if kind is None or c.kind == kind]
+
+
+def router_class(name: str, kind: str | None = None) -> type[RouterBase]:
+    """The class registered as `name`; with `kind`, one line refusing a router of the other kind."""
+    cls = ROUTERS.get(name)
+    if cls is None:
+        raise PortLLMError(f"unknown router {name!r}; choose from {', '.join(router_names(kind))}")
+    if kind is not None and cls.kind != kind:
+        raise PortLLMError(
+            f"router {name} {KINDS[cls.kind]}; this needs a {kind} router, which {KINDS[kind]}: "
+            + ", ".join(router_names(kind))
+        )
+    return cls
+
+
 def get_router(name: str, **values: Any) -> Router:
-    """The router called `name` with its knobs from `values` (None = default) checked."""
-    if name not in ROUTERS:
-        raise PortLLMError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
-    cls = ROUTERS[name]
-    own = {k.name for k in cls.knobs}
-    return cls(**{k: v for k, v in values.items() if k in own and v is not None})
+    """The per-token router called `name` with its knobs from `values` checked; None means the knob's default,
+    and a knob the router does not take is an error (naming the router's knobs), not dropped."""
+    cls = router_class(name, PER_TOKEN)
+    return cls(**{k: v for k, v in values.items() if v is not None})  # type: ignore[return-value]
 
 
 def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
@@ -130,6 +176,17 @@ def topk_softmax(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torc
     top, idx = torch.topk(logits, k, dim=-1)
     full = torch.full_like(logits, float("-inf")).scatter(-1, idx, top)
     return torch.softmax(full / temperature, dim=-1)
+
+
+def _per_row(router: str, cache: dict[str, Any], key: str, x: torch.Tensor, what: str) -> torch.Tensor:
+    """The per-row tensor a router computed in `rows` for this forward pass; one line when there is none or it
+    is for another number of rows (rather than quietly computing something else for those rows)."""
+    t = cache.get(key)
+    if t is None:
+        raise PortLLMError(f"router {router} reads {what}: run the model inside PatchSet.rows([...]), a Request a row")
+    if t.shape[0] != x.shape[0]:
+        raise PortLLMError(f"router {router} has {what} for {t.shape[0]} rows, but the batch has {x.shape[0]}")
+    return t
 
 
 def _absent(pset: PatchSet, layer: RoutedLinear) -> torch.Tensor:
@@ -164,8 +221,6 @@ class Uniform(Router):
 
 def _task_name(name: str) -> str:
     """The registry's name for a task ("SST2" in a manifest is the task sst2), else the name as given."""
-    from ..tasks import get_task
-
     try:
         return get_task(name).name
     except PortLLMError:
@@ -175,7 +230,8 @@ def _task_name(name: str) -> str:
 @register
 class Oracle(Router):
     """Each row gets the patch made for its own task (the row's label); rows of other tasks get the base.
-    Needs the task label, so it is a reference for evaluation, not a router for requests."""
+    Needs the task label, so it is a reference for evaluation, not a router for requests: a row without a
+    label (and no patch chosen by the caller), or a forward pass whose rows it has no labels for, is an error."""
 
     name = "oracle"
     needs_label = True
@@ -184,14 +240,17 @@ class Oracle(Router):
         w = torch.zeros(len(reqs), 1, pset.n)
         by_task = {_task_name(e.task): i for i, e in enumerate(pset.experts) if e.task}
         for j, r in enumerate(reqs):
-            label = _task_name(r.label) if r.label else None
+            if r.patch is not None:
+                continue  # the caller chose this row's patch (PatchSet overrides the router there)
+            if not r.label:
+                raise PortLLMError(f"router oracle needs each row's task label; row {j} has none (Request(label=...))")
+            label = _task_name(r.label)
             if label in by_task:
                 w[j, 0, by_task[label]] = 1.0
         return {"w": w}
 
     def weights(self, pset, layer, x, cache):
-        w = cache.get("w")
-        return w.to(x.device) if w is not None and w.shape[0] == x.shape[0] else None
+        return _per_row(self.name, cache, "w", x, "task labels (Request(label=...))").to(x.device)
 
 
 # ---------------------------------------------------------------- local routers
@@ -252,8 +311,6 @@ class Phatgoose(Router):
     needs_gates = True
 
     def prepare(self, pset):
-        from .phatgoose import load_gates
-
         gates = load_gates(pset)
         self._gates = []
         for layer in pset.layers:
@@ -288,8 +345,6 @@ def expert_embeddings(pset: PatchSet) -> torch.Tensor:
 
 def global_scores(pset: PatchSet, reqs: list[Request], targets: torch.Tensor) -> torch.Tensor | None:
     """(rows, M) cosine of each row's request text with each target embedding (0 for a row without text)."""
-    from .embed import shared_encoder
-
     texts = [r.text for r in reqs]
     if not any(texts):
         return None
@@ -303,32 +358,49 @@ def global_scores(pset: PatchSet, reqs: list[Request], targets: torch.Tensor) ->
     return out
 
 
+def request_scores(router: str, pset: PatchSet, reqs: list[Request], targets: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, M) cosine of each row's request text with each target; a row with neither text nor a patch chosen
+    by the caller is an error (its global term would silently be 0)."""
+    bare = [j for j, r in enumerate(reqs) if not r.text and r.patch is None]
+    if bare:
+        raise PortLLMError(
+            f"router {router} adds alpha * cosine(request text, description), and row {bare[0]} has no text; give "
+            "Request(text=...) for every row, or alpha=0 to route by the local logits alone"
+        )
+    g = global_scores(pset, reqs, targets)
+    return (torch.zeros(len(reqs), targets.shape[0]) if g is None else g)[:, None, :]
+
+
 @register
 class Glider(Router):
     """GLIDER (Li et al. 2024): local logits (PHATGOOSE gates, as GLIDER; or Arrow) + α · cos(request
-    embedding, patch description embedding), the same bias at every token and layer; top-k softmax."""
+    embedding, patch description embedding), the same bias at every token and layer; top-k softmax.
+    Every patch needs a description and every row its request text; alpha=0 (explicitly) drops the global
+    term and needs neither."""
 
     name = "glider"
     knobs = (TOP_K, TEMPERATURE, Knob("alpha", 10.0, ALPHA.help, ALPHA.rule, ALPHA.valid), LOCAL)
-    needs_text = True
 
     @property
     def needs_gates(self) -> bool:  # type: ignore[override]
         return self.values["local"] == "phatgoose"
 
+    @property
+    def needs_text(self) -> bool:  # type: ignore[override]
+        return self.values["alpha"] > 0
+
     def prepare(self, pset):
-        self._emb = expert_embeddings(pset)
+        self._emb = expert_embeddings(pset) if self.needs_text else None
         self._local = (Phatgoose if self.values["local"] == "phatgoose" else Arrow)(top_k=1)
         self._local.prepare(pset)
 
     def rows(self, pset, reqs):
-        g = global_scores(pset, reqs, self._emb)
-        return {} if g is None else {"g": g[:, None, :]}
+        return {} if self._emb is None else {"g": request_scores(self.name, pset, reqs, self._emb)}
 
     def weights(self, pset, layer, x, cache):
         logits = self._local.logits(layer, x)
-        g = cache.get("g")
-        if g is not None and g.shape[0] == x.shape[0]:
+        if self._emb is not None:
+            g = _per_row(self.name, cache, "g", x, "each row's request text (Request(text=...); or alpha=0)")
             logits = logits + self.values["alpha"] * g.to(logits.device, logits.dtype)
         return topk_softmax(logits, self.values["top_k"], self.values["temperature"])
 
@@ -340,14 +412,13 @@ class Glider(Router):
 class Mixture(Router):
     """Model-GLUE's mixture: cluster the patches by the cosine of their updates, merge each cluster
     (linearly: its members share the cluster's weight), route tokens between clusters by Arrow on each
-    cluster's merged update plus α · cos(request, the cluster's mean description) when descriptions exist."""
+    cluster's merged update plus α · cos(request, the cluster's mean description) when every patch has a
+    description (then every row needs its request text, as for glider); without descriptions, Arrow alone."""
 
     name = "mixture"
     knobs = (Knob("top_k", 1, TOP_K.help, TOP_K.rule, TOP_K.valid), TEMPERATURE, THRESHOLD, ALPHA)
 
     def prepare(self, pset):
-        from ..merge import clusters, similarity
-
         self.sim = similarity(pset.patches)
         self.groups = clusters(self.sim, self.values["threshold"])
         m = len(self.groups)
@@ -365,25 +436,26 @@ class Mixture(Router):
                     p[c] = stacked_prototype([(a, b, s / len(g)) for a, b, s in parts])
                     absent[c] = False
             self._protos.append((p.to(layer.A.device), absent.to(layer.A.device)))
-        self._emb = None
-        if all(e.embedding is not None for e in pset.experts):
+        self._emb = None  # no global term: some patch has no description, or alpha = 0
+        if self.values["alpha"] > 0 and all(e.embedding is not None for e in pset.experts):
             e = expert_embeddings(pset)
             self._emb = torch.nn.functional.normalize(spread @ e, dim=-1)
+
+    @property
+    def needs_text(self) -> bool:  # type: ignore[override]
+        return getattr(self, "_emb", None) is not None
 
     def params(self):
         return {**super().params(), "clusters": [[i for i in g] for g in getattr(self, "groups", [])]}
 
     def rows(self, pset, reqs):
-        if self._emb is None:
-            return {}
-        g = global_scores(pset, reqs, self._emb)
-        return {} if g is None else {"g": g[:, None, :]}
+        return {"g": request_scores(self.name, pset, reqs, self._emb)} if self.needs_text else {}
 
     def weights(self, pset, layer, x, cache):
         p, absent = self._protos[layer.index]
         logits = (x.to(p.dtype) @ p.T).abs().masked_fill(absent, float("-inf"))
-        g = cache.get("g")
-        if g is not None and g.shape[0] == x.shape[0]:
+        if self.needs_text:
+            g = _per_row(self.name, cache, "g", x, "each row's request text (Request(text=...))")
             logits = logits + self.values["alpha"] * g.to(logits.device, logits.dtype)
         wc = topk_softmax(logits, self.values["top_k"], self.values["temperature"])
         return wc @ self._spread.to(wc.device)

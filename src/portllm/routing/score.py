@@ -14,7 +14,17 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
-from ..evaluate import EvalResult, Progress, TaskRun, _token_budget, accuracy, bootstrap_stderr, mc_records, run_task
+from ..eval import (
+    EvalResult,
+    Progress,
+    TaskRun,
+    accuracy,
+    bootstrap_stderr,
+    loglikelihoods,
+    mc_records,
+    run_task,
+    token_budget,
+)
 from ..progress import Bar
 from ..tasks import Example, Task, load_examples
 from .describe import request_text
@@ -55,7 +65,6 @@ def score_tasks(
             for c, x in zip(e.contexts, e.continuations):
                 pairs.append((c, x))
                 share.append(key)
-    from ..evaluate import loglikelihoods
 
     t0 = time.perf_counter()
     with pset.requests(reqs):
@@ -111,7 +120,7 @@ def evaluate_routed(
         lm.dtype,
         limit,
         batch_size,
-        _token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
+        token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
     )
     total = sum(len(e) * (len(e[0].continuations) or 1) for _, e in loaded.values() if e)
     with Bar(show_progress, total, f"eval ({router.name if router else 'base'})") as bar:

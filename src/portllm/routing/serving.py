@@ -1,21 +1,27 @@
-"""Routing for `portllm serve`: model `auto` picks ONE patch per request (or the base).
+"""Per-request routers for `portllm serve`: model `auto` picks ONE patch per request (or the base).
 
 The serving engine runs one patch per row (PEFT's mixed-adapter batches), so a serving router chooses,
-before a request's prefill, which loaded patch answers it:
+before a request's prefill, which loaded patch answers it. These routers are registered in
+`routers.ROUTERS` with kind `per-request`, next to the per-token ones (glider, arrow, ...) that mix
+patches inside every layer through a PatchSet, which the serving engine does not run:
 
-- `glider` / `global`: the cosine between the all-MiniLM-L6-v2 embedding of the request's text (a chat's
-  last user message) and each patch's description embedding (`portllm describe`, kept in its manifest; a
-  patch with a task and no description gets its task definition's); the top patch, or the base when the
-  best cosine is below `threshold` (default 0.2).
-- `arrow`: training-free; the base runs once on the prompt (no patch) with hooks on every adapted layer;
-  patch i's score is |x·p_i| averaged over the prompt's tokens (a leading BOS excluded: it carries outsized
-  activations in many LLMs) and over the layers it adapts, p_i the top right singular vector of its B·A
-  there (`routers.lora_prototype`); the top patch.
+- `description`: the cosine between the all-MiniLM-L6-v2 embedding of the request's text (a chat's last
+  user message) and each patch's description embedding (`portllm describe`, kept in its manifest; a patch
+  with a task and no description gets its task definition's); the top patch, or the base when the best
+  cosine is below `threshold` (default 0.2; `threshold=-1`: never the base). Not GLIDER: no gates, no
+  per-token mixing.
+- `arrow-request`: Arrow decided once per request; the base runs once on the prompt (no patch) with hooks
+  on every adapted layer; patch i's score is |x·p_i| averaged over the prompt's tokens (a leading BOS
+  excluded: it carries outsized activations in many LLMs) and over the layers it adapts, p_i the top right
+  singular vector of its B·A there (`routers.lora_prototype`); the top patch, never the base.
 
-Knobs go after the name: `glider:threshold=0.3`. What a router computes per patch (embeddings, prototypes)
-is cached by patch name, weights checksum and PEFT adapter, so patches loaded or unloaded at runtime are
-picked up at the next request. Each routed request gets `request.routing` = {"router", "patch", "scores"}
-(the HTTP layer returns it) and a log line on the `portllm.routing.serving` logger.
+Neither answers with the base by default: with no patch loaded an `auto` request is refused (400), as it is
+when a loaded patch cannot be routed to (no description; an all-zero update Arrow cannot read).
+
+Knobs go after the name: `description:threshold=0.3`. What a router computes per patch (embeddings,
+prototypes) is cached by patch name, weights checksum and PEFT adapter, so patches loaded or unloaded at
+runtime are picked up at the next request. Each routed request gets `request.routing` = {"router", "patch",
+"scores"} (the HTTP layer returns it) and a log line on the `portllm.routing.serving` logger.
 """
 
 from __future__ import annotations
@@ -31,23 +37,32 @@ from typing import Any
 import torch
 
 from ..errors import PortLLMError
+from ..tasks import get_task
+from .embed import ENCODER_NAME, encoder_path, shared_encoder
+from .routers import KINDS, PER_REQUEST, ROUTERS, Knob, RouterBase, lora_prototype, register, router_names
 
 log = logging.getLogger(__name__)
 
-TOKEN_LEVEL = ("phatgoose", "mixture", "uniform", "oracle", "none")  # the evaluation routers that do not fit here
 
+class ServeRouter(RouterBase):
+    """Common part of the per-request routers: knobs (checked by RouterBase), the per-patch cache, the
+    refusal when nothing can be routed to, and the report of each decision."""
 
-class _ServeRouter:
-    """Common part: name, knobs, the per-patch cache and the report of each decision."""
+    kind = PER_REQUEST
 
-    name = ""
-    knobs: dict[str, tuple[Any, str]] = {}  # knob -> (default, rule)
-
-    def __init__(self, spec: str, **values: Any) -> None:
-        self.spec = spec
-        self.values = {k: values.get(k, d) for k, (d, _) in self.knobs.items()}
+    def __init__(self, spec: str | None = None, **values: Any) -> None:
+        super().__init__(**values)
+        self.spec = spec or self.name
         self._lock = threading.Lock()
         self._cache: dict[tuple, Any] = {}
+
+    def loaded(self, engine: Any) -> None:
+        """One line when no patch is loaded: `auto` would otherwise always be answered by the base."""
+        if not engine.patches:
+            raise PortLLMError(
+                f"router {self.name}: no patch is loaded to route to; load one (POST /v1/load_lora_adapter) or "
+                "ask for the base by name"
+            )
 
     def _per_patch(self, engine: Any, make: Any) -> dict[str, Any]:
         """name -> make(info) for every loaded patch, cached by (name, checksum, adapter); stale entries go."""
@@ -71,32 +86,28 @@ class _ServeRouter:
 # ---------------------------------------------------------------- global: the request text against descriptions
 
 
-class GlobalRouter(_ServeRouter):
+def _cosine(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -1 <= v <= 1
+
+
+@register
+class DescriptionRouter(ServeRouter):
     """Cosine of the request text's MiniLM embedding with each patch's description embedding; top-1, or the
-    base below `threshold`."""
+    base below `threshold`. (Not GLIDER: no gates and no per-token mixing; `glider` is the per-token router.)"""
 
-    name = "glider"
-    knobs = {"threshold": (0.2, "a number in [-1, 1]")}
+    name = "description"
+    knobs = (Knob("threshold", 0.2, "best cosine below which the base answers", "a number in [-1, 1]", _cosine),)
 
-    def __init__(self, spec: str, **values: Any) -> None:
+    def __init__(self, spec: str | None = None, **values: Any) -> None:
         super().__init__(spec, **values)
-        t = self.values["threshold"]
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or not -1 <= t <= 1:
-            raise PortLLMError(f"router {spec}: threshold must be a number in [-1, 1], got {t!r}")
-        from .embed import encoder_path
-
         encoder_path()  # installed? (one line saying how, before any model loads)
 
     @staticmethod
     def _encoder() -> Any:
-        from .embed import shared_encoder
-
         return shared_encoder()
 
     def _embedding(self, info: Any) -> torch.Tensor | None:
         """The patch's description embedding (manifest), else its task definition's description, else None."""
-        from .embed import ENCODER_NAME
-
         try:
             raw = json.loads((Path(info.path) / "portllm.json").read_text())
         except (OSError, ValueError):
@@ -110,8 +121,6 @@ class GlobalRouter(_ServeRouter):
         text = routing.get("description") if isinstance(routing.get("description"), str) else None
         task = raw.get("task") if isinstance(raw, dict) else None
         if not text and isinstance(task, str) and task:
-            from ..tasks import get_task
-
             try:
                 t = get_task(task)
                 text = t.description or t.name
@@ -123,6 +132,7 @@ class GlobalRouter(_ServeRouter):
 
     def embeddings(self, engine: Any) -> tuple[list[str], torch.Tensor]:
         """The loaded patches' names and their (N, 384) unit embeddings; one line naming those without any."""
+        self.loaded(engine)
         with self._lock:
             found = self._per_patch(engine, self._embedding)
         missing = [n for n, v in found.items() if v is None]
@@ -132,10 +142,10 @@ class GlobalRouter(_ServeRouter):
                 '`portllm describe PATCH "what it does"` and load them again (or unload them)'
             )
         names = list(found)
-        return names, (torch.stack([found[n] for n in names]) if names else torch.zeros(0, 384))
+        return names, torch.stack([found[n] for n in names])
 
     def check(self, engine: Any) -> None:
-        """Called when an `auto` request arrives: refuse it (400) if a loaded patch cannot be routed to."""
+        """Called when an `auto` request arrives: refuse it (400) with no patch, or a patch it cannot route to."""
         self.embeddings(engine)
 
     def route(self, engine: Any, requests: Sequence[Any]) -> list[str | None]:
@@ -143,7 +153,7 @@ class GlobalRouter(_ServeRouter):
         texts = [request_text(engine, r) for r in requests]
         have = [t for t in texts if t]
         with self._lock:
-            vecs = dict(zip(have, self._encoder().encode(have))) if have and names else {}
+            vecs = dict(zip(have, self._encoder().encode(have))) if have else {}
         out: list[str | None] = []
         for r, t in zip(requests, texts):
             if t in vecs:
@@ -169,15 +179,14 @@ def request_text(engine: Any, r: Any) -> str:
 # ---------------------------------------------------------------- arrow: the base's layer inputs against prototypes
 
 
-class ArrowRouter(_ServeRouter):
-    """Arrow per request: |x·p_i| at each adapted layer (base forward, no patch), averaged over the prompt's
-    tokens and layers; top-1."""
+@register
+class ArrowRequestRouter(ServeRouter):
+    """Arrow once per request: |x·p_i| at each adapted layer (base forward, no patch), averaged over the prompt's
+    tokens and layers; top-1, never the base. (The per-token Arrow, mixing patches inside every layer, is `arrow`.)"""
 
-    name = "arrow"
+    name = "arrow-request"
 
     def _prototypes(self, engine: Any) -> Any:
-        from .routers import lora_prototype
-
         def make(info: Any) -> dict[str, torch.Tensor]:
             protos = {}
             for mname, mod in engine.model.named_modules():
@@ -192,16 +201,27 @@ class ArrowRouter(_ServeRouter):
 
         return make
 
-    def route(self, engine: Any, requests: Sequence[Any]) -> list[str | None]:
-        from peft import PeftModel
-
+    def prototypes(self, engine: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """Each loaded patch's prototypes by layer; one line naming the patches Arrow cannot read (all-zero
+        update, or no linear LoRA layer): they could never be chosen."""
+        self.loaded(engine)
         with self._lock:
             protos = self._per_patch(engine, self._prototypes(engine))
-        names = [n for n, p in protos.items() if p]
-        if not names or not isinstance(engine.model, PeftModel):
-            for r in requests:
-                self._report(engine, r, None, {})
-            return [None] * len(requests)
+        empty = [n for n, p in protos.items() if not p]
+        if empty:
+            raise PortLLMError(
+                f"router {self.name}: patch(es) {', '.join(empty)} have no LoRA update to read a direction from "
+                "(all-zero B, or no linear LoRA layer); unload them, or serve with --router description"
+            )
+        return protos
+
+    def check(self, engine: Any) -> None:
+        """Called when an `auto` request arrives: refuse it (400) with no patch, or a patch it cannot read."""
+        self.prototypes(engine)
+
+    def route(self, engine: Any, requests: Sequence[Any]) -> list[str | None]:
+        protos = self.prototypes(engine)
+        names = list(protos)
         layers = sorted({m for n in names for m in protos[n]})
         modules = dict(engine.model.named_modules())
         seen: dict[str, torch.Tensor] = {}
@@ -262,47 +282,43 @@ def _batch(engine: Any, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
     return ids.to(dev), mask.to(dev), pos.to(dev), keep
 
 
-# ---------------------------------------------------------------- the registry and the seam
+# ---------------------------------------------------------------- the seam (names from routers.ROUTERS)
 
 
-SERVE_ROUTERS: dict[str, type[_ServeRouter]] = {"glider": GlobalRouter, "global": GlobalRouter, "arrow": ArrowRouter}
-
-
-def parse_spec(spec: str) -> tuple[type[_ServeRouter], dict[str, Any]]:
-    """`NAME` or `NAME:knob=value,...` -> the router class and its knob values; one line for anything else."""
+def parse_spec(spec: str) -> tuple[type[ServeRouter], dict[str, Any]]:
+    """`NAME` or `NAME:knob=value,...` -> the per-request router class and its knob values; one line for
+    anything else, a per-token router's name included (it says which names the server serves, and why)."""
+    choose = ", ".join(router_names(PER_REQUEST))
     if not isinstance(spec, str) or not spec.strip():
-        raise PortLLMError("--router needs a name: glider, global or arrow")
+        raise PortLLMError(f"--router needs a name: {choose}")
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
-    choose = ", ".join(SERVE_ROUTERS)
-    if name not in SERVE_ROUTERS:
-        if name in TOKEN_LEVEL:
-            raise PortLLMError(
-                f"--router {name}: serving picks one patch per request, which {name} does not do; choose from {choose}"
-            )
+    cls = ROUTERS.get(name)
+    if cls is None:
         raise PortLLMError(f"--router {spec}: unknown router for serving; choose from {choose}")
-    cls = SERVE_ROUTERS[name]
+    if cls.kind != PER_REQUEST:
+        raise PortLLMError(
+            f"--router {name}: the server picks one patch per request and serves {choose}; {name} "
+            f"{KINDS[cls.kind]}, which the serving engine does not run"
+        )
+    knobs = {k.name: k for k in cls.knobs}
     values: dict[str, Any] = {}
     for part in filter(None, (x.strip() for x in rest.split(","))):
         key, eq, val = (s.strip() for s in part.partition("="))
-        if not eq or key not in cls.knobs:
-            takes = ", ".join(f"{k} ({r})" for k, (_, r) in cls.knobs.items()) or "none"
+        if not eq or key not in knobs:
+            takes = ", ".join(f"{k.name} ({k.rule})" for k in cls.knobs) or "none"
             raise PortLLMError(f"--router {spec}: {name} takes no {part!r}; its parameters: {takes}")
         try:
             values[key] = float(val)
         except ValueError:
-            raise PortLLMError(f"--router {spec}: {key} must be {cls.knobs[key][1]}, got {val!r}") from None
-    return cls, values
+            raise PortLLMError(f"--router {spec}: {key} must be {knobs[key].rule}, got {val!r}") from None
+    return cls, values  # type: ignore[return-value]
 
 
-def serve_router(name: str, engine: Any = None, **knobs: Any) -> Any:
-    """The `RequestRouter` (serve/engine.py) called `name` (`glider`, `global`, `arrow`; knobs as
-    `glider:threshold=0.3` or keywords) for `engine`. It reads the engine's patches at each request."""
+def serve_router(name: str, engine: Any = None, **knobs: Any) -> ServeRouter:
+    """The `RequestRouter` (serve/engine.py) called `name` (a per-request router: `description`,
+    `arrow-request`; knobs as `description:threshold=0.3` or keywords). It reads the engine's patches at each
+    request, so `engine` is not needed to build it."""
     cls, values = parse_spec(name)
     values.update({k: v for k, v in knobs.items() if v is not None})
-    unknown = set(values) - set(cls.knobs)
-    if unknown:
-        raise PortLLMError(f"router {name}: takes no {', '.join(sorted(unknown))}")
-    router = cls(name.strip(), **values)
-    router.name = name.strip().partition(":")[0].lower()
-    return router
+    return cls(name.strip(), **values)

@@ -21,17 +21,20 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
+from ..eval import evaluate, open_lm
+from ..merge import merge
 from ..stats import wilson
 from ..tasks import get_task, load_examples
 from .describe import routing_record, task_prompts
 from .embed import shared_encoder
 from .patchset import PatchSet
 from .phatgoose import GateConfig
-from .routers import get_router
+from .routers import PER_TOKEN, Router, get_router, router_class, router_from
 from .score import score_tasks
 
 CHART = "routing.png"
 DESCRIPTION_EXAMPLES = 8  # train prompts averaged into an auto description's embedding
+DEFAULT_ROUTERS = ("glider", "arrow", "phatgoose", "mixture", "uniform")  # `route-study --routers` default
 
 
 @dataclass
@@ -39,10 +42,10 @@ class StudyConfig:
     base: str
     patches: list[str]
     held_out: list[str]
-    routers: list[str] = field(default_factory=lambda: ["glider", "arrow", "phatgoose", "mixture", "uniform"])
+    routers: list[str] = field(default_factory=lambda: list(DEFAULT_ROUTERS))
     limit: int = 200
-    top_k: int | None = None
-    alpha: float | None = None
+    top_k: int | None = None  # given to every router that takes it (None: each router's default)
+    alpha: float | None = None  # likewise
     merges: list[str] = field(default_factory=lambda: ["linear", "ties", "dare_ties"])
     batch_size: int = 16
     dtype: str = "float32"
@@ -86,11 +89,36 @@ def run_study(
     data: str | Path | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Score everything (cached), write the report, return report.json's content."""
-    from ..evaluate import evaluate, open_lm
-    from ..merge import merge
-
+    """Score everything (cached), write the report, return report.json's content. The steps: open the set
+    and check its tasks, score the base and the oracle, each router, glider's tuning, the merges; report."""
+    pset, tasks_in = _open_set(cfg, data, log)
+    described = _ensure_descriptions(pset, data, log)
+    scorer = _Scorer(cfg, pset, Path(cache), data, log)
+    loaded_in = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in tasks_in}
+    loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
+    base_in = scorer.scored(None, loaded_in)
+    base_out = scorer.scored(None, loaded_out) if loaded_out else {}
+    oracle = scorer.scored({"router": "oracle"}, loaded_in)
+    routers = _score_routers(cfg, pset, scorer, loaded_in, loaded_out)
+    tuning = (
+        _tune(cfg, tasks_in, data, scorer.scored, routers, loaded_in, loaded_out)
+        if cfg.tune and "glider" in cfg.routers
+        else None
+    )
+    merges = {m: scorer.merged(m, tasks_in) for m in cfg.merges}
+    report = _report(cfg, pset, described, tasks_in, base_in, base_out, oracle, routers, merges)
+    report["tuning"] = tuning
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", markdown(report))
+    chart(report, out / CHART)
+    return report
+
+
+def _open_set(cfg: StudyConfig, data: str | Path | None, log: Callable[[str], Any]) -> tuple[PatchSet, list[str]]:
+    """The patch set and its held-in tasks; one line for a set the study cannot use (a patch with no task, two
+    patches for one task, a held-out task that has a patch, an unknown task)."""
     if not cfg.patches:
         raise PortLLMError("the study needs patches (--patches P1,P2,...)")
     pset = PatchSet(cfg.base, cfg.patches, dtype=cfg.dtype)
@@ -105,83 +133,79 @@ def run_study(
         raise PortLLMError(f"held-out task {sorted(overlap)[0]} has a patch in the set; held-out means no patch")
     for t in cfg.held_out:
         get_task(t)
-    described = _ensure_descriptions(pset, data, log)
-    ident = {
-        "set": pset.set_hash(),
-        "limit": cfg.limit,
-        "dtype": cfg.dtype,
-        "data": str(data),
-        "gates": cfg.gates.key(),
-    }
-    cache_ = _Cache(Path(cache), ident)
-    loaded_in = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in tasks_in}
-    loaded_out = {t: (get_task(t), load_examples(get_task(t), "eval", data, cfg.limit)) for t in cfg.held_out}
-    desc_key = {e.name: (e.description, (e.embedding or [0])[:4]) for e in pset.experts}
+    return pset, [t for t in tasks_in if t is not None]
 
-    def scored(router_spec: dict[str, Any] | None, loaded: dict[str, Any], part: str = "test") -> dict[str, Any]:
-        what = {"router": router_spec, "descriptions": desc_key} if router_spec else {"router": None}
+
+class _Scorer:
+    """Scores of the set under a router (or the base) and of each merge of all patches, through the cache:
+    keyed by what was scored, the suite, the set's hash, limit, dtype, data and gate recipe."""
+
+    def __init__(self, cfg: StudyConfig, pset: PatchSet, root: Path, data: str | Path | None, log: Callable):
+        self.cfg, self.pset, self.root, self.data, self.log = cfg, pset, root, data, log
+        ident = {"set": pset.set_hash(), "limit": cfg.limit, "dtype": cfg.dtype, "data": str(data)}
+        self.cache = _Cache(root, ident | {"gates": cfg.gates.key()})
+        self.desc_key = {e.name: (e.description, (e.embedding or [0])[:4]) for e in pset.experts}
+
+    def scored(self, router_spec: dict[str, Any] | None, loaded: dict[str, Any], part: str = "test") -> dict:
+        """{task: summary} for the router `router_spec` ({"router": name, knob: value}; None: the base)."""
+        what = {"router": router_spec, "descriptions": self.desc_key} if router_spec else {"router": None}
         if part != "test":
             what["part"] = part
         label = router_spec["router"] if router_spec else "base"
 
         def compute() -> dict[str, Any]:
             n = {len(ex) for _, ex in loaded.values()}
-            log(f"scoring {label} on {', '.join(loaded)} ({'/'.join(map(str, sorted(n)))} each, {part})")
-            r = get_router(**{"name": router_spec["router"]}, **_knobs(router_spec)) if router_spec else None
-            runs = score_tasks(pset, r, loaded, cfg.batch_size)
+            self.log(f"scoring {label} on {', '.join(loaded)} ({'/'.join(map(str, sorted(n)))} each, {part})")
+            r = router_from(router_spec) if router_spec else None
+            runs = score_tasks(self.pset, r, loaded, self.cfg.batch_size)
             return {t: _summary(run) for t, run in runs.items()}
 
-        return cache_.get(what, list(loaded), compute)
+        return self.cache.get(what, list(loaded), compute)
 
-    base_in = scored(None, loaded_in)
-    base_out = scored(None, loaded_out) if loaded_out else {}
-    oracle = scored({"router": "oracle"}, loaded_in)
+    def merged(self, method: str, tasks_in: list[str]) -> dict[str, Any]:
+        """{task: summary} for all patches merged with `method` (default parameters), attached to the base."""
+
+        def compute() -> dict[str, Any]:
+            self.log(f"merging all patches with {method} and scoring it")
+            merged, _ = merge(self.pset.patches, method)
+            d = self.root / "merges" / f"{method}-{self.pset.set_hash()}"
+            if not (d / "portllm.json").is_file():
+                merged.save(d, overwrite=True)
+            lm = open_lm(self.cfg.base, d, dtype=self.cfg.dtype)
+            res = evaluate(lm, [get_task(t) for t in tasks_in], self.cfg.limit, self.data)
+            return {t: _merge_summary(r) for t, r in res.tasks.items()}
+
+        return self.cache.get({"merge": method}, tasks_in, compute)
+
+
+def _merge_summary(r: Any) -> dict[str, Any]:
+    """A TaskResult as the study's summary (`_summary` of a TaskRun), k recovered from the accuracy."""
+    k = round(r.value * r.n)
+    return {"value": r.value, "k": k, "n": r.n, "ci_low": r.ci_low, "ci_high": r.ci_high, "majority": r.majority}
+
+
+def study_router(name: str, cfg: StudyConfig) -> Router:
+    """Router `name` with the study's --top-k / --alpha given to each router that takes that knob (by design:
+    one flag for the whole study; a router without the knob runs with its own parameters)."""
+    takes = {k.name for k in router_class(name, PER_TOKEN).knobs}
+    given = {"top_k": cfg.top_k, "alpha": cfg.alpha}
+    return get_router(name, **{k: v for k, v in given.items() if k in takes})
+
+
+def _score_routers(cfg: StudyConfig, pset: PatchSet, scorer: _Scorer, loaded_in, loaded_out) -> dict[str, Any]:
+    """Each configured router on the held-in and held-out suites, with the parameters it ran with."""
     routers: dict[str, Any] = {}
     for name in cfg.routers:
-        r = get_router(name, top_k=cfg.top_k, alpha=cfg.alpha)
+        r = study_router(name, cfg)
         spec = _spec(r)
-        if name == "mixture":
+        if name == "mixture":  # its clusters (derived from the patches) go in the report
             r.prepare(pset)
             routers[name] = {"params": r.params()}
         else:
             routers[name] = {"params": spec}
-        routers[name]["held_in"] = scored(spec, loaded_in)
-        routers[name]["held_out"] = scored(spec, loaded_out) if loaded_out else {}
-    tuning = (
-        _tune(cfg, tasks_in, data, scored, routers, loaded_in, loaded_out)
-        if cfg.tune and "glider" in cfg.routers
-        else None
-    )
-    merges: dict[str, Any] = {}
-    for method in cfg.merges:
-
-        def compute_merge(method: str = method) -> dict[str, Any]:
-            log(f"merging all patches with {method} and scoring it")
-            merged, _ = merge(pset.patches, method)
-            d = Path(cache) / "merges" / f"{method}-{pset.set_hash()}"
-            if not (d / "portllm.json").is_file():
-                merged.save(d, overwrite=True)
-            res = evaluate(open_lm(cfg.base, d, dtype=cfg.dtype), [get_task(t) for t in tasks_in], cfg.limit, data)
-            return {
-                t: {
-                    "value": r.value,
-                    "k": round(r.value * r.n),
-                    "n": r.n,
-                    "ci_low": r.ci_low,
-                    "ci_high": r.ci_high,
-                    "majority": r.majority,
-                }
-                for t, r in res.tasks.items()
-            }
-
-        merges[method] = cache_.get({"merge": method}, tasks_in, compute_merge)
-    report = _report(cfg, pset, described, tasks_in, base_in, base_out, oracle, routers, merges)
-    report["tuning"] = tuning
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_text_atomic(out / "report.md", markdown(report))
-    chart(report, out / CHART)
-    return report
+        routers[name]["held_in"] = scorer.scored(spec, loaded_in)
+        routers[name]["held_out"] = scorer.scored(spec, loaded_out) if loaded_out else {}
+    return routers
 
 
 def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers, loaded_in, loaded_out) -> dict[str, Any]:
@@ -221,10 +245,6 @@ def _tune(cfg: StudyConfig, tasks_in: list[str], data, scored, routers, loaded_i
 def _spec(router: Any) -> dict[str, Any]:
     """A router's parameters as a cache key and a way to rebuild it (mixture's clusters are derived, not set)."""
     return {k: v for k, v in router.params().items() if k != "clusters"}
-
-
-def _knobs(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec.items() if k not in ("router", "clusters")}
 
 
 def _ensure_descriptions(pset: PatchSet, data: str | Path | None, log: Callable[[str], Any]) -> dict[str, str]:
@@ -405,7 +425,7 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def chart(rep: dict[str, Any], path: Path) -> None:
     """Held-in and held-out bars per router, with the oracle, best-merge and base lines."""
-    import matplotlib
+    import matplotlib  # deferred on purpose: only the chart needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,11 +5,16 @@ For each task and seed a patch Δθ is trained on θ once; for each evolved base
 θ_L zero-shot, re-tunes at chosen levels and warm starts complete the cells. The forecast of each
 cell uses only what a user has without labels (the weights, and the two models' choice
 probabilities on the inputs); its calibration is validated on drift levels it did not see.
+
+The steps, in order: open the sweep (`SweepContext.open`), build the bases (`build_bases`), then per
+task: train the patches and score θ and θ+Δθ (`prepare_task`), the ported cells with their correction
+(`evaluate_cells`, `correct`), re-tunes (`retune`), warm starts (`warm_start`); after every task the
+forecast is validated and the report written (`write_report`). Each step finds its artefacts in the
+`SweepCache` before it computes them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,22 +22,32 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .. import steps
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
+from ..eval import open_lm, read_run
+from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
+from ..forecast import choice_signals, weight_signals
+from ..interpolate import interpolate
+from ..models import architecture_of, cache_root, fingerprint, resolve_base
+from ..patch import Patch
+from ..rescale import SCALES, choose_scale, scaled_patch
+from ..stats import Paired, majority, paired
+from ..tasks import Example, Task, data_dir, get_task, load_examples
+from ..train import TrainConfig
+from .cache import SweepCache
 from .calibrate import fit, validate
-from .plan import PLANS, Evolution, SweepPlan
+from .plan import PLANS, Evolution, SweepPlan, TaskRecipe
+from .report import charts, markdown
 
-ENGINE = "sweep-1"  # bump when a cached artefact's meaning changes
 Log = Callable[[str], None]
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+Records = list[dict[str, Any]]  # one eval run's per-example records of one task
 
 
 def projection_drift(sums: dict[str, tuple[float, float]], targets: tuple[str, ...]) -> float:
@@ -44,10 +59,6 @@ def projection_drift(sums: dict[str, tuple[float, float]], targets: tuple[str, .
 
 def text_kl(old_dir: Path, new_dir: Path, data: Path, n: int, dtype: str) -> float:
     """Mean per-token KL(θ ‖ θ') on held-out text (wikitext-2 test lines): how much behaviour moved."""
-    import torch
-
-    from ..evaluate import open_lm
-
     f = data / "text" / "wikitext-2" / "test.txt"
     lines = [x.strip() for x in f.read_text(errors="replace").splitlines() if len(x.strip()) > 40][:n]
     if not lines:
@@ -64,22 +75,131 @@ def text_kl(old_dir: Path, new_dir: Path, data: Path, n: int, dtype: str) -> flo
     return total / count
 
 
-class _Store:
-    """Cached artefacts by kind and key under the sweep cache."""
+def _accuracy(recs: Records) -> float:
+    return sum(float(x["correct"]) for x in recs) / len(recs)
 
-    def __init__(self, root: Path):
-        self.root = root
 
-    def path(self, kind: str, *parts: Any) -> Path:
-        return self.root / kind / _key(ENGINE, *parts)
+def _correct_flags(recs: Records) -> list[float]:
+    return [float(x["correct"]) for x in recs]
 
-    def json(self, kind: str, parts: tuple, make: Callable[[], Any]) -> Any:
-        f = self.path(kind, *parts).with_suffix(".json")
-        if f.is_file():
-            return json.loads(f.read_text())
-        value = make()
-        write_text_atomic(f, json.dumps(value))
-        return value
+
+@dataclass
+class SweepContext:
+    """What every step of one sweep shares: the plan, θ and its facts, the data, the cache, the log.
+
+    Its methods are the cached units of work (evolve, train, score); each returns the cached artefact
+    when there is one, so a step only computes what no earlier run left behind."""
+
+    plan: SweepPlan
+    theta: Path
+    fp: str  # θ's fingerprint
+    targets: tuple[str, ...]  # θ's LoRA-target projections
+    data: Path
+    cache: SweepCache
+    log: Log = print
+    progress: bool = False
+
+    @classmethod
+    def open(
+        cls, plan: SweepPlan, base: str, data: Path, cache: str | Path | None, log: Log, progress: bool
+    ) -> SweepContext:
+        theta = resolve_base(base)
+        fp = fingerprint(theta)
+        store = SweepCache(Path(cache) if cache else cache_root() / "sweep")
+        ctx = cls(plan, theta, fp, architecture_of(theta).lora_targets, data, store, log, progress)
+        log(f"θ = {base} ({fp}); plan {plan.name}: {len(plan.tasks)} tasks x {len(plan.seeds)} seeds")
+        return ctx
+
+    def evolved(self, ev: Evolution) -> Path:
+        """θ after the real continued-pretraining run `ev`."""
+        cfg = EvolveConfig(
+            mode="full",
+            steps=ev.steps,
+            lr=ev.lr,
+            batch_size=self.plan.batch_size,
+            max_length=ev.max_length,
+            seed=0,
+            dtype="float32",
+            targets=self.targets,
+        )
+
+        def make(d: Path) -> None:
+            self.log(f"evolving θ -> {ev.label} ...")
+            evolve(self.theta, ev.corpus, d, cfg, data=self.data, overwrite=True, progress=self.progress)
+
+        return self.cache.directory("evolved", (self.fp, ev.corpus, cfg.key()), "portllm_lineage.json", make)
+
+    def train_config(self, r: TaskRecipe, seed: int, steps_: int | None = None) -> TrainConfig:
+        return TrainConfig(
+            lr=r.lr,
+            steps=steps_ or r.steps,
+            batch_size=self.plan.batch_size,
+            max_length=r.max_length,
+            seed=seed,
+            dtype=self.plan.dtype,
+            target_modules=self.targets,
+        )
+
+    def patch_on(self, model_dir: Path, model_fp: str, task: str, r: TaskRecipe, seed: int) -> Path:
+        """Δ for `task` trained on the model (θ, or a θ' for a re-tune)."""
+        cfg = self.train_config(r, seed)
+
+        def make(p: Path) -> None:
+            self.log(f"  training Δ for {task} (seed {seed}) on {model_fp[:12]} ...")
+            steps.train_patch_step(model_dir, task, p, cfg, self.data, progress=self.progress)
+
+        return self.cache.directory("patches", (model_fp, task, cfg.key()), "portllm.json", make)
+
+    def score(
+        self, model_dir: Path, model_fp: str, patch: Path | None, ported: bool, task: str, limit: int | None
+    ) -> Records:
+        """The task's per-example records of the model, with the patch attached or (`ported`) merged into
+        it first; the ported directory is scored, then deleted."""
+        sha = Patch.load(patch, verify=False).weights_sha256 if patch else None
+
+        def make(d: Path) -> None:
+            if ported:
+                tmp = self.cache.root / "ported" / d.name
+                self.log(f"  porting onto {model_fp[:12]} and scoring {task} ...")
+                steps.port_step(patch, model_dir, tmp)
+                steps.eval_step(tmp, None, task, limit, self.data, d, self.plan.eval_dtype)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                self.log(f"  scoring {task} on {model_fp[:12]}" + (" + patch" if patch else "") + " ...")
+                steps.eval_step(model_dir, patch, task, limit, self.data, d, self.plan.eval_dtype)
+
+        parts = (model_fp, sha, ported, task, limit, self.plan.eval_dtype)
+        return read_run(self.cache.directory("evals", parts, "results.json", make))[1][task]
+
+
+@dataclass
+class TaskState:
+    """One task's shared inputs to its cells: the examples, θ's and θ+Δθ's answers, the patches."""
+
+    name: str
+    recipe: TaskRecipe
+    task: Task
+    examples: list[Example]
+    majority: float
+    zero: Records  # θ zero-shot
+    patches: dict[int, Path]  # seed -> Δθ trained on θ
+    with_patch: dict[int, Records]  # seed -> θ+Δθ
+    levels: list[dict[str, Any]]  # the bases this task is scored on
+
+    @property
+    def first_seed(self) -> int:
+        return next(iter(self.patches))
+
+
+@dataclass
+class SweepResults:
+    """Everything measured so far; the report is written from it after every task."""
+
+    levels: list[dict[str, Any]]
+    behaviour: dict[str, dict[str, float]] = field(default_factory=dict)  # level -> task -> agreement with θ
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    retunes: list[dict[str, Any]] = field(default_factory=list)
+    warm: list[dict[str, Any]] = field(default_factory=list)
 
 
 def sweep(
@@ -92,356 +212,163 @@ def sweep(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the grid and write OUT/report.json, OUT/report.md, OUT/*.png, OUT/calibration.json."""
-    from ..evaluate import read_run
-    from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
-    from ..forecast import choice_signals, weight_signals
-    from ..interpolate import interpolate
-    from ..models import architecture_of, cache_root, fingerprint, resolve_base
-    from ..patch import Patch
-    from ..stats import majority, paired
-    from ..tasks import data_dir, get_task, load_examples
-    from ..train import TrainConfig
-
     plan = PLANS[plan] if isinstance(plan, str) else plan
     data = data_dir(data)
     if data is None:
         raise PortLLMError("sweep needs the benchmark data: set --data-dir or PORTLLM_DATA")
-    store = _Store(Path(cache) if cache else cache_root() / "sweep")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    theta = resolve_base(base)
-    fp = fingerprint(theta)
-    targets = architecture_of(theta).lora_targets
-    log(f"θ = {base} ({fp}); plan {plan.name}: {len(plan.tasks)} tasks x {len(plan.seeds)} seeds")
+    ctx = SweepContext.open(plan, base, data, cache, log, progress)
+    results = SweepResults(build_bases(ctx))
+    report: dict[str, Any] = {}
+    for name, recipe in plan.tasks.items():
+        ts = prepare_task(ctx, name, recipe, results.levels)
+        evaluate_cells(ctx, ts, results)
+        results.retunes += retune(ctx, ts, results.cells)
+        if plan.warm_steps and recipe.warm:
+            results.warm += warm_start(ctx, ts)
+        # a report after every task, so a run stopped mid-way still shows what it measured
+        report = write_report(ctx, results, base, out, t_start)
+    return report
 
-    def evolved(ev: Evolution) -> Path:
-        cfg = EvolveConfig(
-            mode="full",
-            steps=ev.steps,
-            lr=ev.lr,
-            batch_size=plan.batch_size,
-            max_length=ev.max_length,
-            seed=0,
-            dtype="float32",
-            targets=targets,
-        )
-        d = store.path("evolved", fp, ev.corpus, cfg.key())
-        if not (d / "portllm_lineage.json").is_file():
-            log(f"evolving θ -> {ev.label} ...")
-            evolve(theta, ev.corpus, d, cfg, data=data, overwrite=True, progress=progress)
-        return d
 
-    direction = evolved(plan.direction)
+def build_bases(ctx: SweepContext) -> list[dict[str, Any]]:
+    """The evolved bases: θ + t·(θ'−θ) at the plan's levels along one real update, then the plan's other
+    real evolved bases; each with its drift from θ (per layer type, and over the LoRA targets) and KL."""
+    plan = ctx.plan
+    direction = ctx.evolved(plan.direction)
     fp_dir = EvolveResult.read(direction).fingerprint
     levels: list[dict[str, Any]] = []
     for t in plan.levels:
-        d = store.path("levels", fp, fp_dir, t)
-        if not (d / "portllm_lineage.json").is_file():
-            log(f"interpolating θ(t={t:g}) along {plan.direction.label} ...")
-            interpolate(theta, direction, t, d, overwrite=True)
+
+        def make(d: Path, t: float = t) -> None:
+            ctx.log(f"interpolating θ(t={t:g}) along {plan.direction.label} ...")
+            interpolate(ctx.theta, direction, t, d, overwrite=True)
+
+        d = ctx.cache.directory("levels", (ctx.fp, fp_dir, t), "portllm_lineage.json", make)
         levels.append({"label": f"t={t:g}", "t": t, "evolution": f"interpolated:{plan.direction.label}", "dir": d})
     for ev in plan.real:
-        levels.append({"label": ev.label, "t": None, "evolution": ev.label, "corpus": ev.corpus, "dir": evolved(ev)})
+        d = ctx.evolved(ev)
+        levels.append({"label": ev.label, "t": None, "evolution": ev.label, "corpus": ev.corpus, "dir": d})
     for lv in levels:
-        lv["fingerprint"] = fingerprint(lv["dir"])
-        sums = store.json("drift_sums", (fp, lv["fingerprint"]), lambda lv=lv: drift_sums(theta, lv["dir"]))
-        lv["drift"] = projection_drift(sums, targets)
-        lv["drift_by_type"] = {k: math.sqrt(n / d) if d else 0.0 for k, (n, d) in sums.items()}
-        lv["kl_text"] = store.json(
-            "kl_text",
-            (fp, lv["fingerprint"], plan.kl_texts),
-            lambda lv=lv: text_kl(theta, lv["dir"], data, plan.kl_texts, plan.eval_dtype) if plan.kl_texts else None,
+        _measure_drift(ctx, lv)
+    return levels
+
+
+def _measure_drift(ctx: SweepContext, lv: dict[str, Any]) -> None:
+    """Fill in the level's fingerprint, projection drift, drift per layer type and KL on held-out text."""
+    plan = ctx.plan
+    lv["fingerprint"] = fingerprint(lv["dir"])
+    sums = ctx.cache.json("drift_sums", (ctx.fp, lv["fingerprint"]), lambda: drift_sums(ctx.theta, lv["dir"]))
+    lv["drift"] = projection_drift(sums, ctx.targets)
+    lv["drift_by_type"] = {k: math.sqrt(n / d) if d else 0.0 for k, (n, d) in sums.items()}
+    lv["kl_text"] = ctx.cache.json(
+        "kl_text",
+        (ctx.fp, lv["fingerprint"], plan.kl_texts),
+        lambda: text_kl(ctx.theta, lv["dir"], ctx.data, plan.kl_texts, plan.eval_dtype) if plan.kl_texts else None,
+    )
+    ctx.log(f"  {lv['label']}: projection drift {lv['drift']:.3%}, KL on text {lv['kl_text']}")
+
+
+def prepare_task(ctx: SweepContext, name: str, r: TaskRecipe, levels: list[dict[str, Any]]) -> TaskState:
+    """The task's eval examples, θ zero-shot, a patch per seed trained on θ and θ+Δθ's answers."""
+    t = get_task(name)
+    examples = load_examples(t, "eval", ctx.data, r.eval_limit)
+    maj = majority([e.gold for e in examples])[1]
+    ctx.log(f"[{name}] {len(examples)} eval examples, majority class {maj:.3f}")
+    zero = ctx.score(ctx.theta, ctx.fp, None, False, name, r.eval_limit)
+    patches = {s: ctx.patch_on(ctx.theta, ctx.fp, name, r, s) for s in ctx.plan.seeds}
+    with_patch = {s: ctx.score(ctx.theta, ctx.fp, patches[s], False, name, r.eval_limit) for s in ctx.plan.seeds}
+    return TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if _scores(r, lv)])
+
+
+def evaluate_cells(ctx: SweepContext, ts: TaskState, results: SweepResults) -> None:
+    """Per base and seed: port Δθ onto θ', score it paired against θ+Δθ, record the forecast's raw signals,
+    and (seed 0, where the plan says) the rescale correction. Appends to `results`."""
+    r = ts.recipe
+    for lv in ts.levels:
+        ev = ctx.score(lv["dir"], lv["fingerprint"], None, False, ts.name, r.eval_limit)
+        agree = sum(a["pred"] == b["pred"] for a, b in zip(ts.zero, ev)) / len(ev)
+        results.behaviour.setdefault(lv["label"], {})[ts.name] = agree
+        for s in ctx.plan.seeds:
+            ported = ctx.score(lv["dir"], lv["fingerprint"], ts.patches[s], True, ts.name, r.eval_limit)
+            cell = _cell(ctx, ts, lv, s, ev, ported)
+            if s == ctx.plan.seeds[0] and r.correct and _corrects(ctx.plan, lv):
+                cell["corrected"] = correct(ctx, ts, lv, ported)
+            results.cells.append(cell)
+        ctx.log(
+            f"  {lv['label']}: ported "
+            + ", ".join(
+                f"{c['evolved+patch']:.3f}" for c in results.cells if c["task"] == ts.name and c["level"] == lv["label"]
+            )
         )
-        log(f"  {lv['label']}: projection drift {lv['drift']:.3%}, KL on text {lv['kl_text']}")
-
-    def train_cfg(r, seed, steps_=None) -> TrainConfig:
-        return TrainConfig(
-            lr=r.lr,
-            steps=steps_ or r.steps,
-            batch_size=plan.batch_size,
-            max_length=r.max_length,
-            seed=seed,
-            dtype=plan.dtype,
-            target_modules=targets,
-        )
-
-    def patch_on(model_dir: Path, model_fp: str, task: str, r, seed: int) -> Path:
-        cfg = train_cfg(r, seed)
-        p = store.path("patches", model_fp, task, cfg.key())
-        if not (p / "portllm.json").is_file():
-            log(f"  training Δ for {task} (seed {seed}) on {model_fp[:12]} ...")
-            steps.train_patch_step(model_dir, task, p, cfg, data, progress=progress)
-        return p
-
-    def scored(model_dir: Path, model_fp: str, patch: Path | None, ported: bool, task: str, limit) -> Path:
-        sha = Patch.load(patch, verify=False).weights_sha256 if patch else None
-        d = store.path("evals", model_fp, sha, ported, task, limit, plan.eval_dtype)
-        if (d / "results.json").is_file():
-            return d
-        if ported:
-            tmp = store.root / "ported" / d.name
-            log(f"  porting onto {model_fp[:12]} and scoring {task} ...")
-            steps.port_step(patch, model_dir, tmp)
-            steps.eval_step(tmp, None, task, limit, data, d, plan.eval_dtype)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            log(f"  scoring {task} on {model_fp[:12]}" + (" + patch" if patch else "") + " ...")
-            steps.eval_step(model_dir, patch, task, limit, data, d, plan.eval_dtype)
-        return d
-
-    def records(d: Path, task: str) -> list[dict[str, Any]]:
-        return read_run(d)[1][task]
-
-    report: dict[str, Any] = {}
-    cells: list[dict[str, Any]] = []
-    retunes: list[dict[str, Any]] = []
-    warm: list[dict[str, Any]] = []
-    behaviour: dict[str, dict[str, float]] = {}
-    for task, r in plan.tasks.items():
-        t = get_task(task)
-        examples = load_examples(t, "eval", data, r.eval_limit)
-        maj = majority([e.gold for e in examples])[1]
-        log(f"[{task}] {len(examples)} eval examples, majority class {maj:.3f}")
-        zero = records(scored(theta, fp, None, False, task, r.eval_limit), task)
-        patches = {s: patch_on(theta, fp, task, r, s) for s in plan.seeds}
-        with_patch = {s: records(scored(theta, fp, patches[s], False, task, r.eval_limit), task) for s in plan.seeds}
-        task_levels = [lv for lv in levels if _scores(r, lv)]
-        for lv in task_levels:
-            ev = records(scored(lv["dir"], lv["fingerprint"], None, False, task, r.eval_limit), task)
-            behaviour.setdefault(lv["label"], {})[task] = sum(a["pred"] == b["pred"] for a, b in zip(zero, ev)) / len(
-                ev
-            )
-            for s in plan.seeds:
-                ported = records(scored(lv["dir"], lv["fingerprint"], patches[s], True, task, r.eval_limit), task)
-                a = [float(x["correct"]) for x in with_patch[s]]
-                b = [float(x["correct"]) for x in ported]
-                pr = paired(a, b, iters=2000, seed=s)
-                ws = store.json(
-                    "weights",
-                    (patches[s].name, lv["fingerprint"]),
-                    lambda p=patches[s], lv=lv: asdict(weight_signals(p, lv["dir"], theta)),
-                )
-                sig = choice_signals(with_patch[s], ported, examples, t)
-                acc = lambda recs: sum(float(x["correct"]) for x in recs) / len(recs)  # noqa: E731
-                cells.append(
-                    {
-                        "task": task,
-                        "seed": s,
-                        "level": lv["label"],
-                        "t": lv["t"],
-                        "evolution": lv["evolution"],
-                        "drift": lv["drift"],
-                        "n": len(examples),
-                        "majority": maj,
-                        "base": acc(zero),
-                        "evolved": acc(ev),
-                        "base+patch": pr.acc_a,
-                        "evolved+patch": pr.acc_b,
-                        "evolved+retuned": None,
-                        "loss": pr.acc_a - pr.acc_b,
-                        "loss_ci": [-pr.ci_high, -pr.ci_low],
-                        "mcnemar_p": pr.mcnemar_p,
-                        "neg_flips": pr.negative_flips,
-                        "pos_flips": pr.positive_flips,
-                        "neg_flip_rate": pr.negative_flips / pr.n,
-                        "identical_predictions": all(x["pred"] == y["pred"] for x, y in zip(with_patch[s], ported)),
-                        "forecast": {
-                            "raw_loss": -sig.expected_change,
-                            "raw_neg_flip_rate": sig.expected_neg_flip_rate,
-                            "disagreement": sig.disagreement,
-                            "mean_kl": sig.mean_kl,
-                            "subspace_disturbance": ws["subspace_disturbance"],
-                            "cos": ws["cos"],
-                            "drift_to_patch": ws["drift_to_patch"],
-                            "loss": None,
-                            "neg_flip_rate": None,
-                        },
-                    }
-                )
-                if s == plan.seeds[0] and r.correct and _corrects(plan, lv):
-                    cells[-1]["corrected"] = _correct(
-                        plan, task, r, lv, patches[s], theta, fp, store, data, scored, records, with_patch[s], ported
-                    )
-            log(
-                f"  {lv['label']}: ported "
-                + ", ".join(
-                    f"{c['evolved+patch']:.3f}" for c in cells if c["task"] == task and c["level"] == lv["label"]
-                )
-            )
-        for tr in plan.retune_levels if r.retune_levels is None else r.retune_levels:
-            lv = next((x for x in task_levels if x["t"] == tr), None)
-            if lv is None:
-                continue
-            p2 = patch_on(lv["dir"], lv["fingerprint"], task, r, plan.seeds[0])
-            rt = records(scored(lv["dir"], lv["fingerprint"], p2, False, task, r.eval_limit), task)
-            ported = records(
-                scored(lv["dir"], lv["fingerprint"], patches[plan.seeds[0]], True, task, r.eval_limit), task
-            )
-            pr = paired([float(x["correct"]) for x in rt], [float(x["correct"]) for x in ported], iters=2000)
-            retunes.append(
-                {
-                    "task": task,
-                    "level": lv["label"],
-                    "drift": lv["drift"],
-                    "seed": plan.seeds[0],
-                    "retuned": pr.acc_a,
-                    "ported": pr.acc_b,
-                    "ported_minus_retuned": pr.diff,
-                    "ci": [pr.ci_low, pr.ci_high],
-                    "mcnemar_p": pr.mcnemar_p,
-                    "steps": r.steps,
-                }
-            )
-            for c in cells:
-                if c["task"] == task and c["level"] == lv["label"] and c["seed"] == plan.seeds[0]:
-                    c["evolved+retuned"] = pr.acc_a
-        if plan.warm_steps and r.warm:
-            warm += _warm_start(
-                plan,
-                task,
-                r,
-                task_levels,
-                patches[plan.seeds[0]],
-                store,
-                data,
-                train_cfg,
-                scored,
-                records,
-                with_patch[plan.seeds[0]],
-                log,
-                progress,
-            )
-
-        # a report after every task, so a run stopped mid-way still shows what it measured
-        report = _write(plan, base, fp, levels, behaviour, cells, retunes, warm, out, t_start)
-    return report
 
 
-def _write(plan, base, fp, levels, behaviour, cells, retunes, warm, out: Path, t_start: float) -> dict[str, Any]:
-    """Calibrate, validate and write OUT/report.json, report.md, charts from the cells so far."""
-    from .report import charts, markdown
-
-    validation = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
-    calibration = fit(cells).to_dict() if len(cells) >= 4 else None
-    if calibration:
-        calibration["source"] = f"portllm sweep --plan {plan.name} ({len(cells)} cells)"
-        write_text_atomic(out / "calibration.json", json.dumps(calibration, indent=2))
-    report = {
-        "plan": plan.to_dict(),
-        "base": {"name": base, "fingerprint": fp},
-        "levels": [
-            {k: v for k, v in lv.items() if k != "dir"} | {"agreement_with_base": behaviour.get(lv["label"])}
-            for lv in levels
-        ],
-        "cells": cells,
-        "retunes": retunes,
-        "warm_start": warm,
-        "correction": _correction_summary(cells),
-        "forecast_validation": validation,
-        "calibration": calibration,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "wall_s": time.perf_counter() - t_start,
+def _cell(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], s: int, ev: Records, ported: Records) -> dict[str, Any]:
+    """One cell (task, seed, base): accuracies, the paired loss of the port, flips, the forecast's signals."""
+    target = ts.with_patch[s]
+    pr = paired(_correct_flags(target), _correct_flags(ported), iters=2000, seed=s)
+    patch = ts.patches[s]
+    ws = ctx.cache.json(
+        "weights", (patch.name, lv["fingerprint"]), lambda: asdict(weight_signals(patch, lv["dir"], ctx.theta))
+    )
+    sig = choice_signals(target, ported, ts.examples, ts.task)
+    return {
+        "task": ts.name,
+        "seed": s,
+        "level": lv["label"],
+        "t": lv["t"],
+        "evolution": lv["evolution"],
+        "drift": lv["drift"],
+        "n": len(ts.examples),
+        "majority": ts.majority,
+        "base": _accuracy(ts.zero),
+        "evolved": _accuracy(ev),
+        "base+patch": pr.acc_a,
+        "evolved+patch": pr.acc_b,
+        "evolved+retuned": None,
+        "loss": pr.acc_a - pr.acc_b,
+        "loss_ci": [-pr.ci_high, -pr.ci_low],
+        "mcnemar_p": pr.mcnemar_p,
+        "neg_flips": pr.negative_flips,
+        "pos_flips": pr.positive_flips,
+        "neg_flip_rate": pr.negative_flips / pr.n,
+        "identical_predictions": all(x["pred"] == y["pred"] for x, y in zip(target, ported)),
+        "forecast": {
+            "raw_loss": -sig.expected_change,
+            "raw_neg_flip_rate": sig.expected_neg_flip_rate,
+            "disagreement": sig.disagreement,
+            "mean_kl": sig.mean_kl,
+            "subspace_disturbance": ws["subspace_disturbance"],
+            "cos": ws["cos"],
+            "drift_to_patch": ws["drift_to_patch"],
+            "loss": None,  # filled out of sample by the validation (calibrate.validate)
+            "neg_flip_rate": None,
+        },
     }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
-    write_text_atomic(out / "report.md", markdown(report))
-    charts(report, out)
-    return report
 
 
-def _warm_start(
-    plan: SweepPlan,
-    task,
-    r,
-    levels,
-    init: Path,
-    store: _Store,
-    data,
-    train_cfg,
-    scored,
-    records,
-    target_recs,
-    log: Log,
-    progress: bool,
-) -> list[dict[str, Any]]:
-    """At the largest drift: re-tune for k steps from Δθ (warm) and from scratch (cold), scored against θ+Δθ."""
-    import inspect
-
-    from ..train import train
-
-    if "init" not in inspect.signature(train).parameters:
-        log("  (warm start skipped: this portllm's train has no init)")
-        return []
-    lv = max((x for x in levels if x["t"] is not None), key=lambda x: x["t"])
-    goal = sum(float(x["correct"]) for x in target_recs) / len(target_recs)
-    rows = []
-    for k in plan.warm_steps:
-        for mode in ("warm", "cold"):
-            cfg = train_cfg(r, plan.seeds[0], k)
-            p = store.path("warm", lv["fingerprint"], task, cfg.key(), mode, init.name)
-            if not (p / "portllm.json").is_file():
-                log(f"  {mode} re-tune, {k} steps ...")
-                steps.train_patch_step(
-                    lv["dir"],
-                    task,
-                    p,
-                    cfg,
-                    data,
-                    progress=progress,
-                    **({"init": init} if mode == "warm" else {}),
-                )
-            recs = records(scored(lv["dir"], lv["fingerprint"], p, False, task, r.eval_limit), task)
-            acc = sum(float(x["correct"]) for x in recs) / len(recs)
-            rows.append(
-                {
-                    "task": task,
-                    "level": lv["label"],
-                    "drift": lv["drift"],
-                    "mode": mode,
-                    "steps": k,
-                    "accuracy": acc,
-                    "base+patch": goal,
-                    "reached": acc >= goal,
-                }
-            )
-    return rows
-
-
-def _scores(r, lv: dict[str, Any]) -> bool:
-    """Is this base on the task's grid? (its recipe may narrow the plan's levels and real bases)"""
-    if lv["t"] is not None:
-        return r.levels is None or lv["t"] in r.levels
-    return r.real is None or lv["corpus"] in r.real
-
-
-def _corrects(plan: SweepPlan, lv: dict[str, Any]) -> bool:
-    return (lv["t"] is None and plan.correct_real) or (lv["t"] is not None and lv["t"] in plan.correct_levels)
-
-
-def _correct(plan, task, r, lv, patch: Path, theta, fp, store: _Store, data, scored, records, target, ported):
-    """The rescale correction on one cell: λ chosen without labels, then scored paired against the plain port."""
-    from ..patch import Patch
-    from ..rescale import SCALES, choose_scale, scaled_patch
-    from ..stats import paired
-
+def correct(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], ported: Records) -> dict[str, Any]:
+    """The rescale correction on one cell (seed 0): λ chosen without labels, then scored paired against the
+    plain port and against θ+Δθ."""
+    plan, seed = ctx.plan, ts.first_seed
+    patch = ts.patches[seed]
     sha = Patch.load(patch, verify=False).weights_sha256
-    choice = store.json(
+    choice = ctx.cache.json(
         "rescale",
-        (sha, lv["fingerprint"], task, plan.correct_inputs, SCALES),
-        lambda: choose_scale(patch, theta, lv["dir"], task, plan.correct_inputs, SCALES, data).to_dict(),
+        (sha, lv["fingerprint"], ts.name, plan.correct_inputs, SCALES),
+        lambda: choose_scale(patch, ctx.theta, lv["dir"], ts.name, plan.correct_inputs, SCALES, ctx.data).to_dict(),
     )
     lam = choice["scale"]
     if lam == 1.0:
         recs = ported
     else:
-        sp = store.path("scaled", sha, lam)
-        if not (sp / "portllm.json").is_file():
-            scaled_patch(patch, lam, sp)
-        recs = records(scored(lv["dir"], lv["fingerprint"], sp, True, task, r.eval_limit), task)
-    plain = [float(x["correct"]) for x in ported]
-    fixed = [float(x["correct"]) for x in recs]
-    vs_plain = paired(plain, fixed, iters=2000)
-    vs_target = paired([float(x["correct"]) for x in target], fixed, iters=2000)
+        scaled = ctx.cache.directory("scaled", (sha, lam), "portllm.json", lambda p: scaled_patch(patch, lam, p))
+        recs = ctx.score(lv["dir"], lv["fingerprint"], scaled, True, ts.name, ts.recipe.eval_limit)
+    fixed = _correct_flags(recs)
+    vs_plain = paired(_correct_flags(ported), fixed, iters=2000)
+    vs_target = paired(_correct_flags(ts.with_patch[seed]), fixed, iters=2000)
     return {
         "scale": lam,
         "inputs": choice["n"],
@@ -454,8 +381,118 @@ def _correct(plan, task, r, lv, patch: Path, theta, fp, store: _Store, data, sco
     }
 
 
-def _correction_summary(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Does the correction help? Mean gain over the plain port across the cells where it was tried."""
+def retune(ctx: SweepContext, ts: TaskState, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At the re-tune levels (seed 0): Δθ' trained cold on θ' against the ported Δθ, paired. Also fills the
+    matching cells' evolved+retuned."""
+    r, seed = ts.recipe, ts.first_seed
+    rows = []
+    for t in ctx.plan.retune_levels if r.retune_levels is None else r.retune_levels:
+        lv = next((x for x in ts.levels if x["t"] == t), None)
+        if lv is None:
+            continue
+        retuned = ctx.patch_on(lv["dir"], lv["fingerprint"], ts.name, r, seed)
+        rt = ctx.score(lv["dir"], lv["fingerprint"], retuned, False, ts.name, r.eval_limit)
+        ported = ctx.score(lv["dir"], lv["fingerprint"], ts.patches[seed], True, ts.name, r.eval_limit)
+        pr: Paired = paired(_correct_flags(rt), _correct_flags(ported), iters=2000)
+        rows.append(
+            {
+                "task": ts.name,
+                "level": lv["label"],
+                "drift": lv["drift"],
+                "seed": seed,
+                "retuned": pr.acc_a,
+                "ported": pr.acc_b,
+                "ported_minus_retuned": pr.diff,
+                "ci": [pr.ci_low, pr.ci_high],
+                "mcnemar_p": pr.mcnemar_p,
+                "steps": r.steps,
+            }
+        )
+        for c in cells:
+            if c["task"] == ts.name and c["level"] == lv["label"] and c["seed"] == seed:
+                c["evolved+retuned"] = pr.acc_a
+    return rows
+
+
+def warm_start(ctx: SweepContext, ts: TaskState) -> list[dict[str, Any]]:
+    """At the largest drift: re-tune for k steps from Δθ (warm) and from scratch (cold), scored against θ+Δθ."""
+    r, seed = ts.recipe, ts.first_seed
+    init = ts.patches[seed]
+    lv = max((x for x in ts.levels if x["t"] is not None), key=lambda x: x["t"])
+    goal = _accuracy(ts.with_patch[seed])
+    rows = []
+    for k in ctx.plan.warm_steps:
+        for mode in ("warm", "cold"):
+            cfg = ctx.train_config(r, seed, k)
+
+            def make(p: Path, k: int = k, mode: str = mode, cfg: TrainConfig = cfg) -> None:
+                ctx.log(f"  {mode} re-tune, {k} steps ...")
+                kw = {"init": init} if mode == "warm" else {}
+                steps.train_patch_step(lv["dir"], ts.name, p, cfg, ctx.data, progress=ctx.progress, **kw)
+
+            parts = (lv["fingerprint"], ts.name, cfg.key(), mode, init.name)
+            p = ctx.cache.directory("warm", parts, "portllm.json", make)
+            acc = _accuracy(ctx.score(lv["dir"], lv["fingerprint"], p, False, ts.name, r.eval_limit))
+            rows.append(
+                {
+                    "task": ts.name,
+                    "level": lv["label"],
+                    "drift": lv["drift"],
+                    "mode": mode,
+                    "steps": k,
+                    "accuracy": acc,
+                    "base+patch": goal,
+                    "reached": acc >= goal,
+                }
+            )
+    return rows
+
+
+def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path, t_start: float) -> dict[str, Any]:
+    """Validate and fit the forecast's calibration on the cells so far; write OUT/report.json, report.md,
+    calibration.json and the charts."""
+    plan, cells = ctx.plan, results.cells
+    validation = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
+    calibration = fit(cells).to_dict() if len(cells) >= 4 else None
+    if calibration:
+        calibration["source"] = f"portllm sweep --plan {plan.name} ({len(cells)} cells)"
+        write_text_atomic(out / "calibration.json", json.dumps(calibration, indent=2))
+    report = {
+        "plan": plan.to_dict(),
+        "base": {"name": base, "fingerprint": ctx.fp},
+        "levels": [
+            {k: v for k, v in lv.items() if k != "dir"} | {"agreement_with_base": results.behaviour.get(lv["label"])}
+            for lv in results.levels
+        ],
+        "cells": cells,
+        "retunes": results.retunes,
+        "warm_start": results.warm,
+        "correction": correction_summary(cells),
+        "forecast_validation": validation,
+        "calibration": calibration,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "wall_s": time.perf_counter() - t_start,
+    }
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_atomic(out / "report.md", markdown(report))
+    charts(report, out)
+    return report
+
+
+def _scores(r: TaskRecipe, lv: dict[str, Any]) -> bool:
+    """Is this base on the task's grid? (its recipe may narrow the plan's levels and real bases)"""
+    if lv["t"] is not None:
+        return r.levels is None or lv["t"] in r.levels
+    return r.real is None or lv["corpus"] in r.real
+
+
+def _corrects(plan: SweepPlan, lv: dict[str, Any]) -> bool:
+    return (lv["t"] is None and plan.correct_real) or (lv["t"] is not None and lv["t"] in plan.correct_levels)
+
+
+def correction_summary(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Does the correction help? Mean gain over the plain port across the cells where it was tried, with a
+    normal 95% interval across cells; the verdict is "helps" or "hurts" only where that interval excludes 0."""
     tried = [c for c in cells if c.get("corrected")]
     if not tried:
         return None

@@ -1,0 +1,114 @@
+"""Scoring tasks: one task's examples through log-likelihood or generation into records and totals,
+and a task list into an EvalResult (with `out`, the run directory `compare` reads)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomic
+from ..progress import Bar
+from ..tasks import Example, Task, load_examples
+from .generation import generate
+from .lm import LM, Progress
+from .loglik import loglikelihoods
+from .metrics import accuracy, bootstrap_stderr, extract_flexible, extract_strict, mc_records
+from .pack import token_budget
+from .results import EvalResult, TaskRun
+
+
+def run_task(
+    lm: LM,
+    task: Task,
+    examples: list[Example],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    max_tokens: int | None = None,
+) -> TaskRun:
+    """Score one task; records follow the eval split's file order."""
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    extra: dict[str, float] = {}
+    if task.kind == "mc":
+        pairs = [(c, x) for e in examples for c, x in zip(e.contexts, e.continuations)]
+        share = [e.idx for e in examples for _ in e.continuations]
+        lls, tokens = loglikelihoods(lm, pairs, batch_size, progress, share, max_tokens)
+        records = mc_records(task, examples, lls)
+        extra["acc"] = sum(r["acc_pred"] == r["gold"] for r in records) / max(1, len(records))
+        extra["acc_norm"] = sum(r["acc_norm_pred"] == r["gold"] for r in records) / max(1, len(records))
+    else:
+        texts, tokens = generate(
+            lm, [e.prompt for e in examples], task.stop, task.max_new_tokens, max(1, batch_size // 2), progress
+        )
+        strict_ok = []
+        for e, text in zip(examples, texts):
+            flex, strict = extract_flexible(text), extract_strict(text)
+            strict_ok.append(float(strict == e.gold))
+            records.append(
+                {
+                    "idx": e.idx,
+                    "pred": flex,
+                    "gold": e.gold,
+                    "correct": flex == e.gold,
+                    "strict": strict,
+                    "output": text,
+                }
+            )
+        extra["exact_match_strict"] = sum(strict_ok) / max(1, len(strict_ok))
+        extra["exact_match_flexible"] = sum(r["correct"] for r in records) / max(1, len(records))
+    correct = [float(r["correct"]) for r in records]
+    value = sum(correct) / max(1, len(correct))
+    acc = accuracy(records, generative=task.kind != "mc")
+    return TaskRun(
+        task.name,
+        task.metric,
+        value,
+        bootstrap_stderr(correct),
+        len(records),
+        records,
+        time.perf_counter() - t0,
+        tokens,
+        extra,
+        acc.ci_low,
+        acc.ci_high,
+        acc.majority,
+    )
+
+
+def evaluate(
+    lm: LM,
+    tasks: list[Task],
+    limit: int | None = None,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 16,
+    show_progress: bool = False,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Run tasks; with `out`, write OUT/samples_<task>.jsonl and OUT/results.json (the result's to_dict())."""
+    loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
+    result = EvalResult(
+        lm.spec,
+        lm.patch,
+        lm.patch_fingerprint,
+        lm.dtype,
+        limit,
+        batch_size,
+        token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
+    )
+    total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
+    with Bar(show_progress, total, "eval") as bar:
+        for t in tasks:
+            bar.describe(t.name)
+            run = run_task(lm, t, loaded[t.name], batch_size, bar.advance, max_tokens)
+            result.tasks[t.name] = run.result(lm)
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_text_atomic(
+                    Path(out) / f"samples_{t.name}.jsonl", "".join(json.dumps(r) + "\n" for r in run.records)
+                )
+    if out is not None:
+        write_text_atomic(Path(out) / "results.json", json.dumps(result.to_dict(), indent=2))
+    return result

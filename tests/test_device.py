@@ -1,0 +1,74 @@
+"""--device / --dtype: resolved in one place; an absent device is a one-line error, never a CPU fallback."""
+
+import pytest
+import torch
+
+from portllm import device as dev
+from portllm.errors import PortLLMError
+
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Pretend torch sees `n` GPUs with `free` bytes free each (nothing is allocated)."""
+
+    def make(n: int, free: int = 10 * 2**30, bf16: bool = True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (free, 2 * free))
+
+    return make
+
+
+def test_cpu_and_auto_without_a_gpu(fake_gpus):
+    fake_gpus(0)
+    assert dev.resolve_device("cpu") == "cpu"
+    assert dev.resolve_device("auto") == "cpu"
+    assert dev.place("auto", "auto") == dev.Placement("cpu", "float32", False)
+    assert dev.resolve_dtype("bfloat16", "cpu") == "bfloat16"  # asked for: kept
+
+
+def test_absent_cuda_is_a_one_line_error(fake_gpus):
+    fake_gpus(0)
+    for spec in ("cuda", "cuda:0", "CUDA:1"):
+        with pytest.raises(PortLLMError) as e:
+            dev.resolve_device(spec)
+        msg = str(e.value)
+        assert "\n" not in msg and "--device cpu" in msg and spec in msg
+
+
+def test_unknown_names_are_refused():
+    for bad in ("gpu", "cuda:x", "tpu", "cuda:-1"):
+        with pytest.raises(PortLLMError, match="--device"):
+            dev.resolve_device(bad)
+    with pytest.raises(PortLLMError, match="--dtype"):
+        dev.resolve_dtype("fp8", "cpu")
+
+
+def test_auto_on_gpus(fake_gpus):
+    fake_gpus(2)
+    assert dev.resolve_device("auto") == "cuda:0"
+    assert dev.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(PortLLMError, match=r"only 2 CUDA device\(s\)"):
+        dev.resolve_device("cuda:2")
+    assert dev.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    fake_gpus(1, bf16=False)
+    assert dev.resolve_dtype("auto", "cuda:0") == "float16"
+
+
+def test_spread_only_when_one_gpu_cannot_hold_the_weights(fake_gpus):
+    fake_gpus(2, free=4 * 2**30)
+    assert not dev.place("cuda", "bfloat16", weight_bytes=2 * 2**30).spread
+    assert dev.place("cuda", "bfloat16", weight_bytes=8 * 2**30).spread
+    assert dev.place("auto", "auto", weight_bytes=8 * 2**30).spread
+    assert not dev.place("cuda:1", "bfloat16", weight_bytes=8 * 2**30).spread  # a named GPU is that GPU
+    fake_gpus(1, free=4 * 2**30)
+    assert not dev.place("cuda", "bfloat16", weight_bytes=8 * 2**30).spread  # nothing to spread over
+
+
+def test_weight_bytes_counts_elements_times_size():
+    shapes = [(3, 5), (7,), (2, 2, 2)]
+    n = 15 + 7 + 8
+    assert dev.weight_bytes(shapes, "float32") == 4 * n
+    assert dev.weight_bytes(shapes, "bfloat16") == 2 * n
