@@ -198,6 +198,7 @@ def test_absent_cuda_is_one_line_not_a_cpu_fallback():
         ["rescale", "p", "--base", "x", "--from", "y", "--inputs", "sst2"],
         ["train", "--base", "x", "--task", "sst2", "--out", "o"],
         ["evolve", "--base", "x", "--out", "o"],
+        ["serve", "--base", "x"],
     ):
         line = one_line_error(run(*args, "--device", "cuda"))
         assert "--device cuda" in line and "--device cpu" in line, (args, line)

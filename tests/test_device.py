@@ -7,7 +7,6 @@ from portllm import device as dev
 from portllm.errors import PortLLMError
 
 
-
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """Pretend torch sees `n` GPUs with `free` bytes free each (nothing is allocated)."""

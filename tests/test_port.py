@@ -264,3 +264,35 @@ def test_port_resolves_a_hub_spec_once(world, tmp_path, monkeypatch):
     assert (
         p.source_fingerprint == fingerprint(world["new"]) and p.config["base_model_name_or_path"] == "someorg/theta-v2"
     )
+
+
+def test_unchanged_tensors_copied_in_the_kernel_give_the_same_bytes(world, tmp_path, monkeypatch):
+    """Tensors the patch leaves alone are copied from the base's byte ranges (copy_file_range), not read and
+    rewritten; the shards are byte for byte those of a port that copies them in user space, and those tensors
+    are the base's own bytes."""
+    import errno
+
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    copied = []
+    real = os.copy_file_range
+
+    def spy(src, dst, count, *offsets):
+        copied.append(count)
+        return real(src, dst, count, *offsets)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    port(world["patch"], base, tmp_path / "kernel")
+    base_w, kernel_w = _weights(base), _weights(tmp_path / "kernel")
+    untouched = {k for k in base_w if k not in {f"{m}.weight" for m in Patch.load(world["patch"]).modules}}
+    assert untouched and sum(copied) == sum(base_w[k].numel() * base_w[k].element_size() for k in untouched)
+    assert all(torch.equal(kernel_w[k], base_w[k]) for k in untouched)
+
+    def cross_device(src, dst, count, *offsets):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)  # a file system copy_file_range cannot span
+    port(world["patch"], base, tmp_path / "user")
+    shards = sorted(p.name for p in (tmp_path / "kernel").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "user").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "kernel" / name).read_bytes() == (tmp_path / "user" / name).read_bytes()

@@ -237,7 +237,7 @@ def test_errors_are_openai_shaped(server, client):
         client.completions.create(model="a", prompt="x", max_tokens=100000)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], logit_bias={"5": 1})
     for body in (b"{not json", b"[1, 2]", b'{"model": "a"}'):
         r = httpx.post(server + "/completions", content=body, headers={"content-type": "application/json"})
         err = r.json()["error"]

@@ -279,7 +279,7 @@ def test_a_dropped_in_definition_is_a_usable_task(tmp_path):
         (("{{ premise }}", "{{ premise }"), r"toy_nli.yaml: prompt: bad template"),
         (("field: label", "field: answer"), r"toy_nli.yaml: gold.field: unknown variable 'answer'"),
         (("rows: [2, null]", "rows: [2]"), r"toy_nli.yaml: train.rows: expected \[start, stop\]"),
-        (("format: jsonl", "format: csv"), r"toy_nli.yaml: reader.format: unknown format 'csv'"),
+        (("format: jsonl", "format: xml"), r"toy_nli.yaml: reader.format: unknown format 'xml'"),
         (("name: toy_nli", "name: other"), r"toy_nli.yaml: name: 'other' differs from the file name"),
         (("kind: mc", "kind: [mc"), r"toy_nli.yaml:\d+: malformed YAML"),
     ],

@@ -29,7 +29,7 @@ from .eval import open_lm, run_task
 from .models import EMBEDDED, fingerprint, resolve_base
 from .patch import Patch
 from .stats import paired_bootstrap
-from .tasks import get_task, load_examples
+from .tasks import get_task, is_task_file, load_examples
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def model_outputs(spec: str | Path, patch: str | Path, inputs: str, n: int, data
     lm = open_lm(spec, patch, dtype=dtype, device=device)
     try:
         path = Path(inputs)
-        if path.is_file():
+        if path.is_file() and not is_task_file(path):
             return _next_token_probs(lm, text_lines(path, n))
         task, examples = _examples(inputs, n, data)
         return run_task(lm, task, examples).records
@@ -246,7 +246,7 @@ def output_signals(
     a = model_outputs(old, patch, inputs, n, data, dtype, device)
     b = model_outputs(base, patch, inputs, n, data, dtype, device)  # runtime attach equals the port (test_port)
     path = Path(inputs)
-    if path.is_file():
+    if path.is_file() and not is_task_file(path):
         return text_signals(a, b, path)
     task, examples = _examples(inputs, n, data)
     return choice_signals(a, b, examples, task)

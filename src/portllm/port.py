@@ -33,7 +33,7 @@ from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
 from .sign import TrustedKey, Verification, load_patch, signature_record
-from .stream import Header, ShardWriter, WriteBehind, read_header, read_tensor
+from .stream import Header, ShardWriter, TensorInfo, WriteBehind, read_header, read_tensor
 
 PROVENANCE = "portllm_provenance.json"
 ADDABLE = FLOAT_DTYPES  # dtypes ΔW can be added to; F8 and integers hold scaled (quantized) values
@@ -43,8 +43,9 @@ ADDABLE = FLOAT_DTYPES  # dtypes ΔW can be added to; F8 and integers hold scale
 class PortTimings:
     """Where a merged port's time went, in seconds (`benchmarks/port_speed.py` prints it).
 
-    The loop reads and adds; `write` (into the page cache), `hash` (the output's sha256, for its provenance) and
-    `sync` (fsync, for durability) are the busy seconds of the threads beside it, and `wait` is what the loop
+    The loop reads and adds; `write` (into the page cache, kernel copies of unchanged tensors included), `hash`
+    (the output's sha256, for its provenance) and `sync` (fsync, for durability) are the busy seconds of the
+    threads beside it, and `wait` is what the loop
     spent blocked on them: the part of their cost the wall time shows. `check` includes hashing a base this
     machine has not hashed before (later ports find it in the cache).
     """
@@ -290,6 +291,10 @@ class _Merge:
         self.writers.append(writer)
         with open(f, "rb") as fh:
             for info in infos:
+                if self._copies(info, emb, head):  # the base's bytes, already hashed: a kernel copy, no read
+                    self.behind.copy(writer, info.name, info, f, self.known[info.name])
+                    self.bar.advance()
+                    continue
                 slot = self._slot(info.nbytes)
                 t0 = time.perf_counter()
                 w, source = read_tensor(info, f, fh.fileno(), slot[0]), info.name
@@ -302,6 +307,11 @@ class _Merge:
                     slot[1] += self._apply(writer, head, base_emb, emb)
                 del w, base_emb
         self.behind.close_shard(writer)
+
+    def _copies(self, info: TensorInfo, emb: str | None, head: str | None) -> bool:
+        """Whether `info` goes to the output as the base stores it, with its sha256 known: not touched by the
+        patch, not the head or embedding of an untie (those are read: one is rewritten, the other cloned)."""
+        return not self.update.touches(info.name) and info.name in self.known and info.name not in (emb, head)
 
     def _slot(self, nbytes: int) -> list[Any]:
         """The next read buffer, once the tensor last read into it is written and hashed."""

@@ -7,6 +7,7 @@ held in RSS) and write a shard tensor by tensor, knowing the header up front.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -231,6 +232,14 @@ class WriteBehind:
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + futures
         return futures
 
+    def copy(self, writer: ShardWriter, name: str, info: TensorInfo, src: str | Path, digest: str) -> list[Future]:
+        """Copy tensor `info` of `src` unchanged into `writer` after what was queued before (`ShardWriter.copy`);
+        its sha256 is the source's, `digest`, known already."""
+        self.digests.setdefault(writer.path, {})[name] = digest
+        futures = [self._writer.submit(self._timed, writer.copy, name, info, src)]
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + futures
+        return futures
+
     def close_shard(self, writer: ShardWriter) -> None:
         """Close `writer` once its tensors are written; its fsync then runs on the fsync thread."""
         self._pending.append(self._writer.submit(self._close, writer))
@@ -261,11 +270,15 @@ class WriteBehind:
             f.close()
 
     def _write(self, writer: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        self._timed(writer.write, name, tensor)
+
+    def _timed(self, step: Any, *args: Any) -> None:
+        """One write or copy on the writer thread, skipped once an earlier one failed, counted in `write_s`."""
         if self._failed is not None:
             raise self._failed
         t0 = time.perf_counter()
         try:
-            writer.write(name, tensor)
+            step(*args)
         except BaseException as e:
             self._failed = e
             raise
@@ -328,24 +341,40 @@ class ShardWriter:
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        # unbuffered: each tensor is one write straight from its own memory, and `copy` may move the offset
+        self._f = open(self.path, "wb", buffering=0)
+        _write_all(self._f.fileno(), memoryview(struct.pack("<Q", len(blob)) + blob))
         self._i = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        exp_name, dtype, shape, n = self._expected[self._i]
-        if name != exp_name or DTYPE_NAMES[tensor.dtype] != dtype or tuple(tensor.shape) != shape:
+    def _next(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
+        """The planned byte count of the next tensor, once `name`, `dtype` and `shape` match the plan."""
+        exp_name, exp_dtype, exp_shape, n = self._expected[self._i]
+        if name != exp_name or dtype != exp_dtype or tuple(shape) != exp_shape:
             raise PortLLMError(f"internal: tensor {name!r} does not match the planned layout of {self.path.name}")
+        return n
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        n = self._next(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
         if n:
-            self._f.write(tensor_bytes(tensor).data)
+            _write_all(self._f.fileno(), memoryview(tensor_bytes(tensor)).cast("B"))
+        self._i += 1
+
+    def copy(self, name: str, info: TensorInfo, src: str | Path) -> None:
+        """Write tensor `info` of file `src` unchanged: a kernel copy of its byte range (as `cp` does), no
+        read into this process. The bytes are those `write` would store after reading it."""
+        n = self._next(name, info.dtype, info.shape)
+        if n:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                _copy_range(fd, self._f.fileno(), info.start, n)
+            finally:
+                os.close(fd)
         self._i += 1
 
     def close(self) -> None:
         if self._i != len(self._expected):
             self._f.close()
             raise PortLLMError(f"internal: {self.path.name} got {self._i} of {len(self._expected)} tensors")
-        self._f.flush()
         if self.behind is not None:
             self.behind.sync(self._f)  # its thread fsyncs and closes the file
             self._handed = True
@@ -367,3 +396,33 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _itemsize(dtype: str) -> int:
     return DTYPES[dtype].itemsize
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """Write every byte of `view` at the file's offset (a single write call may store less than asked)."""
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+def _copy_range(src: int, dst: int, start: int, n: int) -> None:
+    """Copy `n` bytes of `src` from `start` to `dst`'s offset: copy_file_range (in the kernel), or, where the
+    two files cannot use it (different file systems), a plain read and write of 8 MiB blocks."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, start + done)
+            if got <= 0:
+                raise PortLLMError(f"unexpected end of file copying bytes {start}-{start + n} of a source shard")
+            done += got
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    buf = bytearray(min(n - done, 8 << 20))
+    while done < n:
+        got = os.preadv(src, [memoryview(buf)[: n - done]], start + done)
+        if got <= 0:
+            raise PortLLMError(f"unexpected end of file copying bytes {start}-{start + n} of a source shard")
+        _write_all(dst, memoryview(buf)[:got])
+        done += got

@@ -7,6 +7,10 @@ pickle) is kept beside the output until the patch is written. A checkpoint is re
 same run: recipe, base fingerprint, task, tokenized train data and init patch all match, else it is
 discarded with a note.
 
+A user's own data (`train_on_data`, `portllm train --data FILE.jsonl`): prompt/completion or chat
+messages rows, read and masked as `sft` says, with a held-out part scored (reference log-likelihood per
+token) before and after training; the manifest records the files' sha256, row counts and format only.
+
 Warm start (`init=PATCH`, `portllm train --init`): the LoRA modules start from an existing patch's
 factors instead of a fresh init, e.g. to re-tune a patch made on θ on the evolved θ'. Rank, alpha
 and targets are then the patch's; the new patch records the init (path, weights sha256) in its
@@ -37,6 +41,7 @@ from .models import BaseRef, load_base
 from .patch import ADAPTER_WEIGHTS, Patch, new_manifest, read_adapter, sha256_file
 from .progress import Bar
 from .resources import measure
+from .sft import Encoded, SFTData, completion_loglik, encode_rows, read_sft, split_heldout
 from .tasks import get_task, load_examples
 
 PAPER_TARGETS: tuple[str, ...] = ()  # empty = the architecture's own "all linear projections" (architectures.json)
@@ -92,8 +97,10 @@ class TrainResult:
     resumed_from: int = 0
     eval: dict[str, Any] | None = None  # metric, value, stderr, n on the base's eval split (eval_limit > 0)
     init: dict[str, Any] | None = None  # the warm start's patch: path, weights_sha256, task, base_fingerprint
+    heldout: dict[str, Any] | None = None  # --data runs: held-out rows and their log-likelihood before/after
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"heldout": self.heldout} if self.heldout is not None else {}  # --data runs only
         return {
             "patch": str(self.patch_dir),
             "steps": len(self.losses),
@@ -106,6 +113,7 @@ class TrainResult:
             "peak_gpu_mb": self.peak_gpu_mb,
             "eval": self.eval,
             "init": self.init,
+            **extra,
         }
 
 
@@ -237,7 +245,8 @@ def train(
     callback: Callable[[int, float], None] | None = None,
     init: str | Path | Patch | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch.
+    """Fine-tune a LoRA patch for `task_name` on `base` and write it as a portllm patch (a user's own JSONL:
+    `train_on_data`).
 
     `init`: a patch whose factors the LoRA modules start from (warm start) instead of a fresh init.
     """
@@ -260,7 +269,7 @@ def train(
         identity = {
             "recipe": cfg.key(),
             "base": base.fingerprint,
-            "task": task.name,
+            "task": task.identity,
             "train data": examples_digest(examples),
             "init patch": warm.record["weights_sha256"] if warm else None,
         }
@@ -271,10 +280,92 @@ def train(
     result.init = warm.record if warm else None
     if eval_limit:
         result.eval = _self_eval(model, tok, task, data, eval_limit, base)
-    record = _training_record(cfg, task, len(examples), result, device)
-    _save_patch(model, base, task, {"training": record, "eval_on_base": result.eval}, warm, out, overwrite)
+    record = _training_record(cfg, task.identity, len(examples), result, device)  # a task file: name@sha256
+    _save_patch(model, base, task.name, {"training": record, "eval_on_base": result.eval}, warm, out, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def train_on_data(
+    base: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    eval_data: str | Path | None = None,
+    eval_fraction: float | None = 0.1,
+    overwrite: bool = False,
+    progress: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    init: str | Path | Patch | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> TrainResult:
+    """Fine-tune a LoRA patch on a user's JSONL of prompt/completion or messages rows (`sft` says how they are
+    read and masked), scoring the held-out rows' reference log-likelihood per token before and after.
+
+    Held out: `eval_data`'s rows, else a seeded `eval_fraction` of `data` (None or 0: none); "before" is the
+    model training starts from (the base, or the `init` patch's factors on it). The manifest
+    records each file's sha256, row count and format, never its rows; the data's sha256 is part of the
+    checkpoint's identity, so a changed file never resumes an old run.
+    """
+    cfg = cfg or TrainConfig()
+    base = BaseRef.of(base)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PortLLMError(f"output {out} already exists; choose another path or pass --overwrite")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise PortLLMError("--steps and --batch-size must be at least 1")
+    src = read_sft(data)
+    held_src = read_sft(eval_data) if eval_data is not None else None
+    train_rows, held_rows = split_heldout(src, held_src, eval_fraction)
+    warm = WarmStart.open(init, base, cfg) if init is not None else None
+    cfg = warm.cfg if warm else _paper_lora(cfg, base)
+    ckpt = out.parent / f".{out.name}.ckpt"
+    with measure() as usage:
+        model, tok = _load_model(base, cfg)
+        enc = encode_rows(tok, train_rows[: cfg.max_examples], cfg.max_length)
+        held = encode_rows(tok, held_rows, cfg.max_length)
+        for what, e in (("train", enc), ("held-out", held)):
+            if e.dropped:
+                log(f"note: dropped {e.dropped} {what} rows: completion alone over --max-length {cfg.max_length}")
+        _check_count(len(enc.examples), cfg, src.path.name)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        model = _with_lora(model, cfg, warm)
+        before = completion_loglik(model, held.examples, tok.pad_token_id, cfg.batch_size) if held.examples else None
+        identity = {
+            "recipe": cfg.key(),
+            "base": base.fingerprint,
+            "task": None,
+            "data sha256": src.sha256,
+            "train data": examples_digest(enc.examples),
+            "init patch": warm.record["weights_sha256"] if warm else None,
+        }
+        losses, start, n_trainable = fit(
+            model, enc.examples, cfg, tok.pad_token_id, ckpt, f"train {src.path.name}", progress, callback, identity
+        )
+    result = TrainResult(out, losses, usage.wall_s, usage.peak_rss_mb, usage.peak_gpu_mb, n_trainable, start)
+    result.init = warm.record if warm else None
+    data_record = {
+        **src.record(),
+        "train_rows": len(enc.examples),
+        "dropped_too_long": enc.dropped,
+        "heldout": _heldout_record(held_src, eval_fraction, held),
+    }
+    if held.examples:
+        after = completion_loglik(model, held.examples, tok.pad_token_id, cfg.batch_size)
+        result.heldout = {"rows": len(held.examples), "loglik_per_token_before": before}
+        result.heldout["loglik_per_token_after"] = after
+        data_record["heldout"] |= result.heldout
+    record = {**_training_record(cfg, None, len(enc.examples), result, device), "data": data_record}
+    _save_patch(model, base, None, {"training": record}, warm, out, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return result
+
+
+def _heldout_record(held_src: SFTData | None, fraction: float | None, held: Encoded) -> dict[str, Any]:
+    """Where the held-out rows came from (their file's sha256 and rows, or the fraction), never their text."""
+    where = {"source": "file", **held_src.record()} if held_src else {"source": "fraction", "fraction": fraction}
+    return {**where, "dropped_too_long": held.dropped}
 
 
 def _paper_lora(cfg: TrainConfig, base: BaseRef) -> TrainConfig:
@@ -292,24 +383,32 @@ def _load_for_training(
 ) -> tuple[Any, Any, list[tuple[list[int], list[int]]]]:
     """The base model, its tokenizer (padding with EOS where it has no pad token) and the tokenized train
     examples; refuses a run with fewer examples than one batch, or one that would repeat them too often."""
+    model, tok = _load_model(base, cfg)
+    examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
+    _check_count(len(examples), cfg, task.name)
+    return model, tok, examples
+
+
+def _load_model(base: BaseRef, cfg: TrainConfig) -> tuple[Any, Any]:
+    """The base model and its tokenizer, padding with EOS where it has no pad token."""
     model, tok = load_base(base, dtype=cfg.dtype)
     if tok is None:
         raise PortLLMError(f"{base} has no tokenizer; training needs one")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
-    if len(examples) < cfg.batch_size:
+    return model, tok
+
+
+def _check_count(n: int, cfg: TrainConfig, name: str) -> None:
+    """Refuse fewer examples than one batch, or so few that each would be repeated over `cfg.max_epochs` times."""
+    if n < cfg.batch_size:
+        raise PortLLMError(f"too few examples: {name} has {n} train examples, fewer than one batch of {cfg.batch_size}")
+    if cfg.steps * cfg.batch_size > n * cfg.max_epochs:
         raise PortLLMError(
-            f"too few examples: {task.name} has {len(examples)} train examples, fewer than one batch of "
-            f"{cfg.batch_size}"
-        )
-    if cfg.steps * cfg.batch_size > len(examples) * cfg.max_epochs:
-        raise PortLLMError(
-            f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {task.name} has {len(examples)} "
+            f"too few examples for {cfg.steps} steps x {cfg.batch_size}: {name} has {n} "
             "train examples, "
             f"each would be seen more than {cfg.max_epochs} times; lower --steps or use more examples"
         )
-    return model, tok, examples
 
 
 def _with_lora(model: Any, cfg: TrainConfig, warm: WarmStart | None) -> Any:
@@ -334,13 +433,15 @@ def _with_lora(model: Any, cfg: TrainConfig, warm: WarmStart | None) -> Any:
     return model
 
 
-def _training_record(cfg: TrainConfig, task: Any, available: int, result: TrainResult, device: str) -> dict[str, Any]:
+def _training_record(
+    cfg: TrainConfig, task: str | None, available: int, result: TrainResult, device: str
+) -> dict[str, Any]:
     """The manifest's `training` record: the recipe, what the run saw and cost, its losses and init."""
     losses = result.losses
     return {
         **asdict(cfg),
         "target_modules": list(cfg.target_modules),
-        "task": task.name,
+        "task": task,
         "examples_available": available,
         "examples_seen": cfg.steps * cfg.batch_size,
         "trainable_params": result.trainable_params,
@@ -357,14 +458,20 @@ def _training_record(cfg: TrainConfig, task: Any, available: int, result: TrainR
 
 
 def _save_patch(
-    model: Any, base: BaseRef, task: Any, extra: dict[str, Any], warm: WarmStart | None, out: Path, overwrite: bool
+    model: Any,
+    base: BaseRef,
+    task: str | None,
+    extra: dict[str, Any],
+    warm: WarmStart | None,
+    out: Path,
+    overwrite: bool,
 ) -> None:
     """Write the trained LoRA as a portllm patch of `base`; a warm start's lineage continues its init's."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         config, tensors = read_adapter(Path(tmp))
     config = dict(config, base_model_name_or_path=str(base))
-    manifest = new_manifest(base.info, config, tensors, "trained", task.name, extra)
+    manifest = new_manifest(base.info, config, tensors, "trained", task, extra)
     if warm:  # the factors descend from the init patch: its history, then this run
         event = dict(manifest.lineage[-1], init={k: warm.record[k] for k in ("path", "weights_sha256")})
         manifest.lineage = [*warm.lineage, event]

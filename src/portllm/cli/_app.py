@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from ..tasks import include_path
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +38,22 @@ err = _console(stderr=True)
 SPEC_HELP = "model directory, hub id, .gguf file, or embedded name (smollm2-135m, gemma3-270m)"
 LEVEL_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "error": "red"}
 VERDICT_STYLE = {"compatible": "bold green", "compatible with warnings": "bold yellow", "incompatible": "bold red"}
+
+
+def _include_tasks(dirs: Optional[list[Path]]) -> Optional[list[Path]]:
+    """Parsed before the command runs, so every task spec it reads can name these folders' tasks."""
+    include_path(*(dirs or ()))
+    return dirs
+
+
+# One option for every command that takes task names: `include: Optional[list[Path]] = INCLUDE_PATH`.
+INCLUDE_PATH = typer.Option(
+    None,
+    "--include-path",
+    help="a folder of your task files (*.yaml): their tasks can then be named like shipped ones; repeatable "
+    "(also $PORTLLM_TASKS_PATH, folders separated by the OS path separator)",
+    callback=_include_tasks,
+)
 
 
 def print_json(obj: Any) -> None:

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..device import DEVICE_HELP, DTYPE_HELP
 from ..errors import PortLLMError
 from ..routing.routers import PER_TOKEN, router_class, router_names
-from ._app import SPEC_HELP, app, err, log_line, out, print_json
+from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 VERDICT_STYLE = {"B better": "bold green", "B worse": "bold red", "inconclusive": "yellow"}
 
@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 def eval_cmd(
     model: str = typer.Option(..., "--model", help=f"base or ported model: {SPEC_HELP}"),
     tasks: str = typer.Option(
-        "sst2,boolq,winogrande", "--tasks", help="comma-separated task names, or 'paper' for the seven"
+        "sst2,boolq,winogrande",
+        "--tasks",
+        help="comma-separated task names or task files (my/task.yaml), or 'paper' for the seven",
     ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
     patch: Optional[Path] = typer.Option(None, "--patch", help="attach this patch at runtime (PEFT)"),
     patches: Optional[str] = typer.Option(
         None, "--patches", help="comma-separated patches on this base, routed among per request (see --router)"
@@ -233,22 +236,48 @@ def compare_cmd(
 @app.command("tasks")
 def tasks_cmd(
     markdown: bool = typer.Option(False, "--markdown", help="print the README's task-suite table (Markdown)"),
+    check: Optional[Path] = typer.Option(
+        None, "--check", help="validate this task file (every row of both splits) and print three examples"
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="with --check: the data directory ${PORTLLM_DATA}/ paths use (default $PORTLLM_DATA)"
+    ),
 ) -> None:
-    """List the tasks (one definition file each), their splits and metrics."""
-    from ..tasks import PAPER_TASKS, TASKS, markdown_table
+    """List the tasks (shipped, then yours from --include-path / $PORTLLM_TASKS_PATH), or --check a task file."""
+    from ..tasks import PAPER_TASKS, TASKS, markdown_table, user_tasks
 
+    if check is not None:
+        _check_task_file(check, data_dir)
+        return
     if markdown:
         typer.echo(markdown_table())
         return
     t = Table(title="tasks (* = the seven of the PortLLM paper)")
     for c in ("task", "kind", "metric", "train split", "eval split"):
         t.add_column(c)
-    for name, task in TASKS.items():
+    yours = {t.name: t for t in user_tasks().values()}
+    for name, task in {**TASKS, **yours}.items():
         t.add_row(
-            name + (" *" if name in PAPER_TASKS else ""),
+            name + (" *" if name in PAPER_TASKS else "") + (f" ({task.source})" if name in yours else ""),
             task.kind,
             task.metric,
             task.train.note or task.train.file,
             task.eval.note or task.eval.file,
         )
     out.print(t)
+
+
+def _check_task_file(path: Path, data_dir: Optional[Path]) -> None:
+    from ..tasks import check_task_file, render_example
+
+    c = check_task_file(path, data_dir)
+    t = c.task
+    out.print(
+        f"[green]ok[/green] {path}: task {t.name!r} ({t.kind}, {t.metric}), "
+        f"{c.n_train} train and {c.n_eval} eval examples; sha256 {t.sha256[:16]}",
+        highlight=False,
+    )
+    for e in c.examples:
+        out.print(f"\n[bold]eval example {e.idx}[/bold] (answer: {e.gold!r})", highlight=False)
+        out.print(render_example(t, e), highlight=False, markup=False)

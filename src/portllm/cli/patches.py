@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ..errors import PortLLMError
-from ._app import LEVEL_STYLE, SPEC_HELP, VERDICT_STYLE, app, err, out, print_json, say
+from ._app import INCLUDE_PATH, LEVEL_STYLE, SPEC_HELP, VERDICT_STYLE, app, err, out, print_json, say
 
 
 @app.command("import-adapter")
@@ -117,6 +117,7 @@ def check_cmd(
     inputs: Optional[str] = typer.Option(
         None, "--inputs", help="with --from: forecast the loss on this task's unlabeled inputs (or a text file)"
     ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(200, "--n", min=1, help="with --inputs: how many inputs"),
     calibration: str = typer.Option(
         "builtin", "--calibration", help="with --inputs: builtin (fitted on docs/sweep), raw, or a calibration.json"

@@ -15,14 +15,17 @@ from ..routing.phatgoose import GateConfig, gates_file, load_gates
 from ..routing.routers import PER_TOKEN, router_names
 from ..routing.study import DEFAULT_ROUTERS, StudyConfig, run_study
 from ..tasks import data_dir as resolve_data
-from ._app import SPEC_HELP, app, err, log_line, out, print_json
+from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 
 @app.command("describe")
 def describe_cmd(
     patch: Path = typer.Argument(..., help="patch directory"),
     text: Optional[str] = typer.Argument(None, help="what the patch does, in a sentence (default: its task's)"),
-    task: Optional[str] = typer.Option(None, "--task", help="the patch's task, when its manifest records none"),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="the patch's task (or task file), when its manifest records none"
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
     examples: int = typer.Option(
         0, "--examples", min=0, help="average this many of the task's train prompts into the embedding"
     ),

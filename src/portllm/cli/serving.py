@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -14,8 +15,10 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
+from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ..routing.routers import PER_REQUEST, router_names
+from ..serve.security import exposure_warning, parse_api_keys
 from ._app import SPEC_HELP, app, out, print_json, say
 
 PATCH_HELP = "NAME=PATH: serve the patch at PATH as model NAME; repeat for more"
@@ -88,7 +91,8 @@ def serve_cmd(
     max_body_bytes: Optional[int] = typer.Option(
         None, "--max-body-bytes", min=1, help="larger request bodies get 413 (default 1 MiB)"
     ),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="requests in one forward pass (16)"),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1, help="waiting beyond this: 429 (64)"),
     request_timeout: Optional[float] = typer.Option(
@@ -108,43 +112,92 @@ def serve_cmd(
     trust: Optional[list[Path]] = typer.Option(None, "--trust", help="a trusted public key (PREFIX.pub); repeatable"),
 ) -> None:
     """Serve BASE and its patches behind OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models)."""
-    # deferred: portllm.serve imports torch (the CLI's start-up)
-    from ..serve.security import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PATCHES, exposure_warning, parse_api_keys
-
-    patches = parse_patches(patch)
+    args = ServeArgs(**{k: v for k, v in locals().items() if k in ServeArgs.__dataclass_fields__})
     if require_signature and not trust:
         raise PortLLMError("--require-signature needs at least one --trust KEY.pub")
-    if max_patches is not None and len(patches) > max_patches:
-        raise PortLLMError(f"{len(patches)} patches given and --max-patches is {max_patches}; raise --max-patches")
-    keys = parse_api_keys(api_key, os.environ.get("PORTLLM_API_KEY"))
+    if max_patches is not None and len(args.patches) > max_patches:
+        raise PortLLMError(f"{len(args.patches)} patches given and --max-patches is {max_patches}; raise --max-patches")
     if engine == "vllm":
-        given = {
-            "--router": bool(router),
-            "--max-queue": max_queue is not None,
-            "--request-timeout": request_timeout is not None,
-            "--threads": threads is not None,
-            "--access-log": access_log,
-            "--patch-root": bool(patch_root),
-            "--allow-unload-startup-patches": allow_unload_startup_patches,
-            "--max-body-bytes": max_body_bytes is not None,
-        }  # portllm's own engine only: refused by name, never dropped
-        if any(given.values()):
-            names = ", ".join(flag for flag, on in given.items() if on)
-            raise PortLLMError(f"--engine vllm has no equivalent for {names}: drop them or use --engine portllm")
-        warning = exposure_warning(host, keys, allow_runtime_loading)
-        if warning:
-            say("warn", warning, "yellow")
-        if allow_runtime_loading:
-            say("warn", "vLLM loads a runtime lora_path from anywhere its process can read (no --patch-root)", "yellow")
-        run = VllmRun(base, patches, vllm_dir, served_name, host, port, require_signature, trust)
-        _exec_vllm(run, keys, dtype, max_batch, max_patches, max_lora_rank, allow_runtime_loading)
-        return
-    if engine != "portllm":
+        _serve_vllm(args)
+    elif engine == "portllm":
+        _serve_portllm(args)
+    else:
         raise PortLLMError(f"--engine {engine!r}: use portllm or vllm")
-    if max_lora_rank is not None:
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """`portllm serve`'s options, as given (None: not given), handed to the engine that runs them."""
+
+    base: str
+    patch: Optional[list[str]]
+    router: Optional[str]
+    host: str
+    port: int
+    api_key: Optional[list[str]]
+    allow_runtime_loading: bool
+    patch_root: Optional[list[Path]]
+    max_patches: Optional[int]
+    allow_unload_startup_patches: bool
+    max_body_bytes: Optional[int]
+    device: str
+    dtype: Optional[str]
+    max_batch: Optional[int]
+    max_queue: Optional[int]
+    request_timeout: Optional[float]
+    served_name: Optional[str]
+    threads: Optional[int]
+    access_log: bool
+    vllm_dir: Path
+    max_lora_rank: Optional[int]
+    require_signature: bool
+    trust: Optional[list[Path]]
+
+    @property
+    def patches(self) -> dict[str, Path]:
+        return parse_patches(self.patch)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return parse_api_keys(self.api_key, os.environ.get("PORTLLM_API_KEY"))
+
+
+def _warn_exposure(a: ServeArgs) -> None:
+    warning = exposure_warning(a.host, a.keys, a.allow_runtime_loading)
+    if warning:
+        say("warn", warning, "yellow")
+
+
+def _serve_vllm(a: ServeArgs) -> None:
+    """Export the patches and hand over to vLLM; an option vLLM has no equivalent for is refused by name."""
+    given = {
+        "--router": bool(a.router),
+        "--max-queue": a.max_queue is not None,
+        "--request-timeout": a.request_timeout is not None,
+        "--threads": a.threads is not None,
+        "--access-log": a.access_log,
+        "--patch-root": bool(a.patch_root),
+        "--allow-unload-startup-patches": a.allow_unload_startup_patches,
+        "--max-body-bytes": a.max_body_bytes is not None,
+        "--device": a.device != "auto",
+    }  # portllm's own engine only: refused by name, never dropped
+    if any(given.values()):
+        names = ", ".join(flag for flag, on in given.items() if on)
+        raise PortLLMError(f"--engine vllm has no equivalent for {names}: drop them or use --engine portllm")
+    _warn_exposure(a)
+    if a.allow_runtime_loading:
+        say("warn", "vLLM loads a runtime lora_path from anywhere its process can read (no --patch-root)", "yellow")
+    run = VllmRun(a.base, a.patches, a.vllm_dir, a.served_name, a.host, a.port, a.require_signature, a.trust)
+    _exec_vllm(run, a.keys, a.dtype, a.max_batch, a.max_patches, a.max_lora_rank, a.allow_runtime_loading)
+
+
+def _serve_portllm(a: ServeArgs) -> None:
+    """Load the base and patches into this process's engine and serve it with uvicorn."""
+    if a.max_lora_rank is not None:
         raise PortLLMError("--max-lora-rank sizes vLLM's LoRA slots: use it with --engine vllm")
-    if not allow_runtime_loading and (patch_root or allow_unload_startup_patches):
+    if not a.allow_runtime_loading and (a.patch_root or a.allow_unload_startup_patches):
         raise PortLLMError("--patch-root and --allow-unload-startup-patches need --allow-runtime-loading")
+    device = resolve_device(a.device)  # an absent GPU: one line now, before the model loads
     try:
         import uvicorn
 
@@ -152,42 +205,40 @@ def serve_cmd(
     except ImportError as e:
         raise PortLLMError(f"serving needs FastAPI and uvicorn: pip install 'portllm[serve]' ({e})") from None
     from ..serve import Engine, EngineConfig, router_factory
-    from ..serve.security import ServerSecurity
+    from ..serve.security import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PATCHES, ServerSecurity
 
     security = ServerSecurity(
-        api_keys=keys,
-        allow_runtime_loading=allow_runtime_loading,
-        patch_roots=tuple(patch_root or ()),
-        allow_unload_startup_patches=allow_unload_startup_patches,
-        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+        api_keys=a.keys,
+        allow_runtime_loading=a.allow_runtime_loading,
+        patch_roots=tuple(a.patch_root or ()),
+        allow_unload_startup_patches=a.allow_unload_startup_patches,
+        max_body_bytes=a.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
     )  # before the model loads: a bad --patch-root is one line now
-    make_router = router_factory(router) if router else None  # before the model loads: fail fast
+    make_router = router_factory(a.router) if a.router else None  # before the model loads: fail fast
     cfg = EngineConfig(
-        max_batch=max_batch or 16,
-        max_queue=max_queue or 64,
-        request_timeout_s=request_timeout or 600.0,
-        dtype=dtype or "float32",
-        threads=threads,
-        require_signature=require_signature,
-        trusted=trust,
-        max_patches=max_patches or DEFAULT_MAX_PATCHES,
+        max_batch=a.max_batch or 16,
+        max_queue=a.max_queue or 64,
+        request_timeout_s=a.request_timeout or 600.0,
+        dtype=resolve_dtype(a.dtype or "auto", device),
+        device=device,
+        threads=a.threads,
+        require_signature=a.require_signature,
+        trusted=a.trust,
+        max_patches=a.max_patches or DEFAULT_MAX_PATCHES,
     )
-    eng = _start_engine(Engine(base, {}, cfg, name=served_name or base), patches, make_router)
-    if router and access_log:  # each routing decision (patch and scores) on stderr, with the access log
-        import logging
-
+    patches = a.patches
+    eng = _start_engine(Engine(a.base, {}, cfg, name=a.served_name or a.base), patches, make_router)
+    if a.router and a.access_log:  # each routing decision (patch and scores) on stderr, with the access log
         rlog = logging.getLogger("portllm.routing.serving")
         rlog.setLevel(logging.INFO)
         rlog.addHandler(logging.StreamHandler(sys.stderr))
-    warning = exposure_warning(host, keys, allow_runtime_loading)
-    if warning:
-        say("warn", warning, "yellow")
-    sock = _listen(host, port)
-    _announce(eng.name, host, sock.getsockname()[1], patches, router, cfg, security)
+    _warn_exposure(a)
+    sock = _listen(a.host, a.port)
+    _announce(eng.name, a.host, sock.getsockname()[1], patches, a.router, cfg, security)
     config = uvicorn.Config(
         create_app(eng, security),
-        log_level="info" if access_log else "warning",
-        access_log=access_log,
+        log_level="info" if a.access_log else "warning",
+        access_log=a.access_log,
         timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, app, err, log_line, out, print_json
+from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 
 @app.command("sweep")
@@ -101,7 +101,10 @@ def forecast_cmd(
     patch: Path = typer.Argument(..., help="patch directory"),
     base: str = typer.Option(..., "--base", help=f"the new base you plan to port onto: {SPEC_HELP}"),
     old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on (needed for a loss)"),
-    inputs: Optional[str] = typer.Option(None, "--inputs", help="a task's unlabeled inputs, or a text file"),
+    inputs: Optional[str] = typer.Option(
+        None, "--inputs", help="a task's unlabeled inputs (a name or a task file, my/task.yaml), or a text file"
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(200, "--n", min=1, help="how many inputs to compare the two models on"),
     calibration: str = typer.Option(
         "builtin",
@@ -147,7 +150,10 @@ def rescale_cmd(
     patch: Path = typer.Argument(..., help="patch directory"),
     base: str = typer.Option(..., "--base", help=f"the new base you plan to port onto: {SPEC_HELP}"),
     old: str = typer.Option(..., "--from", help="the base the patch was made on"),
-    inputs: str = typer.Option(..., "--inputs", help="a task whose unlabeled train-split inputs choose λ"),
+    inputs: str = typer.Option(
+        ..., "--inputs", help="a task (or task file) whose unlabeled train-split inputs choose λ"
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(150, "--n", min=1, help="how many inputs"),
     scales: str = typer.Option("0.5,0.75,1,1.25,1.5,2", "--scales", help="the λ values to try"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),

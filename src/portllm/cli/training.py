@@ -12,16 +12,32 @@ from rich.text import Text
 
 from ..device import DEVICE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
-from ._app import SPEC_HELP, app, err, log_line, out, print_json
+from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 if TYPE_CHECKING:
     from ..reproduce import ReproduceReport
+    from ..train import TrainResult
 
 
 @app.command("train")
 def train_cmd(
     base: str = typer.Option(..., "--base", help=f"base to fine-tune: {SPEC_HELP}"),
-    task: str = typer.Option(..., "--task", help="task to learn (see `portllm tasks`)"),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="task to learn (see `portllm tasks`), or a task file (my/task.yaml); or --data"
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help='instead of --task: your JSONL of {"prompt", "completion"} or {"messages": [...]} rows (as TRL reads '
+        "them); loss on the completion / assistant turns only",
+    ),
+    eval_data: Optional[Path] = typer.Option(
+        None, "--eval-data", help="with --data: held-out rows (same format) to score before and after training"
+    ),
+    eval_fraction: Optional[float] = typer.Option(
+        None, "--eval-fraction", help="with --data: hold out this share of its rows, seeded (default 0.1, >= 1 row)"
+    ),
     out_path: Path = typer.Option(..., "--out", help="patch directory to write"),
     steps: int = typer.Option(100, "--steps", help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -56,9 +72,14 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Fine-tune a LoRA patch on one task (resumes from its checkpoint if interrupted), optionally from --init."""
-    from ..train import TrainConfig, train
+    """Fine-tune a LoRA patch on one task or your own data (resumes from its checkpoint if interrupted),
+    optionally from --init."""
+    from ..train import TrainConfig, train, train_on_data
 
+    if (task is None) == (data is None):
+        raise PortLLMError("pass one of --task NAME and --data FILE.jsonl")
+    if data is None and (eval_data is not None or eval_fraction is not None):
+        raise PortLLMError("--eval-data and --eval-fraction go with --data (a task is scored with --eval-limit)")
     dev = resolve_device(device)
     cfg = TrainConfig(
         device=dev,
@@ -73,20 +94,29 @@ def train_cmd(
         dtype=resolve_dtype(dtype, dev),
         max_examples=max_examples,
     )
-    r = train(
-        base,
-        task,
-        out_path,
-        cfg,
-        data=data_dir,
-        eval_limit=eval_limit,
-        overwrite=overwrite,
-        progress=err.is_terminal,
-        init=init,
-    )
+    if data is not None:
+        fraction = eval_fraction if eval_fraction is not None or eval_data is not None else 0.1
+        r = train_on_data(base, data, out_path, cfg, eval_data, fraction, overwrite, err.is_terminal, init=init)
+    else:
+        r = train(
+            base,
+            task,
+            out_path,
+            cfg,
+            data=data_dir,
+            eval_limit=eval_limit,
+            overwrite=overwrite,
+            progress=err.is_terminal,
+            init=init,
+        )
     if as_json:
         print_json(r.to_dict())
         return
+    _print_trained(r, out_path, init)
+
+
+def _print_trained(r: TrainResult, out_path: Path, init: Optional[Path]) -> None:
+    """`portllm train`'s summary: the patch, its steps and loss, and its score on the base or held-out rows."""
     out.print(
         f"[green]patch written[/green] {out_path}: {r.trainable_params:,} trainable parameters, {len(r.losses)} steps"
         + (f" from {init}" if init else "")
@@ -97,6 +127,12 @@ def train_cmd(
     if r.eval:
         out.print(
             f"score on its base: {r.eval['metric']} {r.eval['value']:.4f} ± {r.eval['stderr']:.4f} (n={r.eval['n']})"
+        )
+    if r.heldout:
+        h = r.heldout
+        out.print(
+            f"held-out reference log-likelihood per token: {h['loglik_per_token_before']:.4f} -> "
+            f"{h['loglik_per_token_after']:.4f} (n={h['rows']})"
         )
 
 

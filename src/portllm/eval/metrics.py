@@ -94,3 +94,63 @@ def mc_records(task: Task, examples: list[Example], lls: list[float]) -> list[di
             }
         )
     return records
+
+
+@dataclass(frozen=True)
+class GenerationScores:
+    """A generation slice's scores: the mean per-token log-likelihood of the reference completions (works for
+    any instruction data, with no decoding, and compares across models: the default), the share of outputs
+    equal to their reference, and chrF (0-100, sacrebleu's defaults: character 6-grams, beta 2)."""
+
+    n: int
+    loglik_per_token: float | None
+    exact_match: float | None
+    chrf: float | None
+
+
+def mean_token_loglik(token_logprobs: list[float]) -> float:
+    """One reference completion's mean log-likelihood per token (natural log); the mean over a slice is of
+    these, so a long completion weighs as much as a short one."""
+    if not token_logprobs:
+        raise ValueError("a reference completion with no tokens has no log-likelihood")
+    return sum(token_logprobs) / len(token_logprobs)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The output equals the reference once surrounding whitespace is stripped (case and punctuation count)."""
+    return prediction.strip() == reference.strip()
+
+
+def sentence_chrf(prediction: str, reference: str) -> float:
+    """chrF of one output against its reference, 0-100 (sacrebleu's sentence score: what per-example
+    records and paired bootstraps resample)."""
+    from sacrebleu.metrics import CHRF  # deferred: only generation scoring needs sacrebleu
+
+    return float(CHRF().sentence_score(prediction, [reference]).score)
+
+
+def corpus_chrf(predictions: list[str], references: list[str]) -> float:
+    """chrF of a slice, 0-100: n-gram statistics summed over the slice before the F-score, as sacrebleu does."""
+    from sacrebleu.metrics import CHRF  # deferred: only generation scoring needs sacrebleu
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} outputs for {len(references)} references")
+    return float(CHRF().corpus_score(predictions, [references]).score)
+
+
+def generation_scores(
+    token_logprobs: list[list[float]] | None = None,
+    predictions: list[str] | None = None,
+    references: list[str] | None = None,
+) -> GenerationScores:
+    """Scores of one slice: the log-likelihood from the references' token log-probabilities, exact match and
+    chrF from greedy outputs and their references (each None where its inputs are not given)."""
+    ll = [mean_token_loglik(t) for t in token_logprobs] if token_logprobs is not None else None
+    em = ch = None
+    if predictions is not None:
+        if references is None or len(references) != len(predictions):
+            raise ValueError("exact match and chrF need one reference per output")
+        em = sum(map(exact_match, predictions, references)) / len(predictions) if predictions else None
+        ch = corpus_chrf(predictions, references) if predictions else None
+    n = len(ll) if ll is not None else len(predictions or [])
+    return GenerationScores(n, sum(ll) / len(ll) if ll else None, em, ch)

@@ -24,7 +24,7 @@ from ..errors import PortLLMError
 from ..eval import evaluate, open_lm
 from ..merge import merge
 from ..stats import wilson
-from ..tasks import get_task, load_examples
+from ..tasks import get_task, load_examples, task_key
 from .describe import routing_record, task_prompts
 from .embed import shared_encoder
 from .patchset import PatchSet
@@ -72,7 +72,7 @@ class _Cache:
         self.root, self.ident = Path(root), ident
 
     def get(self, what: dict[str, Any], suite: list[str], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        key = json.dumps({**self.ident, "what": what, "suite": suite}, sort_keys=True)
+        key = json.dumps({**self.ident, "what": what, "suite": [task_key(t) for t in suite]}, sort_keys=True)
         f = self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         if f.is_file():
             return json.loads(f.read_text())["tasks"]

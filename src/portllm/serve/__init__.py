@@ -4,7 +4,8 @@
 passes: its patches in `PatchRegistry` (patches.py, each checked first), its worker thread and
 continuous batching in `Scheduler` (scheduler.py), the KV-cache surgery in kvcache.py, per-row
 sampling in sampling.py, requests and their event streams in streams.py, its refusals in errors.py,
-each output's text decoded a token at a time in detokenize.py, log-probabilities in logprobs.py.
+each output's text decoded a token at a time in detokenize.py, log-probabilities in logprobs.py, and
+who may do what (API keys, patch roots, body and context limits) in security.py.
 `create_app` (app.py, needs the `serve` extra: FastAPI + uvicorn) puts OpenAI's endpoints over it (their
 bodies in schema.py);
 `export_vllm` (vllm.py) writes the patch set as vLLM LoRA modules, checked, with the `vllm serve`
@@ -19,6 +20,7 @@ from .logprobs import MAX_LOGPROBS, TokenLogprob
 from .patches import LoadedPatch, PatchRegistry
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .security import ServerSecurity
 from .streams import AUTO, BASE, Completion, Event, GenRequest, Stream
 from .vllm import VllmExport, export_vllm, vllm_command
 
@@ -43,6 +45,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "ServeError",
+    "ServerSecurity",
     "Stream",
     "TokenLogprob",
     "Unavailable",

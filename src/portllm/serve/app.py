@@ -9,6 +9,8 @@ base first. Every error, whatever raised it, leaves as OpenAI's error object
 400, full queue 429 (with Retry-After), engine down 503, request timeout 504. Who may call it and how much
 they may send (API keys, runtime-loading policy, body size, request ids, no internals in a 5xx) is security.py.
 A request whose client went away is cancelled: its row leaves the batch at the next step.
+The fields clients send (list and token-id prompts, n, logprobs, echo, include_usage) are served; a field this
+server does not know or do is a 400 naming it. Tokenizing, templating and naming tokens run off the event loop.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import routing
+from ..device import resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ..eval.encode import bos_prefix, encode_text
 from ..models import BaseRef, load_base
@@ -66,7 +67,8 @@ class EngineConfig:
     max_batch: int = 16
     max_queue: int = 64
     request_timeout_s: float | None = 600.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto": device.resolve_dtype
+    device: str = "cpu"  # device.resolve_device: auto, cpu, cuda, cuda:N, mps
     threads: int | None = None
     max_length: int | None = None  # prompt + completion tokens; default: the model's max_position_embeddings
     require_signature: bool = False
@@ -93,13 +95,13 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.max_batch < 1 or self.config.max_queue < 1:
             raise PortLLMError("max_batch and max_queue must be at least 1")
-        if self.config.dtype not in ("float32", "bfloat16", "float16"):
-            raise PortLLMError(f"dtype {self.config.dtype!r} not supported; use float32 or bfloat16")
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.ref = BaseRef.of(base)
         self.name = name or str(base)
-        model, tok = load_base(self.ref, dtype=self.config.dtype)
+        model, tok = load_base(self.ref, dtype=self.dtype, device=self.device)
         if tok is None:
             raise PortLLMError(f"{base} has no tokenizer; serving needs one")
         if tok.pad_token_id is None:

@@ -5,7 +5,9 @@ and at runtime: an incompatible one is refused with the check's reason (`PatchRe
 loads and the warnings are kept. A patch is attached to the model under an internal PEFT adapter name
 (PEFT module keys cannot hold every name a user may give). Every queued or running request holds a
 reference to its adapter: an unloaded patch takes no new requests at once, and its weights go when its
-last running request ends (`reap`, between two forward passes).
+last running request ends (`reap`, between two forward passes). At most `max_patches` are held at once
+(`TooManyPatches`: each holds its weights in memory); each remembers whether it was given at start-up, which
+a client may not unload unless the server allows it (security.py decides; the registry only records).
 
 The registry owns the model because attaching and detaching change it (the first patch wraps the base in
 a `PeftModel`, removing the last one unwraps it); `model_lock` serializes that with forward passes.

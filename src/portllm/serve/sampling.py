@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .security import SEED_MAX, SEED_MIN
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,6 +37,8 @@ class SamplingParams:
             return "top_p", f"top_p must be in (0, 1], got {self.top_p!r}"
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             return "stop", "stop takes at most 4 non-empty strings"
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            return "seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (int64), got {self.seed!r}"
         return None
 
 

@@ -131,7 +131,9 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
     @classmethod
-    def of(cls, entries: Sequence[TokenLogprob | None], ids: Sequence[int], name: TokenName, offset: int = 0):
+    def of(
+        cls, entries: Sequence[TokenLogprob | None], ids: Sequence[int], name: TokenName, offset: int = 0
+    ) -> CompletionLogprobs:
         """`entries[i]` is token `ids[i]`'s (None: none); `top_logprobs` has the token itself and its k
         alternatives, as vLLM's; offsets count characters of the tokens' texts from `offset`."""
         out = cls(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])

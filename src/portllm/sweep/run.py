@@ -39,7 +39,7 @@ from ..models import architecture_of, cache_root, fingerprint, resolve_base
 from ..patch import Patch
 from ..rescale import SCALES, choose_scale, scaled_patch
 from ..stats import Paired, majority, paired
-from ..tasks import Example, Task, data_dir, get_task, load_examples
+from ..tasks import Example, Task, data_dir, get_task, load_examples, task_key
 from ..train import TrainConfig
 from .cache import SweepCache
 from .calibrate import fit, validate
@@ -148,7 +148,7 @@ class SweepContext:
             self.log(f"  training Δ for {task} (seed {seed}) on {model_fp[:12]} ...")
             steps.train_patch_step(model_dir, task, p, cfg, self.data, progress=self.progress)
 
-        return self.cache.directory("patches", (model_fp, task, cfg.key()), "portllm.json", make)
+        return self.cache.directory("patches", (model_fp, task_key(task), cfg.key()), "portllm.json", make)
 
     def score(
         self, model_dir: Path, model_fp: str, patch: Path | None, ported: bool, task: str, limit: int | None
@@ -168,7 +168,7 @@ class SweepContext:
                 self.log(f"  scoring {task} on {model_fp[:12]}" + (" + patch" if patch else "") + " ...")
                 steps.eval_step(model_dir, patch, task, limit, self.data, d, self.plan.eval_dtype)
 
-        parts = (model_fp, sha, ported, task, limit, self.plan.eval_dtype)
+        parts = (model_fp, sha, ported, task_key(task), limit, self.plan.eval_dtype)
         return read_run(self.cache.directory("evals", parts, "results.json", make))[1][task]
 
 

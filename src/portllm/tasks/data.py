@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import PortLLMError
 from .readers import Rows
-from .schema import Example, Hub, Task
+from .schema import DATA_VAR, Example, Hub, Task
 
 
 def data_dir(explicit: str | Path | None = None) -> Path | None:
@@ -26,6 +26,9 @@ def data_dir(explicit: str | Path | None = None) -> Path | None:
 
 def load_rows(task: Task, split: str, data: str | Path | None = None) -> Rows:
     sp = task.train if split == "train" else task.eval
+    if task.root is not None:
+        rows = [r for f in user_files(task, split, data) for r in task.reader(f)]
+        return rows[sp.rows[0] : sp.rows[1]]
     d = data_dir(data)
     if d is None:
         return hub_rows(task, split)
@@ -36,6 +39,26 @@ def load_rows(task: Task, split: str, data: str | Path | None = None) -> Rows:
             raise PortLLMError(f"{task.name}: {f} is missing from the data directory {d}")
         rows += task.reader(f)
     return rows[sp.rows[0] : sp.rows[1]]
+
+
+def user_files(task: Task, split: str, data: str | Path | None = None) -> list[Path]:
+    """A user's task file's data files for `split`: relative to the task file's folder, absolute as they
+    are, `${PORTLLM_DATA}/...` in the data directory (--data-dir, else $PORTLLM_DATA)."""
+    files = []
+    for rel in (task.train if split == "train" else task.eval).file.split("+"):
+        if rel.startswith(DATA_VAR):
+            d = data_dir(data)
+            if d is None:
+                raise PortLLMError(
+                    f"{task.source}: {split}.file: {rel} needs a data directory; set PORTLLM_DATA or --data-dir"
+                )
+            f = d / rel[len(DATA_VAR) :]
+        else:
+            f = task.root / Path(rel).expanduser()
+        if not f.is_file():
+            raise PortLLMError(f"{task.source}: {split}.file: data file {f} does not exist")
+        files.append(f)
+    return files
 
 
 def load_examples(

@@ -6,6 +6,8 @@ Every mistake in a file is one line naming the file and the field.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,8 @@ import yaml
 from ..errors import PortLLMError
 from .examples import ENV, Gold, Maker, Template
 from .hooks import HOOKS
-from .readers import FORMATS, Reader
-from .schema import KINDS, METRIC_KINDS, METRICS, Hub, Split, Task
+from .readers import FORMATS, Reader, format_of
+from .schema import DATA_VAR, KINDS, METRIC_KINDS, METRICS, Hub, Split, Task
 
 DEFS = Path(__file__).with_name("defs")
 
@@ -29,9 +31,9 @@ KEYS = {
     "aliases": "other names `--tasks` accepts",
     "kind": "mc | gen",
     "metric": "acc | acc_norm | exact_match",
-    "reader": "{format: jsonl|tsv, header: {file: [columns]}, labels: -labels.lst}",
-    "train": "{file, rows: [start, stop], note}",
-    "eval": "{file, rows: [start, stop], note}",
+    "reader": "{format: jsonl|json|csv|tsv|parquet (default: the files' suffix), header: {file: [columns]}, labels}",
+    "train": "{file, rows: [start, stop], note}; a user's file: relative to its folder, or ${PORTLLM_DATA}/...",
+    "eval": "{file, rows: [start, stop], note}; a user's file: relative to its folder, or ${PORTLLM_DATA}/...",
     "hub": "{path, config, splits: {train, eval}, fields, rename, cast}",
     "fields": "[name, ...] or {variable: field | [field, fallback]}",
     "missing": "error message for a missing field",
@@ -100,10 +102,16 @@ def _split(d: _Def, key: str) -> Split:
     return Split("+".join(files), (rows[0], rows[1]), d.get(f"{key}.note", str, "", within=spec))
 
 
-def _reader(d: _Def) -> Reader:
+def _reader(d: _Def, splits: dict[str, Split]) -> Reader:
+    """The `reader:` block; without a format, each data file is read as its suffix says (`auto`)."""
     spec = d.get("reader", dict, {})
-    fmt = d.get("reader.format", str, "jsonl", within=spec)
-    if fmt not in FORMATS:
+    for key, sp in splits.items():
+        unnamed = next((f for f in sp.file.split("+") if format_of(f) is None), None)
+        if "format" not in spec and unnamed is not None:
+            names = ", ".join(FORMATS)
+            raise d.fail(f"{key}.file", f"{unnamed}: a suffix naming its format ({names}), or give reader.format")
+    fmt = d.get("reader.format", str, "auto", within=spec)
+    if fmt not in FORMATS and not (fmt == "auto" and "format" not in spec):
         raise d.fail("reader.format", f"unknown format {fmt!r}; expected {' or '.join(FORMATS)}")
     headers = d.get("reader.header", dict, {}, within=spec)
     labels = d.get("reader.labels", str, None, within=spec)
@@ -235,6 +243,8 @@ def _parse(path: Path) -> _Def:
         raise PortLLMError(f"{where}: malformed YAML ({getattr(e, 'problem', None) or e.__class__.__name__})") from None
     except OSError as e:
         raise PortLLMError(f"{path}: cannot read task definition ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PortLLMError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x}); re-save it as UTF-8") from None
     if not isinstance(data, dict):
         raise PortLLMError(f"{path}: a task definition is a YAML mapping (name:, kind:, metric:, ...)")
     d = _Def(path, data)
@@ -263,13 +273,14 @@ def _task(d: _Def) -> Task:
     for k in gen:
         if k not in ("stop", "max_new_tokens"):
             raise d.fail(f"generation.{k}", "unknown key; expected stop, max_new_tokens")
+    train, ev = _split(d, "train"), _split(d, "eval")
     return Task(
         name,
         kind,
         metric,
-        _split(d, "train"),
-        _split(d, "eval"),
-        _reader(d),
+        train,
+        ev,
+        _reader(d, {"train": train, "eval": ev}),
         _maker(d, kind),
         hub=_hub(d),
         stop=d.strings("generation.stop", gen["stop"]) if gen.get("stop") else (),
@@ -284,6 +295,27 @@ def _task(d: _Def) -> Task:
 def load_task_file(path: str | Path) -> Task:
     """One definition file -> Task, or a one-line PortLLMError naming the file and the field."""
     return _task(_parse(Path(path)))
+
+
+def load_user_file(path: str | Path) -> Task:
+    """A user's task file (outside the package) -> Task: its data paths resolve against its own folder
+    (absolute paths as they are, `${PORTLLM_DATA}/...` against the data directory), and the Task carries
+    the file's sha256 for caches. Data files that are missing are refused here, naming the field."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PortLLMError(f"{path}: task file does not exist")
+    d = _parse(path)
+    task = _task(d)
+    if task.hub is not None:
+        raise d.fail("hub", "a user's task file reads its own data files; drop hub:")
+    root = path.resolve().parent
+    for split in ("train", "eval"):
+        for rel in getattr(task, split).file.split("+"):
+            f = root / Path(rel).expanduser()
+            if not rel.startswith(DATA_VAR) and not f.is_file():
+                raise d.fail(f"{split}.file", f"data file {f} does not exist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return replace(task, root=root, sha256=digest, source=str(path))
 
 
 def load_dir(directory: str | Path = DEFS) -> dict[str, Task]:

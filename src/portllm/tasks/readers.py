@@ -71,6 +71,56 @@ def read_tsv(path: Path, header: list[str] | None = None) -> Rows:
     return rows
 
 
+def read_json(path: Path) -> Rows:
+    """A JSON file holding a list of objects (one per row); a row's "line" is its position in the list."""
+    try:
+        data = json.loads(read_text(path))
+    except ValueError as e:
+        raise PortLLMError(f"{path}: malformed JSON ({getattr(e, 'msg', e)})") from None
+    except RecursionError:
+        raise PortLLMError(f"{path}: malformed JSON (nested too deeply)") from None
+    if not isinstance(data, list):
+        raise PortLLMError(f"{path}: expected a JSON list of objects, found a JSON {type(data).__name__}")
+    for n, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise PortLLMError(f"{path}: item {n}: expected a JSON object")
+    return [{**row, "_line": n, "_file": str(path)} for n, row in enumerate(data, 1)]
+
+
+def read_csv(path: Path, header: list[str] | None = None) -> Rows:
+    """CSV with a header row (or `header`), quoted as spreadsheets write it; every value is text."""
+    rows = []
+    reader = csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""))
+    cols = header
+    try:
+        for rec in reader:
+            n = reader.line_num
+            if cols is None:
+                cols = rec
+                continue
+            if not rec:
+                continue
+            if len(rec) != len(cols):
+                raise PortLLMError(f"{path}:{n}: expected {len(cols)} comma-separated fields, found {len(rec)}")
+            rows.append({**dict(zip(cols, rec)), "_line": n, "_file": str(path)})
+    except csv.Error as e:
+        raise PortLLMError(f"{path}:{reader.line_num}: unreadable CSV line ({e})") from None
+    return rows
+
+
+def read_parquet(path: Path) -> Rows:
+    """A Parquet table, one row per record; needs pyarrow (installed with datasets)."""
+    try:
+        import pyarrow.parquet as pq  # deferred: pyarrow is optional and slow to import
+    except ImportError:
+        raise PortLLMError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise PortLLMError(f"{path}: unreadable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    return [{**row, "_line": n, "_file": str(path)} for n, row in enumerate(table.to_pylist(), 1)]
+
+
 def attach_labels(path: Path, rows: Rows, suffix: str = "-labels.lst") -> Rows:
     """WinoGrande/PIQA keep labels in a sibling .lst file, line for line; no such file, no labels."""
     lst = path.with_name(path.stem + suffix)
@@ -87,14 +137,20 @@ def with_labels(reader: Callable[[Path], Rows], suffix: str = "-labels.lst") -> 
     return lambda path: attach_labels(path, reader(path), suffix)
 
 
-FORMATS = ("jsonl", "tsv")
+FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
+def format_of(path: str) -> str | None:
+    """The format a data file's suffix names (`.jsonl` -> jsonl), or None."""
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return suffix if suffix in FORMATS else None
 
 
 @dataclass(frozen=True)
 class Reader:
     """A definition's `reader:` block: file format, header overrides by file, sibling labels file."""
 
-    format: str = "jsonl"
+    format: str = "jsonl"  # one of FORMATS, or "auto": each file as its suffix says
     headers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path relative to the data dir, columns)
     labels: str | None = None  # suffix of the sibling labels file, e.g. "-labels.lst"
 
@@ -106,5 +162,9 @@ class Reader:
         return None
 
     def __call__(self, path: Path) -> Rows:
-        rows = read_jsonl(path) if self.format == "jsonl" else read_tsv(path, self.header_for(path))
+        fmt = format_of(path.name) if self.format == "auto" else self.format
+        if fmt in ("tsv", "csv"):
+            rows = (read_tsv if fmt == "tsv" else read_csv)(path, self.header_for(path))
+        else:
+            rows = {"jsonl": read_jsonl, "json": read_json, "parquet": read_parquet}[fmt](path)
         return attach_labels(path, rows, self.labels) if self.labels else rows

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("mc", "gen")
+DATA_VAR = "${PORTLLM_DATA}/"  # how a user's task file names data in the data directory (--data-dir)
 # metric -> how tables print it; exact_match is GSM8K's flexible extraction (the engine's headline number)
 METRICS = {"acc": "acc", "acc_norm": "acc_norm", "exact_match": "exact match (flexible)"}
 METRIC_KINDS = {"acc": "mc", "acc_norm": "mc", "exact_match": "gen"}
@@ -27,7 +28,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Split:
-    file: str  # relative to the data dir; "a+b" concatenates files
+    file: str  # relative to the data dir (a user's task file: to its folder, or ${PORTLLM_DATA}/...); "a+b" joins
     rows: tuple[int | None, int | None] = (None, None)  # [start, stop) slice of the rows in file order
     note: str = ""
 
@@ -60,3 +61,11 @@ class Task:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     paper: bool = False  # one of the seven tasks of the PortLLM paper
     source: str = ""  # the definition file it was loaded from
+    root: Path | None = None  # a user's task file: its folder, which its data paths are relative to
+    sha256: str = ""  # a user's task file: the file's hash, so caches never take two files of one name for one
+
+    @property
+    def identity(self) -> str:
+        """What caches and manifests key the task by: the name, plus the file's hash for a user's task file
+        (a shipped task's key stays its name, so existing caches still resume)."""
+        return f"{self.name}@sha256:{self.sha256}" if self.sha256 else self.name
