@@ -6,14 +6,29 @@ clients over 4 patches (client i asks for patch i mod 4), greedy, `max_tokens` g
 request (`ignore_eos`, so both servers do the same work). The naive server takes one request at a time,
 swaps the active adapter (PEFT's `set_adapter`) and runs transformers' `generate`; portllm's batches
 every waiting request into shared forward passes, each row with its own patch. Reported: generated
-tokens/s, p50/p95 latency, and the ratio. The servers run one after the other, never together.
+tokens/s, p50/p95 latency, and the ratio (goal: portllm >= 3x naive). The servers run one after the
+other, never together.
+
+portllm's server runs as it would on a network: an API key (`--api-key`, a fresh one per run), the default
+body limit (1 MiB) and runtime loading off; before measuring, the script checks that it answers 401 without
+the key, 413 for an oversized body and 403 to a runtime load. Every client sends `Authorization: Bearer`
+(the naive server has no keys and ignores it), so the two servers see the same requests.
+
+A second case, long prompts: `--long-clients` clients send `--long-prompt-tokens`-token prompts (token ids,
+so the length is exact) for `--long-max-tokens` tokens, streamed, to time the first token (TTFT p50/p95)
+beside tokens/s. The naive server sends its whole answer at the end (transformers' `generate`), so its TTFT
+is its latency.
 
 With --soak-minutes M, portllm's server then runs M minutes at steady load, with a client that also
-sends bad requests (unknown model, malformed JSON, bad parameter) that must be answered 4xx: failed
+sends bad requests (unknown model, malformed JSON, bad parameter: 4xx; a wrong API key: 401): failed
 requests are counted and the server's resident memory (RSS) is sampled to show it stays flat.
+
+--quick: a smoke size that proves the script works end to end in a minute or two (2 clients, 8 tokens,
+64-token long prompts; writes under .cache/serve_load/ unless --out is given).
 
     python benchmarks/serve_load.py --base smollm2-135m --patches DIR1,DIR2,DIR3,DIR4 [--soak-minutes 10]
     python benchmarks/serve_load.py --base smollm2-135m        # makes 4 random rank-8 patches (cached)
+    python benchmarks/serve_load.py --quick
 """
 
 from __future__ import annotations
@@ -24,11 +39,13 @@ import json
 import os
 import platform
 import queue
+import secrets
 import subprocess
 import sys
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +60,34 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a village by the sea,",
 ]
+QUICK = {  # --quick: the smoke size (explicit options still win)
+    "clients": 2,
+    "requests_per_client": 1,
+    "max_tokens": 8,
+    "long_clients": 2,
+    "long_requests_per_client": 1,
+    "long_prompt_tokens": 64,
+    "long_max_tokens": 8,
+    "out": ROOT / ".cache" / "serve_load" / "quick",
+}
+
+
+def long_prompts(base: str, n_tokens: int, count: int) -> list[list[int]]:
+    """`count` different prompts of exactly `n_tokens` token ids (PROMPTS, rotated, repeated), so both servers
+    prefill the same lengths whatever the tokenizer does with text."""
+    from transformers import AutoTokenizer
+
+    from portllm.models import resolve_base
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(base))
+    out = []
+    for j in range(count):
+        sentences = PROMPTS[j % len(PROMPTS) :] + PROMPTS[: j % len(PROMPTS)]
+        ids: list[int] = []
+        while len(ids) < n_tokens:
+            ids += tok(" ".join(sentences) + "\n", add_special_tokens=False)["input_ids"]
+        out.append(ids[:n_tokens])
+    return out
 
 
 # ---------------------------------------------------------------- patches
@@ -134,7 +179,7 @@ def run_naive_server(args: argparse.Namespace) -> None:
     """The naive server process (this script with --naive-server)."""
     import uvicorn
 
-    from portllm.cli.serving import _listen
+    from portllm.cli.serving import listen_socket
     from portllm.serve import EngineConfig, create_app
 
     if args.threads:
@@ -143,7 +188,7 @@ def run_naive_server(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     patches = {f"p{i}": p for i, p in enumerate(args.patches.split(","))}
     eng = naive_engine_class()(args.base, patches, EngineConfig(max_batch=1, max_queue=args.max_queue), name=args.base)
-    sock = _listen("127.0.0.1", 0)
+    sock = listen_socket("127.0.0.1", 0)
     print(f"serving {args.base} on http://127.0.0.1:{sock.getsockname()[1]}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(create_app(eng), log_level="warning", access_log=False)).run(sockets=[sock])
 
@@ -159,9 +204,11 @@ class Server:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=ROOT)
         self.url = ""
+        self.line = ""  # the start-up line (portllm's says how many API keys and whether runtime loading is on)
         for line in self.proc.stdout:
             if "serving" in line and " on " in line:
                 self.url = line.split(" on ", 1)[1].split()[0]
+                self.line = line.strip()
                 break
         if not self.url:
             raise SystemExit(f"server did not start: {' '.join(cmd)}; see {log}")
@@ -190,57 +237,101 @@ def percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-async def one_request(http: Any, url: str, body: dict[str, Any]) -> tuple[float, int, int]:
-    """(latency s, completion tokens, HTTP status)."""
+@dataclass(frozen=True)
+class Workload:
+    """What the clients of one case send: prompts (texts or token ids) taken in turn, and how much to generate."""
+
+    prompts: list[Any]
+    max_tokens: int
+    stream: bool = False  # streamed: the first token's arrival is timed
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    latency_s: float
+    ttft_s: float | None = None  # streamed requests only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def one_request(http: Any, url: str, body: dict[str, Any]) -> Reply:
+    """One completion; streamed ones are timed to their first text chunk and counted by their usage chunk."""
     t = time.perf_counter()
-    r = await http.post(url + "/completions", json=body)
+    if not body.get("stream"):
+        r = await http.post(url + "/completions", json=body)
+        dt = time.perf_counter() - t
+        if r.status_code != 200:
+            return Reply(r.status_code, dt)
+        usage = r.json()["usage"]
+        return Reply(200, dt, None, usage["prompt_tokens"], usage["completion_tokens"])
+    first = None
+    usage = None
+    async with http.stream("POST", url + "/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return Reply(r.status_code, time.perf_counter() - t)
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"error in the stream: {chunk['error'].get('message')}")
+            if first is None and any(c.get("text") for c in chunk.get("choices") or []):
+                first = time.perf_counter() - t
+            usage = chunk.get("usage") or usage
     dt = time.perf_counter() - t
-    tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
-    return dt, tokens, r.status_code
+    if usage is None:
+        raise RuntimeError("the stream ended without a usage chunk (stream_options.include_usage)")
+    return Reply(200, dt, first, usage["prompt_tokens"], usage["completion_tokens"])
 
 
-async def load(url: str, models: list[str], clients: int, per_client: int | None, seconds: float | None, args) -> dict:
+async def load(
+    url: str, models: list[str], clients: int, per_client: int | None, seconds: float | None, work: Workload, args
+) -> dict:
     """Closed-loop clients; stops after per_client requests each, or after `seconds`."""
     import httpx
 
-    lat: list[float] = []
-    tokens = 0
+    replies: list[Reply] = []
     failed = 0
     errors: list[str] = []
     stop_at = time.perf_counter() + seconds if seconds else None
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=args.auth) as http:
 
         async def client(i: int) -> None:
-            nonlocal tokens, failed
+            nonlocal failed
             k = 0
             while (per_client is None or k < per_client) and (stop_at is None or time.perf_counter() < stop_at):
                 body = {
                     "model": models[i % len(models)],
-                    "prompt": PROMPTS[(i + k) % len(PROMPTS)],
-                    "max_tokens": args.max_tokens,
+                    "prompt": work.prompts[(i + k) % len(work.prompts)],
+                    "max_tokens": work.max_tokens,
                     "temperature": 0,
                     "ignore_eos": True,
                 }
+                if work.stream:
+                    body.update(stream=True, stream_options={"include_usage": True})
                 try:
-                    dt, n, status = await one_request(http, url, body)
-                except Exception as e:  # a dropped connection or a timeout is a failed request
+                    reply = await one_request(http, url, body)
+                except Exception as e:  # a dropped connection, a timeout or an error mid-stream is a failed request
                     failed += 1
                     errors.append(f"{e.__class__.__name__}: {e}"[:200])
                 else:
-                    if status == 200:
-                        lat.append(dt)
-                        tokens += n
+                    if reply.status == 200:
+                        replies.append(reply)
                     else:
                         failed += 1
-                        errors.append(f"HTTP {status}")
+                        errors.append(f"HTTP {reply.status}")
                 k += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - t0
-    return {
-        "requests": len(lat),
+    tokens = sum(r.completion_tokens for r in replies)
+    lat = [r.latency_s for r in replies]
+    res = {
+        "requests": len(replies),
         "failed": failed,
         "errors": errors[:10],
         "completion_tokens": tokens,
@@ -249,16 +340,65 @@ async def load(url: str, models: list[str], clients: int, per_client: int | None
         "p50_latency_s": round(percentile(lat, 50), 3),
         "p95_latency_s": round(percentile(lat, 95), 3),
     }
+    if work.stream:
+        ttft = [r.ttft_s for r in replies if r.ttft_s is not None]
+        res["prompt_tokens"] = sorted({r.prompt_tokens for r in replies})  # as the server counted them
+        res["p50_ttft_s"] = round(percentile(ttft, 50), 3)
+        res["p95_ttft_s"] = round(percentile(ttft, 95), 3)
+    return res
 
 
-async def bad_requests(url: str, stop_at: float) -> dict:
-    """Every second: an unknown model, malformed JSON, a bad parameter. Each must be answered 4xx."""
+async def check_security(url: str, auth: dict[str, str]) -> dict:
+    """portllm's server must refuse a client without the key or with a wrong one (401), a body over the default
+    limit (413) and a runtime load (403), and answer the key (200): else the run measures the wrong server."""
+    import httpx
+
+    from portllm.serve.security import DEFAULT_MAX_BODY_BYTES
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        got = {
+            "no_key": (await http.get(url + "/models")).status_code,
+            "wrong_key": (await http.get(url + "/models", headers={"Authorization": "Bearer wrong"})).status_code,
+            "with_key": (await http.get(url + "/models", headers=auth)).status_code,
+        }
+        got["oversized_body"] = await oversized_status(url, auth, DEFAULT_MAX_BODY_BYTES + 1)
+        lora = {"lora_name": "x", "lora_path": str(ROOT)}
+        got["runtime_load"] = (await http.post(url + "/load_lora_adapter", json=lora, headers=auth)).status_code
+    want = {"no_key": 401, "wrong_key": 401, "with_key": 200, "oversized_body": 413, "runtime_load": 403}
+    if got != want:
+        raise SystemExit(f"portllm's server is not running with authentication and limits on: {got} (want {want})")
+    return {"api_key": True, "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "runtime_loading": False, "checked": got}
+
+
+async def oversized_status(url: str, auth: dict[str, str], length: int) -> int:
+    """The status a completion announcing a `length`-byte body gets before any of it is sent (the limit is
+    applied from Content-Length; a client like httpx, still writing the body, would see the connection close)."""
+    import httpx
+
+    u = httpx.URL(url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    head = (
+        f"POST {u.path}/completions HTTP/1.1\r\nHost: {u.host}\r\nAuthorization: {auth['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 60)
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+async def bad_requests(url: str, stop_at: float, auth: dict[str, str]) -> dict:
+    """Every second: an unknown model, malformed JSON, a bad parameter (each must be answered 4xx), and a wrong
+    API key (401)."""
     import httpx
 
     sent = wrong = 0
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, headers=auth) as http:
         while time.perf_counter() < stop_at:
-            for kind in ("unknown", "json", "param"):
+            for kind in ("unknown", "json", "param", "key"):
                 try:
                     if kind == "json":
                         r = await http.post(url + "/completions", content=b"{no", headers={"content-type": "x"})
@@ -266,8 +406,10 @@ async def bad_requests(url: str, stop_at: float) -> dict:
                         body = {"model": "nosuch" if kind == "unknown" else "p0", "prompt": "x", "max_tokens": 2}
                         if kind == "param":
                             body["temperature"] = 9
-                        r = await http.post(url + "/completions", json=body)
-                    ok = r.status_code in (400, 404) and "error" in r.json()
+                        headers = {"Authorization": "Bearer not-the-key"} if kind == "key" else None
+                        r = await http.post(url + "/completions", json=body, headers=headers)
+                    expected = (401,) if kind == "key" else (400, 404)
+                    ok = r.status_code in expected and "error" in r.json()
                 except Exception:
                     ok = False
                 sent += 1
@@ -276,7 +418,7 @@ async def bad_requests(url: str, stop_at: float) -> dict:
     return {"bad_requests_sent": sent, "bad_requests_mishandled": wrong}
 
 
-async def soak(server: Server, models: list[str], args) -> dict:
+async def soak(server: Server, models: list[str], work: Workload, args) -> dict:
     seconds = args.soak_minutes * 60
     stop_at = time.perf_counter() + seconds
     rss: list[tuple[float, float]] = []
@@ -288,7 +430,9 @@ async def soak(server: Server, models: list[str], args) -> dict:
             await asyncio.sleep(args.rss_every)
 
     res, bad, _ = await asyncio.gather(
-        load(server.url, models, args.soak_clients, None, seconds, args), bad_requests(server.url, stop_at), sample()
+        load(server.url, models, args.soak_clients, None, seconds, work, args),
+        bad_requests(server.url, stop_at, args.auth),
+        sample(),
     )
     values = [m for _, m in rss]
     tenth = max(1, len(values) // 10)
@@ -314,10 +458,18 @@ async def soak(server: Server, models: list[str], args) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def ratio(case: dict) -> float | None:
+    """portllm's tokens/s over the naive server's (None without a naive run)."""
+    if "naive" not in case:
+        return None
+    return round(case["portllm"]["tokens_per_s"] / max(case["naive"]["tokens_per_s"], 1e-9), 2)
+
+
 def table(res: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=140, record=True)
     t = Table(title=f"serve load: {res['clients']} clients over {res['n_patches']} patches, {res['base']}")
     for c in ("server", "requests", "failed", "tokens/s", "p50 latency (s)", "p95 latency (s)", "wall (s)"):
         t.add_column(c, justify="right" if c != "server" else "left")
@@ -332,9 +484,40 @@ def table(res: dict) -> str:
             f"{r['p95_latency_s']:.2f}",
             f"{r['wall_s']:.1f}",
         )
-    console = Console(width=140, record=True)
     console.print(t)
-    console.print(f"throughput ratio portllm / naive: {res['throughput_ratio']:.2f}x (goal >= 3x)")
+    met = "met" if res["goal_3x_met"] else "NOT met"
+    console.print(f"throughput ratio portllm / naive: {res['throughput_ratio']:.2f}x (goal >= 3x: {met})")
+    sec = res["security"]
+    console.print(
+        f"portllm's server: API key on, body limit {sec['max_body_bytes']} bytes, runtime loading off "
+        f"(checked: {', '.join(f'{k} {v}' for k, v in sec['checked'].items())})"
+    )
+    lp = res["long_prompt"]
+    t = Table(
+        title=f"long prompts: {lp['clients']} clients x {lp['requests_per_client']} requests, "
+        f"{lp['prompt_tokens']}-token prompts, {lp['max_tokens']} tokens generated, streamed"
+    )
+    cols = ("server", "requests", "failed", "tokens/s", "TTFT p50 (s)", "TTFT p95 (s)", "p50 latency (s)")
+    for c in (*cols, "p95 latency (s)", "wall (s)"):
+        t.add_column(c, justify="right" if c != "server" else "left")
+    for name in ("naive", "portllm"):
+        r = lp[name]
+        t.add_row(
+            name,
+            str(r["requests"]),
+            str(r["failed"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['p50_ttft_s']:.2f}",
+            f"{r['p95_ttft_s']:.2f}",
+            f"{r['p50_latency_s']:.2f}",
+            f"{r['p95_latency_s']:.2f}",
+            f"{r['wall_s']:.1f}",
+        )
+    console.print(t)
+    console.print(
+        f"long prompts: throughput ratio portllm / naive {lp['throughput_ratio']:.2f}x "
+        "(the naive server answers at the end: its TTFT is its latency)"
+    )
     if res.get("soak"):
         s = res["soak"]
         console.print(
@@ -346,13 +529,17 @@ def table(res: dict) -> str:
     return console.export_text()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--patches", default=None, help="comma-separated patch directories (default: 4 random ones)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--long-clients", type=int, default=8, help="the long-prompt case's clients")
+    ap.add_argument("--long-requests-per-client", type=int, default=1)
+    ap.add_argument("--long-prompt-tokens", type=int, default=512)
+    ap.add_argument("--long-max-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each server")
@@ -363,9 +550,16 @@ def main() -> None:
     ap.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples in the soak")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/serve_load", help="writes OUT.json, OUT.txt")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "serve_load")
+    ap.add_argument("--quick", action="store_true", help="smoke size: 2 clients, 8 tokens, 64-token long prompts")
     ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    if ap.parse_known_args()[0].quick:
+        ap.set_defaults(**QUICK)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.naive_server:
         run_naive_server(args)
         return
@@ -377,6 +571,10 @@ def main() -> None:
         print("making 4 random rank-8 patches ...", flush=True)
         patches = make_patches(args.base, 4, args.work / "random-patches")
     names = [f"p{i}" for i in range(len(patches))]
+    key = secrets.token_urlsafe(24)  # this run's API key: never written to the outputs
+    args.auth = {"Authorization": f"Bearer {key}"}
+    main_work = Workload(PROMPTS, args.max_tokens)
+    long_work = Workload(long_prompts(args.base, args.long_prompt_tokens, len(PROMPTS)), args.long_max_tokens, True)
     common = ["--base", args.base, "--max-queue", str(args.max_queue)] + (
         ["--threads", str(args.threads)] if args.threads else []
     )
@@ -391,37 +589,59 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    long_res: dict[str, Any] = {
+        "clients": args.long_clients,
+        "requests_per_client": args.long_requests_per_client,
+        "prompt_tokens": args.long_prompt_tokens,
+        "max_tokens": args.long_max_tokens,
+    }
 
-    def measure(label: str, cmd: list[str]) -> tuple[dict, Server]:
+    def measure(label: str, cmd: list[str]) -> Server:
         print(f"starting the {label} server ...", flush=True)
         server = Server(cmd, args.work / f"{label}.log")
-        asyncio.run(load(server.url, names, len(names), 1, None, args))  # warm-up: one request per patch
+        try:
+            if label == "portllm":
+                res["security"] = asyncio.run(check_security(server.url, args.auth))
+                res["security"]["server_line"] = server.line
+            res[label], long_res[label] = measure_cases(server, label)
+        except BaseException:  # a failed check or an interrupt: the server process must not outlive the script
+            server.stop()
+            raise
+        return server
+
+    def measure_cases(server: Server, label: str) -> tuple[dict, dict]:
+        asyncio.run(load(server.url, names, len(names), 1, None, main_work, args))  # warm-up: one request per patch
         print(f"measuring {label}: {args.clients} clients x {args.requests_per_client} requests ...", flush=True)
-        r = asyncio.run(load(server.url, names, args.clients, args.requests_per_client, None, args))
+        r = asyncio.run(load(server.url, names, args.clients, args.requests_per_client, None, main_work, args))
         r["server_rss_mb"] = round(server.rss_mb(), 1)
         print(f"  {label}: {r['tokens_per_s']} tokens/s, p50 {r['p50_latency_s']} s, p95 {r['p95_latency_s']} s")
-        return r, server
+        warm = Workload(long_work.prompts[-1:], 2, True)  # the long shapes once, outside the measurement
+        asyncio.run(load(server.url, names, 1, 1, None, warm, args))
+        per = args.long_requests_per_client
+        print(f"measuring {label}, long prompts: {args.long_clients} clients x {per} requests ...", flush=True)
+        lr = asyncio.run(load(server.url, names, args.long_clients, per, None, long_work, args))
+        lr["server_rss_mb"] = round(server.rss_mb(), 1)
+        print(f"  {label}: {lr['tokens_per_s']} tokens/s, TTFT p50 {lr['p50_ttft_s']} s, p95 {lr['p95_ttft_s']} s")
+        return r, lr
 
     if not args.skip_naive:
         naive_cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", "--patches"]
         naive_cmd += [",".join(map(str, patches)), *common]
-        res["naive"], server = measure("naive", naive_cmd)
-        server.stop()
+        measure("naive", naive_cmd).stop()
     serve_cmd = [sys.executable, "-m", "portllm.cli", "serve", "--port", "0", "--max-batch", str(args.max_batch)]
-    serve_cmd += [*common, *(f"--patch={n}={p}" for n, p in zip(names, patches))]
-    res["portllm"], server = measure("portllm", serve_cmd)
+    serve_cmd += [*common, "--api-key", key, *(f"--patch={n}={p}" for n, p in zip(names, patches))]
+    server = measure("portllm", serve_cmd)
     try:
         if args.soak_minutes > 0:
             print(f"soak: {args.soak_minutes} min at {args.soak_clients} clients ...", flush=True)
-            res["soak"] = asyncio.run(soak(server, names, args))
+            res["soak"] = asyncio.run(soak(server, names, main_work, args))
     finally:
         server.stop()
-    if "naive" in res:
-        res["throughput_ratio"] = round(res["portllm"]["tokens_per_s"] / max(res["naive"]["tokens_per_s"], 1e-9), 2)
-        text = table(res)
-    else:
-        res["throughput_ratio"] = None
-        text = json.dumps(res["portllm"], indent=2)
+    res["throughput_ratio"] = ratio(res)
+    res["goal_3x_met"] = None if res["throughput_ratio"] is None else res["throughput_ratio"] >= 3
+    long_res["throughput_ratio"] = ratio(long_res)
+    res["long_prompt"] = long_res
+    text = table(res) if "naive" in res else json.dumps({"portllm": res["portllm"], "long_prompt": long_res}, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     args.out.with_suffix(".txt").write_text(text)

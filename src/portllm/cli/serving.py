@@ -38,7 +38,7 @@ def parse_patches(specs: list[str] | None) -> dict[str, Path]:
     return found
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so a taken port is a one-line error and --port 0 picks a free one."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -233,7 +233,7 @@ def _serve_portllm(a: ServeArgs) -> None:
         rlog.setLevel(logging.INFO)
         rlog.addHandler(logging.StreamHandler(sys.stderr))
     _warn_exposure(a)
-    sock = _listen(a.host, a.port)
+    sock = listen_socket(a.host, a.port)
     _announce(eng.name, a.host, sock.getsockname()[1], patches, a.router, cfg, security)
     config = uvicorn.Config(
         create_app(eng, security),
