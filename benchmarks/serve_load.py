@@ -543,6 +543,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each server")
+    ap.add_argument(
+        "--device", default="cpu", help="portllm's server: --device (the GPU serving check: cuda, against a cpu run)"
+    )
+    ap.add_argument("--dtype", default=None, help="portllm's server: --dtype (default: auto for --device)")
     ap.add_argument("--timeout", type=float, default=1800, help="client timeout per request (s)")
     ap.add_argument("--skip-naive", action="store_true", help="measure portllm's server only")
     ap.add_argument("--soak-minutes", type=float, default=0)
@@ -630,6 +634,7 @@ def main() -> None:
         measure("naive", naive_cmd).stop()
     serve_cmd = [sys.executable, "-m", "portllm.cli", "serve", "--port", "0", "--max-batch", str(args.max_batch)]
     serve_cmd += [*common, "--api-key", key, *(f"--patch={n}={p}" for n, p in zip(names, patches))]
+    serve_cmd += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     server = measure("portllm", serve_cmd)
     try:
         if args.soak_minutes > 0:
