@@ -35,7 +35,7 @@ from .metrics import (
 )
 from .pack import CPU_BATCH_TOKENS, token_budget
 from .results import EvalResult, TaskResult, TaskRun, read_run
-from .run import evaluate, run_task
+from .run import empty_result, evaluate, run_task
 
 __all__ = [
     "CPU_BATCH_TOKENS",
@@ -57,6 +57,7 @@ __all__ = [
     "cut_at_stop",
     "encode_pair",
     "encode_text",
+    "empty_result",
     "evaluate",
     "extract_flexible",
     "extract_strict",

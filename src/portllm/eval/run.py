@@ -77,6 +77,14 @@ def run_task(
     )
 
 
+def empty_result(lm: LM, limit: int | None, batch_size: int, max_tokens: int | None) -> EvalResult:
+    """An EvalResult naming the model and the batch settings, before any task is scored (eval and routed eval)."""
+    device = lm.model.get_input_embeddings().weight.device
+    return EvalResult(
+        lm.spec, lm.patch, lm.patch_fingerprint, lm.dtype, limit, batch_size, token_budget(max_tokens, device)
+    )
+
+
 def evaluate(
     lm: LM,
     tasks: list[Task],
@@ -89,15 +97,7 @@ def evaluate(
 ) -> EvalResult:
     """Run tasks; with `out`, write OUT/samples_<task>.jsonl and OUT/results.json (the result's to_dict())."""
     loaded = {t.name: load_examples(t, "eval", data, limit) for t in tasks}  # fail fast on bad data
-    result = EvalResult(
-        lm.spec,
-        lm.patch,
-        lm.patch_fingerprint,
-        lm.dtype,
-        limit,
-        batch_size,
-        token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
-    )
+    result = empty_result(lm, limit, batch_size, max_tokens)
     total = sum(len(e) * (len(e[0].continuations) or 1) for e in loaded.values() if e)
     with Bar(show_progress, total, "eval") as bar:
         for t in tasks:

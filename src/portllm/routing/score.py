@@ -20,10 +20,10 @@ from ..eval import (
     TaskRun,
     accuracy,
     bootstrap_stderr,
+    empty_result,
     loglikelihoods,
     mc_records,
     run_task,
-    token_budget,
 )
 from ..progress import Bar
 from ..tasks import Example, Task, load_examples
@@ -113,15 +113,7 @@ def evaluate_routed(
     """`evaluate` for a routed patch set: results.json and samples_<task>.jsonl as `portllm eval` writes them."""
     loaded = {t.name: (t, load_examples(t, "eval", data, limit)) for t in tasks}
     lm = pset.lm()
-    result = EvalResult(
-        lm.spec,
-        lm.patch,
-        lm.patch_fingerprint,
-        lm.dtype,
-        limit,
-        batch_size,
-        token_budget(max_tokens, lm.model.get_input_embeddings().weight.device),
-    )
+    result = empty_result(lm, limit, batch_size, max_tokens)
     total = sum(len(e) * (len(e[0].continuations) or 1) for _, e in loaded.values() if e)
     with Bar(show_progress, total, f"eval ({router.name if router else 'base'})") as bar:
         runs = score_tasks(pset, router, loaded, batch_size, max_tokens, bar.advance)
