@@ -1,7 +1,7 @@
-"""The steps experiments are made of: train a patch, port it, score a model on one task.
+"""The steps experiments are made of: train a patch, port it, repair it, score a model on one task.
 
 `portllm reproduce` runs them on its grid; a drift sweep or a routing study runs the same steps on
-other grids. Training and porting each run in their own process (`isolate.run`), so the time and
+other grids. Training, porting and repair each run in their own process (`isolate.run`), so the time and
 peak memory they record are the step's own and not the experiment's; scoring runs in the caller's
 process. The arguments are plain values (paths, names, a config), so any grid can cache by them.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from . import isolate
 from .eval import TaskResult, evaluate, open_lm
 from .port import PortResult, port
+from .repair import RepairResult, repair
 from .tasks import get_task
 from .train import TrainConfig, TrainResult, train
 
@@ -66,10 +67,12 @@ def eval_step(
     dtype: str = "float32",
     gen_tokens: int | None = None,
     show_progress: bool = False,
+    device: str = "cpu",
 ) -> TaskResult:
     """Score `model` (+ `patch` at runtime) on one task into the run directory `out`, all or nothing.
 
     `gen_tokens` caps generation for generative tasks (GSM8K). A directory that exists is replaced.
+    `device`: a resolved device (device.resolve_device) the model is opened on.
     """
 
     t = get_task(task)
@@ -78,7 +81,7 @@ def eval_step(
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm = open_lm(model, patch, dtype=dtype)
+    lm = open_lm(model, patch, dtype=dtype, device=device)
     try:
         result = evaluate(lm, [t], limit=limit, data=data, out=tmp, show_progress=show_progress)
     finally:
@@ -87,3 +90,10 @@ def eval_step(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return result.tasks[t.name]
+
+
+def repair_step(patch: str | Path, base: str | Path, old: str | Path, out: str | Path, **kw) -> RepairResult:
+    """Repair `patch` (made on `old`) for `base` into `out` (replaced), in its own process; the result's wall
+    time and peak RSS are the repair's own (teacher targets and student training together)."""
+    result, _ = isolate.run(repair, Path(patch), str(base), str(old), Path(out), overwrite=True, **kw)
+    return result

@@ -226,7 +226,7 @@ def example_order(n: int, steps: int, batch: int, seed: int) -> list[int]:
     return order[:need]
 
 
-def _lr_at(step: int, cfg: Any) -> float:
+def lr_at(step: int, cfg: Any) -> float:
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -265,7 +265,7 @@ def train(
         model, tok, examples = _load_for_training(base, task, cfg, data)
         device = resolve_device(cfg.device)
         model.to(device)
-        model = _with_lora(model, cfg, warm)
+        model = with_lora(model, cfg, warm)
         identity = {
             "recipe": cfg.key(),
             "base": base.fingerprint,
@@ -281,7 +281,7 @@ def train(
     if eval_limit:
         result.eval = _self_eval(model, tok, task, data, eval_limit, base)
     record = _training_record(cfg, task.identity, len(examples), result, device)  # a task file: name@sha256
-    _save_patch(model, base, task.name, {"training": record, "eval_on_base": result.eval}, warm, out, overwrite)
+    save_trained_patch(model, base, task.name, {"training": record, "eval_on_base": result.eval}, warm, out, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
 
@@ -321,7 +321,7 @@ def train_on_data(
     cfg = warm.cfg if warm else _paper_lora(cfg, base)
     ckpt = out.parent / f".{out.name}.ckpt"
     with measure() as usage:
-        model, tok = _load_model(base, cfg)
+        model, tok = load_model_for_training(base, cfg)
         enc = encode_rows(tok, train_rows[: cfg.max_examples], cfg.max_length)
         held = encode_rows(tok, held_rows, cfg.max_length)
         for what, e in (("train", enc), ("held-out", held)):
@@ -330,7 +330,7 @@ def train_on_data(
         _check_count(len(enc.examples), cfg, src.path.name)
         device = resolve_device(cfg.device)
         model.to(device)
-        model = _with_lora(model, cfg, warm)
+        model = with_lora(model, cfg, warm)
         before = completion_loglik(model, held.examples, tok.pad_token_id, cfg.batch_size) if held.examples else None
         identity = {
             "recipe": cfg.key(),
@@ -357,7 +357,7 @@ def train_on_data(
         result.heldout["loglik_per_token_after"] = after
         data_record["heldout"] |= result.heldout
     record = {**_training_record(cfg, None, len(enc.examples), result, device), "data": data_record}
-    _save_patch(model, base, None, {"training": record}, warm, out, overwrite)
+    save_trained_patch(model, base, None, {"training": record}, warm, out, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
 
@@ -383,13 +383,13 @@ def _load_for_training(
 ) -> tuple[Any, Any, list[tuple[list[int], list[int]]]]:
     """The base model, its tokenizer (padding with EOS where it has no pad token) and the tokenized train
     examples; refuses a run with fewer examples than one batch, or one that would repeat them too often."""
-    model, tok = _load_model(base, cfg)
+    model, tok = load_model_for_training(base, cfg)
     examples = training_examples(task, tok, cfg.max_length, data, cfg.max_examples)
     _check_count(len(examples), cfg, task.name)
     return model, tok, examples
 
 
-def _load_model(base: BaseRef, cfg: TrainConfig) -> tuple[Any, Any]:
+def load_model_for_training(base: BaseRef, cfg: TrainConfig) -> tuple[Any, Any]:
     """The base model and its tokenizer, padding with EOS where it has no pad token."""
     model, tok = load_base(base, dtype=cfg.dtype)
     if tok is None:
@@ -411,7 +411,7 @@ def _check_count(n: int, cfg: TrainConfig, name: str) -> None:
         )
 
 
-def _with_lora(model: Any, cfg: TrainConfig, warm: WarmStart | None) -> Any:
+def with_lora(model: Any, cfg: TrainConfig, warm: WarmStart | None) -> Any:
     """The model wrapped in fresh LoRA modules (seeded init), holding the init patch's factors on a warm start."""
     from peft import LoraConfig, get_peft_model  # deferred: peft's import is slow, and only training needs it
 
@@ -457,7 +457,7 @@ def _training_record(
     }
 
 
-def _save_patch(
+def save_trained_patch(
     model: Any,
     base: BaseRef,
     task: str | None,
@@ -465,13 +465,17 @@ def _save_patch(
     warm: WarmStart | None,
     out: Path,
     overwrite: bool,
+    event: dict[str, Any] | None = None,
 ) -> None:
-    """Write the trained LoRA as a portllm patch of `base`; a warm start's lineage continues its init's."""
+    """Write the trained LoRA as a portllm patch of `base`; a warm start's lineage continues its init's.
+
+    `event`: fields added to this run's lineage entry (a repair records its method and cost there)."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         config, tensors = read_adapter(Path(tmp))
     config = dict(config, base_model_name_or_path=str(base))
-    manifest = new_manifest(base.info, config, tensors, "trained", task, extra)
+    manifest = new_manifest(base.info, config, tensors, (event or {}).get("event", "trained"), task, extra)
+    manifest.lineage[-1].update(event or {})
     if warm:  # the factors descend from the init patch: its history, then this run
         event = dict(manifest.lineage[-1], init={k: warm.record[k] for k in ("path", "weights_sha256")})
         manifest.lineage = [*warm.lineage, event]
@@ -508,7 +512,7 @@ def fit(
             batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             ids, labels, mask = collate(batch, pad_id, device)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             if not torch.isfinite(loss):
                 raise PortLLMError(f"loss became {float(loss)} at step {step}; lower --lr")

@@ -29,6 +29,12 @@ def sweep_cmd(
     out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="where report.json/.md and charts go"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/sweep)"),
+    device: str = typer.Option(
+        "cpu", "--device", help=f"{DEVICE_HELP}; the sweep runs every step on the CPU only for now"
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help=f"scoring dtype (default: the plan's, float32): {DTYPE_HELP}"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of tables"),
 ) -> None:
     """Drift levels × tasks × seeds: what porting loses as the base drifts, and the forecast's validation."""
@@ -36,6 +42,11 @@ def sweep_cmd(
 
     from ..sweep import PLANS, sweep
 
+    if resolve_device(device) != "cpu":  # an absent device fails inside, with its own line
+        raise PortLLMError(
+            f"sweep runs on the CPU only for now (its scoring, rescale and repair steps are not threaded to a "
+            f"device); drop --device {device}"
+        )
     if plan not in PLANS:
         raise PortLLMError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
     p = PLANS[plan]
@@ -63,6 +74,8 @@ def sweep_cmd(
         correct_levels=p.correct_levels if correct else (),
         correct_real=p.correct_real and correct,
     )
+    if dtype is not None:
+        p = replace(p, eval_dtype=resolve_dtype(dtype, "cpu"))  # the eval cache keys by it
     log = log_line if not as_json else (lambda m: None)
     r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)
     if as_json:
@@ -102,7 +115,10 @@ def forecast_cmd(
     base: str = typer.Option(..., "--base", help=f"the new base you plan to port onto: {SPEC_HELP}"),
     old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on (needed for a loss)"),
     inputs: Optional[str] = typer.Option(
-        None, "--inputs", help="a task's unlabeled inputs (a name or a task file, my/task.yaml), or a text file"
+        None,
+        "--inputs",
+        help="a task's unlabeled inputs (a name or a task file, my/task.yaml), a text file, or a prompt/completion "
+        "or chat .jsonl (train --data's rows: also the change in the completions' log-likelihood)",
     ),
     include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(200, "--n", min=1, help="how many inputs to compare the two models on"),
@@ -138,6 +154,10 @@ def forecast_cmd(
         o = f.outputs
         t.add_row(f"answers that change ({o.source}, n={o.n})", f"{o.disagreement:.1%}", "θ+Δθ vs θ'+Δθ")
         t.add_row("KL(θ+Δθ ‖ θ'+Δθ)", f"{o.mean_kl:.4f}", "mean over inputs")
+        if o.loglik_change is not None:
+            lo, hi = o.loglik_change_ci
+            t.add_row("reference log-lik.", f"{o.loglik_a:.4f} -> {o.loglik_b:.4f}", "nats/token: θ+Δθ -> θ'+Δθ")
+            t.add_row("its change", f"{o.loglik_change:+.4f} [{lo:+.4f}, {hi:+.4f}]", "paired 95% CI; not in points")
     out.print(t)
     out.print(f"verdict: {f.sentence()}")
     for note in f.notes[:-1] if f.loss_points is None else f.notes:
@@ -187,4 +207,71 @@ def rescale_cmd(
     out.print(
         "[dim]measured in docs/sweep at 2.3–4.5% drift: +5 to +8 points over the plain port on SST-2, no effect "
         "on CommonsenseQA; check it on your task before relying on it.[/dim]"
+    )
+
+
+@app.command("repair")
+def repair_cmd(
+    patch: Path = typer.Argument(..., help="patch directory (made on --from)"),
+    base: str = typer.Option(..., "--base", help=f"the new base the patch should work on: {SPEC_HELP}"),
+    old: str = typer.Option(..., "--from", help="the base the patch was made on (θ+Δθ is what the repair matches)"),
+    out_dir: Path = typer.Option(..., "--out", help="where the repaired patch (a patch of --base) goes"),
+    inputs: str = typer.Option(
+        "self",
+        "--inputs",
+        help="unlabeled inputs: a task or task file (its train split), a .txt/.jsonl file (prompts only), or "
+        "self / self:SEEDS (θ+Δθ writes them, from nothing or from a file's or task's prompts)",
+    ),
+    include: Optional[list[Path]] = INCLUDE_PATH,
+    method: str = typer.Option("distill", "--method", help="distill, rescale (per layer type), none, or auto"),
+    n: int = typer.Option(256, "--n", min=1, help="how many inputs (for self: how many samples θ+Δθ writes)"),
+    steps: int = typer.Option(40, "--steps", min=0, help="distillation steps"),
+    lr: float = typer.Option(1e-3, "--lr", help="distillation learning rate"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="inputs per step"),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="tokens per input, the context cut from the left"),
+    flip_weight: float = typer.Option(
+        1.0, "--flip-weight", min=0.0, help="extra weight of inputs θ+Δθ is sure of and the student gets wrong"
+    ),
+    gen_tokens: int = typer.Option(48, "--gen-tokens", min=1, help="θ+Δθ's continuation of each text prompt"),
+    seed: int = typer.Option(0, "--seed", help="data order and self-generated inputs"),
+    margin: float = typer.Option(1.0, "--margin", help="auto: predicted loss in points below which nothing is done"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="the student's base weights while training (LoRA stays fp32): float32, bfloat16, auto",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Win back what a port loses where the base moved far, without labels: a patch of --base trained (or
+    rescaled) so θ'+Δθ' answers as θ+Δθ did. Check it with `portllm eval` before relying on it."""
+    from ..progress import Bar
+    from ..repair import DistillConfig, repair
+
+    dev = resolve_device(device)
+    cfg = DistillConfig(steps, lr, batch_size, max_length, seed, flip_weight=flip_weight, gen_tokens=gen_tokens)
+    with Bar(err.is_terminal and not as_json, max(1, steps), f"repair ({method})", loss="-") as bar:
+        r = repair(
+            patch, base, old, out_dir, inputs, method, n, cfg, data_dir,
+            dtype=resolve_dtype(dtype, dev),
+            device=dev, margin=margin, overwrite=overwrite,
+            progress=lambda step, loss: bar.update(step, loss=f"{loss:.4f}"),
+        )  # fmt: skip
+    if as_json:
+        print_json(r.to_dict())
+        return
+    t = Table(title=f"repair ({r.method}): {patch} -> {base}, {r.inputs.get('n', '-')} {r.inputs['source']} inputs")
+    t.add_column("held-out inputs", justify="left")
+    t.add_column("agreement with θ+Δθ", justify="right")
+    t.add_column("KL(θ+Δθ ‖ ·)", justify="right")
+    for label, a in (("plain port (θ'+Δθ)", r.before), ("repaired", r.after)):
+        if a is not None:
+            agree = "-" if a.agreement is None else f"{a.agreement:.1%}"
+            t.add_row(f"{label}, n={a.n}", agree, f"{a.kl:.4f}")
+    out.print(t)
+    out.print(f"wrote {out_dir}: {r.steps} steps, {r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB; {r.detail}")
+    out.print(
+        "[dim]measure it on labelled data before relying on it: portllm eval " + f"{base} --patch {out_dir}[/dim]"
     )

@@ -28,6 +28,7 @@ class TaskRecipe:
     retune_levels: tuple[float, ...] | None = None
     warm: bool = True  # the warm-start measurement (plan.warm_steps)
     correct: bool = True  # the rescale correction (plan.correct_levels / correct_real)
+    repair: bool = True  # the label-free repair (plan.repair_levels / repair_real)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class SweepPlan:
     correct_levels: tuple[float, ...] = ()  # t values (seed 0) where the rescale correction is tried
     correct_real: bool = False  # ... and on every real evolved base
     correct_inputs: int = 150  # unlabeled train-split inputs that choose λ
+    repair_levels: tuple[float, ...] = ()  # t values (seed 0) where `portllm repair` is measured
+    repair_real: bool = False  # ... and on every real evolved base
+    repair_inputs: tuple[str, ...] = ("task", "text", "self")  # the task's train inputs, plain text, θ+Δθ's own
+    repair_steps: int = 40
+    repair_n: int = 256  # task inputs; text and self use repair_text_n
+    repair_text_n: int = 128
+    repair_gen_tokens: int = 32
     batch_size: int = 8
     dtype: str = "bfloat16"  # training; LoRA weights stay fp32
     eval_dtype: str = "float32"
@@ -96,6 +104,42 @@ PLANS: dict[str, SweepPlan] = {
         warm_steps=(10, 30),
         correct_levels=(1.0, 2.0),
         correct_real=True,
+    ),
+    # the repair study: the full plan's recipes (so its patches, bases and evals are the same cache entries),
+    # seed 0, the levels where a plain port frays (1.13%, 2.26%, 4.52% and the real text update), and
+    # `portllm repair` from three kinds of unlabeled inputs at each (docs/sweep/repair)
+    "repair": SweepPlan(
+        "repair",
+        {
+            "sst2_heldout": TaskRecipe(
+                60,
+                1e-3,
+                128,
+                1000,
+                levels=(0.5, 1.0, 2.0),
+                real=("text",),
+                retune_levels=(1.0, 2.0),
+                warm=False,
+                correct=False,
+            ),
+            "commonsense_qa": TaskRecipe(
+                120,
+                1e-3,
+                96,
+                None,
+                levels=(0.5, 1.0, 2.0),
+                real=("text",),
+                retune_levels=(2.0,),
+                warm=False,
+                correct=False,
+            ),
+        },
+        seeds=(0,),
+        levels=(0.5, 1.0, 2.0),
+        real=(Evolution("text", 40, 1e-3, 128),),
+        retune_levels=(1.0, 2.0),
+        repair_levels=(0.5, 1.0, 2.0),
+        repair_real=True,
     ),
     # one task, one seed, three levels: a smoke run of the real pipeline (about 15 min)
     "pilot": SweepPlan(

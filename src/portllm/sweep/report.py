@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text_atomic
+from ..errors import PortLLMError
+from .calibrate import fit, is_control, validate
+from .repaired import markdown as repair_markdown
 
 
 def _band(xs: list[float]) -> tuple[float, float, float]:
@@ -19,23 +25,29 @@ def _band(xs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def by_level(report: dict[str, Any], task: str, key: Any) -> list[dict[str, Any]]:
-    """Per level (in drift order): mean and seed band of `key(cell)` over the task's seeds."""
+def by_level(report: dict[str, Any], task: str, key: Any, family: str | None = None) -> list[dict[str, Any]]:
+    """Per level (in drift order): mean and seed band of `key(cell)` over the task's seeds (of one base family,
+    when given). `real` marks a real evolved base, which is not a point on the interpolated line."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in report["cells"]:
+        if c["task"] == task and (family is None or c.get("family") == family):
+            groups.setdefault(c["level"], []).append(c)
     rows = []
-    for lv in sorted(report["levels"], key=lambda x: x["drift"]):
-        vals = [key(c) for c in report["cells"] if c["task"] == task and c["level"] == lv["label"]]
-        vals = [v for v in vals if v is not None]
+    for label, cs in groups.items():
+        vals = [v for v in (key(c) for c in cs) if v is not None]
         if vals:
             m, lo, hi = _band(vals)
-            rows.append({"level": lv["label"], "drift": lv["drift"], "mean": m, "lo": lo, "hi": hi, "n": len(vals)})
-    return rows
+            real = cs[0].get("t") is None
+            rows.append(
+                {"level": label, "drift": cs[0]["drift"], "real": real, "mean": m, "lo": lo, "hi": hi, "n": len(vals)}
+            )
+    return sorted(rows, key=lambda x: x["drift"])
 
 
-def _learned(report: dict[str, Any], task: str) -> bool:
+def _learned(report: dict[str, Any], task: str, family: str | None = None) -> bool:
     """The patch learned: θ+Δθ beats θ zero-shot and the majority class by > 2 standard errors (all seeds)."""
-    cs = [c for c in report["cells"] if c["task"] == task and c["t"] == 0.0] or [
-        c for c in report["cells"] if c["task"] == task
-    ]
+    mine = [c for c in report["cells"] if c["task"] == task and (family is None or c.get("family") == family)]
+    cs = [c for c in mine if c["t"] == 0.0] or mine
     for c in cs:
         se = math.sqrt(max(c["base+patch"] * (1 - c["base+patch"]), 1e-9) / c["n"])
         if c["base+patch"] - max(c["base"], c["majority"]) <= 2 * se:
@@ -54,10 +66,11 @@ def _cell(rows: list[dict[str, Any]], level: str, band: bool, sign: bool) -> str
 def markdown(r: dict[str, Any]) -> str:
     """report.md: the evolved bases, each task's loss by level, re-tunes, warm starts, the correction and
     the forecast's out-of-sample validation, section by section."""
-    tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
+    families = list(dict.fromkeys(c.get("family") for c in r["cells"]))
+    pairs = list(dict.fromkeys((c.get("family"), c["task"]) for c in r["cells"]))
     lines = _intro(r) + _bases(r)
-    for task in tasks:
-        lines += _task(r, task)
+    for family, task in pairs:
+        lines += _task(r, task, family if len(families) > 1 else None)
     lines += _retunes(r) + _warm_start(r) + _correction(r) + _forecast(r) + _footer(r)
     return "\n".join(lines)
 
@@ -118,20 +131,22 @@ _TASK_COLUMNS = {  # the task table's columns after level and drift: mean (and b
 }
 
 
-def _task(r: dict[str, Any], task: str) -> list[str]:
-    """One task: per level, the scores, the loss of the port with its seed band, and the forecast."""
-    first = next(c for c in r["cells"] if c["task"] == task)
-    learned = _learned(r, task)
+def _task(r: dict[str, Any], task: str, family: str | None = None) -> list[str]:
+    """One task (of one base family, when the report has several): per level, the scores, the loss of the port
+    with its seed band, and the forecast (out of sample: the headline protocol's)."""
+    first = next(c for c in r["cells"] if c["task"] == task and (family is None or c.get("family") == family))
+    learned = _learned(r, task, family)
     lines = [
         "",
-        f"## {task} (n = {first['n']}, majority class {100 * first['majority']:.1f}%, θ zero-shot "
+        f"## {task}{f' on {family}' if family else ''} (n = {first['n']}, "
+        f"majority class {100 * first['majority']:.1f}%, θ zero-shot "
         f"{100 * first['base']:.1f}%; patch {'learned' if learned else 'did NOT clearly learn'})",
         "",
         "| level | drift | θ' zero-shot | θ+Δθ | θ'+Δθ (ported) | loss (points) | neg. flip rate | "
         "gain over θ' | forecast loss | θ'+Δθ' re-tuned |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = {k: by_level(r, task, f) for k, f in _TASK_COLUMNS.items()}
+    rows = {k: by_level(r, task, f, family) for k, f in _TASK_COLUMNS.items()}
     for row in rows["loss"]:
 
         def c(k: str, band: bool = False, sign: bool = False, lv: str = row["level"]) -> str:
@@ -213,34 +228,92 @@ def _correction(r: dict[str, Any]) -> list[str]:
     ]
 
 
+SIGNALS_SAME_AS_SCORED = "eval items (same as scored)"  # what `_cell` computes the output signals on today
+
+_PROTOCOLS = (  # report.json key, the row's name in report.md
+    ("leave_one_task_out", "leave one task out"),
+    ("leave_one_family_out", "leave one family out"),
+    ("leave_one_level_out", "leave one level out"),
+)
+
+
+def _num(x: float | None, spec: str, bold: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"**{x:{spec}}**" if bold else f"{x:{spec}}"
+
+
 def _forecast(r: dict[str, Any]) -> list[str]:
-    """The forecast's out-of-sample validation: leave one level out, and (≥ 2 tasks) leave one task out."""
+    """The forecast's validation: one row per protocol (the headline in bold), the controls, where the
+    signals came from, and each goal met or not."""
     v = r["forecast_validation"]
-    if not v.get("cells"):
+    if "controls" not in v:
         return []
-    rho = "-" if v["spearman_loss"] is None else f"{v['spearman_loss']:.3f}"
-    mae = "-" if v["mae_neg_flip_rate_points"] is None else f"{v['mae_neg_flip_rate_points']:.2f}"
     lines = [
         "",
-        "## Forecast, validated out of sample",
+        "## Forecast, validated the way a user meets it",
         "",
-        f"{v['protocol']}. Cells: {v['cells']}.",
+        f"Headline: **{v['headline'].replace('_', ' ')}**. The {v['controls']} t = 0 controls (θ' = θ: 0 predicted "
+        "= 0 measured by construction) are left out of every figure and of the fit. No fold has one patch "
+        "(family, task, seed) on both sides. 95% intervals: the prediction ± 1.96 × the RMS of the other "
+        "folds' held-out residuals (each out of sample for its own cell); coverage is measured on the held-out "
+        "cells. The strict variant (widths from the same protocol run inside each fold's training cells alone) "
+        "is in the last column.",
         "",
-        f"- Spearman ρ(forecast loss, measured loss): **{rho}** (goal ≥ 0.8: "
-        f"{'met' if v['met']['spearman_loss'] else 'not met'})",
-        f"- negative-flip-rate MAE: **{mae} points** (goal ≤ 1.5: "
-        f"{'met' if v['met']['mae_neg_flip_rate_points'] else 'not met'})",
-        f"- loss MAE: {v['mae_loss_points']:.2f} points",
+        f"Output signals computed on: {', '.join(v['signals_inputs'])}.",
     ]
-    t = v.get("leave_one_task_out")
-    if t and t.get("cells"):
-        trho = "-" if t["spearman_loss"] is None else f"{t['spearman_loss']:.3f}"
-        lines.append(
-            f"- a harder protocol, leave one task out ({t['tasks']} tasks; {t['protocol']}): ρ {trho}, "
-            f"negative-flip-rate MAE {t['mae_neg_flip_rate_points']:.2f} points, loss MAE "
-            f"{t['mae_loss_points']:.2f} points"
+    if SIGNALS_SAME_AS_SCORED in v["signals_inputs"]:
+        lines[-1] += (
+            " These are the items whose loss is then measured (on two-choice tasks disagreement = negative + "
+            "positive flips, so the flip fit partly regresses on its own target); signals from inputs disjoint "
+            "from the scored items need a new sweep."
         )
-    return lines
+    lines += [
+        "",
+        "| protocol | cells | Spearman ρ (loss) | loss MAE (points) | neg.-flip-rate MAE (points) | "
+        "95% interval coverage (median half-width) | strict variant |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, name in _PROTOCOLS:
+        x = v[key]
+        head = key == v["headline"]
+        label = f"**{name}** (headline)" if head else name
+        if key == "leave_one_task_out":
+            label += f", {x['tasks']} tasks"
+        if key == "leave_one_level_out":
+            label += ", grouped by patch" if x["grouped_by_patch"] else ", NOT grouped by patch (one seed)"
+        if x.get("reason"):
+            lines.append(f"| {label} | 0 | {x['reason']} | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {x['cells']} | {_num(x['spearman_loss'], '.3f', head)} | "
+            f"{_num(x['mae_loss_points'], '.2f', head)} | {_num(x['mae_neg_flip_rate_points'], '.2f', head)} | "
+            f"{_coverage(x['interval_coverage'], x['interval_half_width_points'])} | "
+            f"{_coverage(x.get('interval_coverage_nested'), x.get('interval_half_width_nested_points'))} |"
+        )
+    return lines + ["", "Goals (issue 21), on held-out cells:", ""] + _goals(v)
+
+
+def _coverage(cov: float | None, half: float | None) -> str:
+    return "-" if cov is None else f"{100 * cov:.1f}% (±{half:.1f})"
+
+
+def _goals(v: dict[str, Any]) -> list[str]:
+    g, met = v["goal"], v["met"]
+    t = g["leave_one_task_out"]
+    said = {True: "met", False: "**not met**", None: "not measured"}
+    lo, hi = g["interval_coverage"]
+    return [
+        f"- leave one task out, Spearman ρ ≥ {t['spearman_loss']}: {said[met['leave_one_task_out.spearman_loss']]}",
+        f"- leave one task out, negative-flip-rate MAE ≤ {t['mae_neg_flip_rate_points']} points: "
+        f"{said[met['leave_one_task_out.mae_neg_flip_rate_points']]}",
+        f"- leave one task out, loss MAE ≤ {t['mae_loss_points']} points: "
+        f"{said[met['leave_one_task_out.mae_loss_points']]}",
+        f"- leave one family out, Spearman ρ ≥ {g['leave_one_family_out']['spearman_loss']}: "
+        f"{said[met['leave_one_family_out.spearman_loss']]}"
+        + (f" ({v['leave_one_family_out']['reason']})" if v["leave_one_family_out"].get("reason") else ""),
+        f"- 95% intervals cover {100 * lo:.0f}–{100 * hi:.0f}% of held-out cells: {said[met['interval_coverage']]}",
+    ]
 
 
 def _footer(r: dict[str, Any]) -> list[str]:
@@ -256,14 +329,49 @@ def _footer(r: dict[str, Any]) -> list[str]:
     ]
 
 
+_STYLES = (("-", "o"), ("--", "^"), (":", "D"))  # one (line, marker) per base family
+
+
+def draw_series(ax: Any, rows: list[dict[str, Any]], label: str, color: Any, style: tuple[str, str]) -> None:
+    """The interpolated levels as one line with its seed band; the real evolved bases as their own hollow
+    squares with their band as error bars, never joined to the line (equal drift is not the same update)."""
+    line = [x for x in rows if not x["real"]]
+    real = [x for x in rows if x["real"]]
+    d = [100 * x["drift"] for x in line]
+    ax.plot(d, [100 * x["mean"] for x in line], linestyle=style[0], marker=style[1], color=color, label=label)
+    ax.fill_between(d, [100 * x["lo"] for x in line], [100 * x["hi"] for x in line], color=color, alpha=0.15)
+    if real:
+        m = [100 * x["mean"] for x in real]
+        ax.errorbar(
+            [100 * x["drift"] for x in real],
+            m,
+            yerr=[[a - 100 * x["lo"] for a, x in zip(m, real)], [100 * x["hi"] - a for a, x in zip(m, real)]],
+            fmt="s",
+            mfc="none",
+            color=color,
+            capsize=3,
+            linestyle="none",
+            label=f"{label}: real evolved base",
+        )
+
+
 def charts(r: dict[str, Any], out: Path) -> None:
-    """loss.png (four panels against drift, bands across seeds) and forecast.png (forecast vs measured)."""
+    """loss.png (four panels against drift, bands across seeds; interpolated levels as lines, real evolved bases
+    as separate markers, one line style per base family) and forecast.png (out-of-sample forecast vs measured,
+    with each cell's 95% interval, controls left out)."""
     import matplotlib  # deferred: only drawing charts needs it, and the Agg backend must be set first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    families = list(dict.fromkeys(c.get("family") for c in r["cells"]))
     tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
+    color = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tasks)}
+    style = {f: _STYLES[i % len(_STYLES)] for i, f in enumerate(families)}
+
+    def name(task: str, family: Any) -> str:
+        return f"{task} · {family}" if len(families) > 1 else task
+
     panels = [
         ("loss = acc(θ+Δθ) − acc(θ'+Δθ) (points)", lambda c: c["loss"]),
         ("negative-flip rate (%)", lambda c: c["neg_flip_rate"]),
@@ -272,9 +380,14 @@ def charts(r: dict[str, Any], out: Path) -> None:
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (title, key) in zip(axes.flat, panels):
-        for task in tasks:
-            if key is None:
-                xs = [x for x in r["retunes"] if x["task"] == task]
+        for family in families:
+            for task in tasks:
+                if key is not None:
+                    rows = by_level(r, task, key, family)
+                    if rows:
+                        draw_series(ax, rows, name(task, family), color[task], style[family])
+                    continue
+                xs = [x for x in r["retunes"] if x["task"] == task and x.get("family", families[0]) == family]
                 if xs:
                     ax.errorbar(
                         [100 * x["drift"] for x in xs],
@@ -283,34 +396,120 @@ def charts(r: dict[str, Any], out: Path) -> None:
                             [100 * (x["ported_minus_retuned"] - x["ci"][0]) for x in xs],
                             [100 * (x["ci"][1] - x["ported_minus_retuned"]) for x in xs],
                         ],
-                        marker="o",
+                        marker=style[family][1],
+                        linestyle=style[family][0],
+                        color=color[task],
                         capsize=3,
-                        label=task,
+                        label=name(task, family),
                     )
-                continue
-            rows = by_level(r, task, key)
-            d = [100 * x["drift"] for x in rows]
-            ax.plot(d, [100 * x["mean"] for x in rows], marker="o", label=task)
-            ax.fill_between(d, [100 * x["lo"] for x in rows], [100 * x["hi"] for x in rows], alpha=0.2)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("relative drift of the projection matrices (%)")
-        ax.legend(fontsize=8)
-    fig.suptitle("Where does a ported patch break?")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Where does a ported patch break? (lines: interpolated levels; squares: real evolved bases)")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
+    _forecast_chart(r, out, plt, color, style, name)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for task in tasks:
-        cs = [c for c in r["cells"] if c["task"] == task and c["forecast"]["loss"] is not None]
-        ax.scatter([100 * c["forecast"]["loss"] for c in cs], [100 * c["loss"] for c in cs], label=task, s=18)
+
+def _forecast_chart(r: dict[str, Any], out: Path, plt: Any, color: dict, style: dict, name: Any) -> None:
+    v = r.get("forecast_validation") or {}
+    fig, ax = plt.subplots(figsize=(5.8, 4.8))
+    for family in style:
+        for task in color:
+            cs = [
+                c
+                for c in r["cells"]
+                if c["task"] == task
+                and c.get("family") == family
+                and c["forecast"].get("loss") is not None
+                and not is_control(c)
+            ]
+            if not cs:
+                continue
+            x = [100 * c["forecast"]["loss"] for c in cs]
+            iv = [c["forecast"].get("loss_interval") for c in cs]
+            err = [
+                [a - 100 * i[0] if i else 0 for a, i in zip(x, iv)],
+                [100 * i[1] - a if i else 0 for a, i in zip(x, iv)],
+            ]
+            ax.errorbar(
+                x,
+                [100 * c["loss"] for c in cs],
+                xerr=err,
+                fmt=style[family][1],
+                color=color[task],
+                ms=4,
+                elinewidth=0.6,
+                alpha=0.8,
+                label=name(task, family),
+            )
     lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
     ax.plot(lim, lim, color="grey", lw=0.8)
-    ax.set_xlabel("forecast loss (points, out of sample)")
+    ax.set_xlabel("forecast loss (points, out of sample; bars: 95% interval)")
     ax.set_ylabel("measured loss (points)")
-    ax.set_title("forecast vs measured, leave one drift level out", fontsize=10)
-    ax.legend(fontsize=8)
+    head = str(v.get("headline", "out of sample")).replace("_", " ")
+    ax.set_title(f"forecast vs measured, {head} ({v.get('controls', 0)} controls left out)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "forecast.png", dpi=110)
     plt.close(fig)
+
+
+def finish(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Validate and fit the forecast on the report's cells, then write OUT/calibration.json, report.json,
+    report.md and the charts."""
+    write(forecast_fields(report), out)
+    return report
+
+
+def forecast_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """Fill `forecast_validation` and `calibration` from `report["cells"]` (each cell gains its out-of-sample
+    forecast); the calibration's source names the run."""
+    cells = report["cells"]
+    report["forecast_validation"] = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
+    report["calibration"] = None
+    if sum(not is_control(c) for c in cells) >= 4:
+        cal = fit(cells)
+        run = f"portllm sweep --plan {report['plan']['name']} ({len(cells)} cells)"
+        report["calibration"] = cal.to_dict() | {"source": f"{run}: {cal.source}"}
+    return report
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    """OUT/calibration.json (where there is one), report.json, report.md, loss.png and forecast.png."""
+    if report["calibration"]:
+        write_text_atomic(out / "calibration.json", json.dumps(report["calibration"], indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_atomic(out / "report.md", markdown(report) + repair_markdown(report.get("repair")))
+    charts(report, out)
+
+
+FILLED = ("loss", "neg_flip_rate", "loss_interval", "held_out_by")  # what the validation writes into a forecast
+
+
+def measured(c: dict[str, Any]) -> dict[str, Any]:
+    """A cell without what the validation fills in or a re-render adds: what must never change."""
+    f = {k: v for k, v in c["forecast"].items() if k not in FILLED}
+    return {k: v for k, v in c.items() if k not in ("forecast", "family", "signals_inputs")} | {"forecast": f}
+
+
+def rerender(report_json: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Re-validate and re-draw a written sweep from its report.json alone, computing no model output: cells
+    gain `family` (the report's base) and `signals_inputs` where they lack them, every measured value is kept,
+    and the forecast's predictions, validation, calibration, report.md and charts are made anew (into OUT,
+    default: beside report.json)."""
+    src = Path(report_json)
+    report = json.loads(src.read_text())
+    before = [measured(c) for c in report["cells"]]
+    for c in report["cells"]:
+        c.setdefault("family", report["base"]["name"])
+        c.setdefault("signals_inputs", SIGNALS_SAME_AS_SCORED)
+    forecast_fields(report)
+    if [measured(c) for c in report["cells"]] != before:
+        raise PortLLMError(f"re-rendering {src} changed a measured cell value; it must recompute nothing")
+    write(report, Path(out) if out else src.parent)
+    return report

@@ -15,7 +15,6 @@ forecast is validated and the report written (`write_report`). Each step finds i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -29,7 +28,6 @@ from typing import Any
 import torch
 
 from .. import steps
-from ..atomic import write_text_atomic
 from ..errors import PortLLMError
 from ..eval import open_lm, read_run
 from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
@@ -42,9 +40,10 @@ from ..stats import Paired, majority, paired
 from ..tasks import Example, Task, data_dir, get_task, load_examples, task_key
 from ..train import TrainConfig
 from .cache import SweepCache
-from .calibrate import fit, validate
 from .plan import PLANS, Evolution, SweepPlan, TaskRecipe
-from .report import charts, markdown
+from .repaired import repairs, retune_wall
+from .repaired import summary as repair_summary
+from .report import SIGNALS_SAME_AS_SCORED, finish
 
 Log = Callable[[str], None]
 Records = list[dict[str, Any]]  # one eval run's per-example records of one task
@@ -121,6 +120,7 @@ class SweepContext:
             seed=0,
             dtype="float32",
             targets=self.targets,
+            device="cpu",  # every step of a sweep runs on the CPU (scoring is not threaded to a device yet)
         )
 
         def make(d: Path) -> None:
@@ -138,6 +138,7 @@ class SweepContext:
             seed=seed,
             dtype=self.plan.dtype,
             target_modules=self.targets,
+            device="cpu",  # as every step of a sweep (not TrainConfig's auto: no GPU training, CPU scoring)
         )
 
     def patch_on(self, model_dir: Path, model_fp: str, task: str, r: TaskRecipe, seed: int) -> Path:
@@ -296,6 +297,10 @@ def evaluate_cells(ctx: SweepContext, ts: TaskState, results: SweepResults) -> N
             cell = _cell(ctx, ts, lv, s, ev, ported)
             if s == ctx.plan.seeds[0] and r.correct and _corrects(ctx.plan, lv):
                 cell["corrected"] = correct(ctx, ts, lv, ported)
+            cell["repaired"] = cell["repaired_by_inputs"] = None
+            if s == ctx.plan.seeds[0] and r.repair and _repairs(ctx.plan, lv):
+                cell["repaired_by_inputs"] = repairs(ctx, ts, lv, ported)
+                cell["repaired"] = cell["repaired_by_inputs"].get("task")
             results.cells.append(cell)
         ctx.log(
             f"  {lv['label']}: ported "
@@ -335,6 +340,7 @@ def _cell(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], s: int, ev: Reco
         "pos_flips": pr.positive_flips,
         "neg_flip_rate": pr.negative_flips / pr.n,
         "identical_predictions": all(x["pred"] == y["pred"] for x, y in zip(target, ported)),
+        "signals_inputs": SIGNALS_SAME_AS_SCORED,  # choice_signals ran on ts.examples, the scored items
         "forecast": {
             "raw_loss": -sig.expected_change,
             "raw_neg_flip_rate": sig.expected_neg_flip_rate,
@@ -406,6 +412,7 @@ def retune(ctx: SweepContext, ts: TaskState, cells: list[dict[str, Any]]) -> lis
                 "ci": [pr.ci_low, pr.ci_high],
                 "mcnemar_p": pr.mcnemar_p,
                 "steps": r.steps,
+                "retune_wall_s": retune_wall(retuned),
             }
         )
         for c in cells:
@@ -449,14 +456,11 @@ def warm_start(ctx: SweepContext, ts: TaskState) -> list[dict[str, Any]]:
 
 
 def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path, t_start: float) -> dict[str, Any]:
-    """Validate and fit the forecast's calibration on the cells so far; write OUT/report.json, report.md,
-    calibration.json and the charts."""
+    """Validate and fit the forecast's calibration on the cells so far (`report.finish`); write OUT/report.json,
+    report.md, calibration.json and the charts. Every cell names its base family: the base as given."""
     plan, cells = ctx.plan, results.cells
-    validation = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
-    calibration = fit(cells).to_dict() if len(cells) >= 4 else None
-    if calibration:
-        calibration["source"] = f"portllm sweep --plan {plan.name} ({len(cells)} cells)"
-        write_text_atomic(out / "calibration.json", json.dumps(calibration, indent=2))
+    for c in cells:
+        c.setdefault("family", Path(base).name if os.sep in base else base)
     report = {
         "plan": plan.to_dict(),
         "base": {"name": base, "fingerprint": ctx.fp},
@@ -468,15 +472,13 @@ def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path,
         "retunes": results.retunes,
         "warm_start": results.warm,
         "correction": correction_summary(cells),
-        "forecast_validation": validation,
-        "calibration": calibration,
+        "repair": repair_summary(cells, results.retunes),
+        "forecast_validation": None,  # filled by report.finish
+        "calibration": None,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "wall_s": time.perf_counter() - t_start,
     }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
-    write_text_atomic(out / "report.md", markdown(report))
-    charts(report, out)
-    return report
+    return finish(report, out)
 
 
 def _scores(r: TaskRecipe, lv: dict[str, Any]) -> bool:
@@ -484,6 +486,10 @@ def _scores(r: TaskRecipe, lv: dict[str, Any]) -> bool:
     if lv["t"] is not None:
         return r.levels is None or lv["t"] in r.levels
     return r.real is None or lv["corpus"] in r.real
+
+
+def _repairs(plan: SweepPlan, lv: dict[str, Any]) -> bool:
+    return (lv["t"] is None and plan.repair_real) or (lv["t"] is not None and lv["t"] in plan.repair_levels)
 
 
 def _corrects(plan: SweepPlan, lv: dict[str, Any]) -> bool:
