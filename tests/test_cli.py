@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import tiny
 from portllm import Patch
 
@@ -199,6 +201,95 @@ def test_absent_cuda_is_one_line_not_a_cpu_fallback():
         ["train", "--base", "x", "--task", "sst2", "--out", "o"],
         ["evolve", "--base", "x", "--out", "o"],
         ["serve", "--base", "x"],
+        ["describe", "p", "--generate-with", "x"],
+        ["route-gates", "p", "--base", "x"],
+        ["route-study", "--patches", "p"],
+        ["sweep", "--plan", "nosuch"],
+        ["reproduce", "--base", "x"],
     ):
         line = one_line_error(run(*args, "--device", "cuda"))
         assert "--device cuda" in line and "--device cpu" in line, (args, line)
+
+
+def test_a_gpu_that_cannot_be_used_is_refused_not_ignored(monkeypatch, tmp_path):
+    """Where a GPU is present but the command cannot run there (a patch set, the sweep), `--device cuda` is one
+    line naming the command and the reason, never a quiet run on the CPU."""
+    import torch
+    from typer.testing import CliRunner
+
+    from portllm.cli import app
+    from portllm.errors import PortLLMError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for args, command in (
+        (["route-gates", str(tmp_path / "p"), "--base", "x"], "route-gates"),
+        (["route-study", "--patches", str(tmp_path / "p")], "route-study"),
+        (["sweep", "--plan", "nosuch"], "sweep"),  # a plan that fails fast if the check is gone
+    ):
+        e = CliRunner().invoke(app, [*args, "--device", "cuda"]).exception
+        assert isinstance(e, PortLLMError), (args, e)
+        assert str(e).startswith(command) and "CPU only" in str(e) and "\n" not in str(e), str(e)
+
+
+class Stop(Exception):
+    """Raised by a stand-in where the real step would start working."""
+
+
+def test_describe_opens_its_writer_with_the_device_and_dtype_asked_for(monkeypatch, world, tmp_path):
+    import importlib
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from portllm.cli import app
+
+    desc = importlib.import_module("portllm.routing.describe")  # the package exports a function of that name
+    seen = {}
+
+    def fake_open_lm(spec, patch=None, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(desc, "open_lm", fake_open_lm)
+    patch = shutil.copytree(world["patch"], tmp_path / "patch")
+    data = tiny.sentiment_data(tmp_path / "data")
+    args = ["describe", str(patch), "--task", "sst2", "--generate-with", "x", "--data-dir", str(data)]
+    r = CliRunner().invoke(app, [*args, "--device", "cpu", "--dtype", "bfloat16"])
+    assert isinstance(r.exception, Stop), r.output
+    assert seen == {"device": "cpu", "dtype": "bfloat16"}
+
+
+def test_reproduce_threads_its_device_to_every_step(monkeypatch, world, tmp_path):
+    """Evolving, training and scoring all run where `reproduce --device` says (a stand-in device name: no step
+    opens a model here), never on TrainConfig's auto or eval's CPU default."""
+    from types import SimpleNamespace
+
+    from portllm import steps
+    from portllm.reproduce import run as rr
+    from portllm.reproduce.cache import ReproduceCache
+
+    prof = rr.PROFILES["quick"]
+    ctx = rr.ReproduceContext(prof, tmp_path, ReproduceCache(tmp_path / "c"), lambda m: None, device="cuda:7")
+    seen = []
+
+    def fake_evolve(base, corpus, out, cfg, **kw):
+        seen.append(("evolve", cfg.device))
+        raise Stop
+
+    monkeypatch.setattr(rr, "evolve", fake_evolve)
+    monkeypatch.setattr(rr, "corpus_files", lambda *a: [])
+    with pytest.raises(Stop):
+        rr.evolve_base(ctx, str(world["old"]), {})
+    monkeypatch.setattr(steps, "train_patch_step", lambda b, t, o, cfg, *a, **k: seen.append(("train", cfg.device)))
+    bases = SimpleNamespace(theta=world["old"], fp_theta="a" * 16, evolved=world["new"], fp_evolved="b" * 16)
+    rr.train_patches(ctx, bases, "sst2", prof.tasks["sst2"])
+
+    def fake_eval_step(*a, **kw):
+        seen.append(("eval", kw.get("device", a[9] if len(a) > 9 else "cpu")))
+        raise Stop
+
+    monkeypatch.setattr(steps, "eval_step", fake_eval_step)
+    with pytest.raises(Stop):
+        rr.score_variants(ctx, bases, "sst2", prof.tasks["sst2"], world["patch"], world["patch"])
+    assert seen == [("evolve", "cuda:7"), ("train", "cuda:7"), ("train", "cuda:7"), ("eval", "cuda:7")]

@@ -343,7 +343,7 @@ def test_builtin_calibration_ships_with_the_package_and_raw_is_uncalibrated():
     assert Calibration.load("raw") == Calibration() == Calibration.load(None)
 
 
-@pytest.mark.parametrize("inputs", ["sst2", "text"])
+@pytest.mark.parametrize("inputs", ["sst2", "text", "jsonl"])
 def test_forecast_holds_one_model_at_a_time(setup, monkeypatch, inputs):
     """θ+Δθ is scored and freed before θ'+Δθ opens: the forecast's peak is one model, not two."""
     import gc
@@ -367,5 +367,132 @@ def test_forecast_holds_one_model_at_a_time(setup, monkeypatch, inputs):
     if inputs == "text":
         inputs = setup.root / "lines.txt"
         inputs.write_text("the movie was good .\nthe movie was dull .\n")
+    if inputs == "jsonl":
+        inputs = _completions_file(setup.root / "one_model.jsonl")
     forecast(setup.patch, setup.along, old=setup.base, inputs=str(inputs), n=10, data=setup.data)
     assert len(most) == 2 and max(most) == 1, most
+
+
+# ---------------------------------------------------------------- a user's prompt/completion or chat data
+
+ROWS = [
+    {"prompt": f"the movie was {w} .", "completion": " positive" if k == 0 else " negative"}
+    for k, ws in enumerate((["good", "great", "fine"], ["bad", "awful", "dull"]))
+    for w in ws
+] * 2
+
+
+def _completions_file(path, rows=ROWS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _hand_completions(model, tok, rows):
+    """Per row, from scratch: the next-token distribution after the prompt's tokens, and the mean log-probability
+    of the completion's tokens (what the whole adds to the prompt, then EOS) given everything before them."""
+    probs, lls = [], []
+    with torch.no_grad():
+        for r in rows:
+            c = tok.encode(r["prompt"], add_special_tokens=False)
+            whole = tok.encode(r["prompt"] + r["completion"], add_special_tokens=False) + [tok.eos_token_id]
+            assert whole[: len(c)] == c and len(whole) > len(c) + 1
+            logp = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+            probs.append(logp[len(c) - 1].exp())
+            lls.append(float(np.mean([float(logp[j - 1, whole[j]]) for j in range(len(c), len(whole))])))
+    return probs, lls
+
+
+@pytest.mark.parametrize("drift", ["along", "undo"])
+def test_forecast_on_completions_gives_their_loglik_change_by_hand_and_no_points(setup, drift, tmp_path):
+    """A prompt/completion JSONL: next-token disagreement and KL where each completion starts, and the change in
+    the completions' mean per-token log-likelihood from θ+Δθ to θ'+Δθ with its paired interval, all equal to
+    the hand computation on PEFT's own merges; no points, and the output says why."""
+    from transformers import AutoTokenizer
+
+    from portllm.forecast import NO_POINTS_FOR_COMPLETIONS
+
+    tok = AutoTokenizer.from_pretrained(setup.base)
+    pa, la = _hand_completions(_peft_merged(setup.base, setup.adapter), tok, ROWS)
+    pb, lb = _hand_completions(_peft_merged(getattr(setup, drift), setup.adapter), tok, ROWS)
+    f = forecast(
+        setup.patch, getattr(setup, drift), old=setup.base, inputs=str(_completions_file(tmp_path / "r.jsonl"))
+    )
+    o = f.outputs
+    assert o.kind == "completions" and o.n == len(ROWS) and o.rows_skipped == 0
+    assert o.loglik_a == pytest.approx(np.mean(la), abs=1e-4) and o.loglik_b == pytest.approx(np.mean(lb), abs=1e-4)
+    change, lo, hi = paired_bootstrap(la, lb, iters=2000)
+    assert abs(change) > 1e-3  # the drift moves the completions' likelihood: the check below can fail
+    assert o.loglik_change == pytest.approx(change, abs=1e-4)
+    assert o.loglik_change_ci == pytest.approx((lo, hi), abs=1e-4)
+    dis = np.mean([int(a.argmax() != b.argmax()) for a, b in zip(pa, pb)])
+    kl = np.mean([float((a * (a.log() - b.log())).sum()) for a, b in zip(pa, pb)])
+    assert o.disagreement == pytest.approx(dis, abs=1e-12) and o.mean_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert f.loss_points is None and f.loss_interval is None and f.neg_flip_rate_points is None
+    assert f.notes[-1] == NO_POINTS_FOR_COMPLETIONS
+    said = f"the reference completions' log-likelihood changes by {o.loglik_change:+.4f} nats/token"
+    assert f.sentence().startswith(said)
+    assert NO_POINTS_FOR_COMPLETIONS in f.to_dict()["verdict"]
+
+
+def test_forecast_on_completions_zero_drift_and_bad_rows(setup, tmp_path):
+    from portllm.errors import PortLLMError
+
+    f = forecast(setup.patch, setup.base, old=setup.base, inputs=str(_completions_file(tmp_path / "r.jsonl")), n=5)
+    o = f.outputs
+    assert o.n == 5 and o.loglik_change == 0 and o.loglik_change_ci == (0, 0) and o.disagreement == 0
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("the movie was good .\n")  # plain text in a .jsonl: refused, not read as text lines
+    with pytest.raises(PortLLMError, match=r"lines.jsonl:1: not a JSON object"):
+        forecast(setup.patch, setup.along, old=setup.base, inputs=str(lines))
+
+
+def test_a_chat_is_cut_before_its_last_assistant_turn(tmp_path):
+    """Messages rows: the chat template renders the conversation; the next-token signals are taken where the last
+    assistant turn starts (the template's generation prompt included), the log-likelihood on every assistant turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from portllm.eval import open_lm
+    from portllm.forecast import completion_outputs
+
+    template = (
+        "{% for m in messages %}{{ '<s> ' + {'user': 'w91', 'assistant': 'w89'}[m['role']] + ' ' + m['content'] "
+        "+ ' </s> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<s> w89 ' }}{% endif %}"
+    )
+    base = tiny.make_base(tmp_path / "chat", template=template, initializer_range=0.3)
+    msgs = [
+        {"role": "user", "content": "w5 w6"},
+        {"role": "assistant", "content": "w7"},
+        {"role": "user", "content": "w8"},
+        {"role": "assistant", "content": "w9 w10"},
+    ]
+    got = completion_outputs(open_lm(base), _completions_file(tmp_path / "chat.jsonl", [{"messages": msgs}]), 5)
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+
+    def ids(upto, gen):
+        return tok.encode(
+            tok.apply_chat_template(upto, tokenize=False, add_generation_prompt=gen), add_special_tokens=False
+        )
+
+    whole = ids(msgs, False)
+    scored = [j for i in (1, 3) for j in range(len(ids(msgs[:i], True)), len(ids(msgs[: i + 1], False)))]
+    cut = len(ids(msgs[:3], True))
+    assert whole[:cut] == ids(msgs[:3], True) and cut < scored[-1]
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+    assert got.rows == [0] and torch.allclose(got.probs[0].double(), logp[cut - 1].exp(), atol=1e-5)
+    assert got.logliks[0] == pytest.approx(np.mean([float(logp[j - 1, whole[j]]) for j in scored]), abs=1e-5)
+
+
+def test_forecast_cli_prints_the_loglik_change_and_says_it_is_not_in_points(setup, tmp_path):
+    rows = _completions_file(tmp_path / "r.jsonl")
+    r = _cli("forecast", setup.patch, "--base", setup.along, "--from", setup.base, "--inputs", rows, data=setup.data)
+    assert r.returncode == 0, r.stderr
+    assert "reference log-lik." in r.stdout and "not in points" in r.stdout, r.stdout
+    flat = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "nats/token" in flat and "does not apply to generation data" in flat
+    r = _cli("forecast", setup.patch, "--base", setup.along, "--from", setup.base, "--inputs", rows, "--json",
+             data=setup.data)  # fmt: skip
+    d = json.loads(r.stdout)
+    assert d["loss_points"] is None and d["outputs"]["kind"] == "completions"
+    lo, hi = d["outputs"]["loglik_change_ci"]
+    assert lo <= d["outputs"]["loglik_change"] <= hi and d["outputs"]["n"] == len(ROWS)

@@ -46,7 +46,9 @@ def test_zero_drift_returns_the_patch(toy, tmp_path):
 
 
 def test_repair_wins_back_agreement_on_inputs_it_never_saw(toy, tmp_path):
-    r = repair(toy["patch"], toy["new"], toy["base"], tmp_path / "r", "sst2", n=96, cfg=CFG, data=toy["data"])
+    cfg = DistillConfig(steps=40, lr=1e-2, max_length=64, heldout=0.25)
+    r = repair(toy["patch"], toy["new"], toy["base"], tmp_path / "r", "sst2", n=96, cfg=cfg, data=toy["data"],
+               dtype="float32")  # fmt: skip
     assert r.after.agreement > r.before.agreement and r.after.kl < r.before.kl
     # the eval split (never an input of the repair) judged against θ+Δθ's own answers
     want = _preds(toy["base"], toy["patch"], toy["data"])
@@ -152,3 +154,20 @@ def test_cli_repair_and_its_errors(toy, tmp_path):
     assert "unknown repair method 'magic'" in msg and not (tmp_path / "q").exists()
     msg = one_line_error(cli(*args, "--out", tmp_path / "q", "--inputs", "self", "--method", "rescale", "--n", "2"))
     assert "needs answer options" in msg and not (tmp_path / "q").exists()
+
+
+def test_forecast_and_check_advise_repair_over_the_margin(toy):
+    from portllm.repair.advice import advice
+
+    assert advice(0.5, "p", "new", "old", "sst2") is None and advice(None, "p", "new", "old", "sst2") is None
+    assert advice(5.0, "p", "new", None, "sst2") is None  # no OLD: no repair to suggest
+    tip = advice(5.0, "p", "new", "old", "sst2", margin=2.0)
+    assert "portllm repair p --base new --from old --inputs sst2" in tip and "2-point margin" in tip
+    env = {"PORTLLM_DATA": str(toy["data"])}
+    args = [toy["patch"], "--base", toy["new"], "--from", toy["base"], "--inputs", "sst2", "--n", "24", "--json"]
+    for cmd in ("check", "forecast"):
+        r = cli(cmd, *args, env=env)
+        d = json.loads(r.stdout)
+        loss = (d["forecast"] if cmd == "check" else d)["loss_points"]
+        assert loss >= 1.0 and d["advice"] is not None, (cmd, loss)  # the toy drift breaks the patch
+        assert d["advice"] is None or f"portllm repair {toy['patch']}" in d["advice"]

@@ -7,7 +7,10 @@ Three kinds of evidence a user has without labels:
   own choice probabilities are the best unlabeled belief about which answer is right, so the
   expected accuracy change is Σ_i [p_A,i(answer_B) − p_A,i(answer_A)] / n and the expected
   negative-flip rate is Σ_{i: answers differ} p_A,i(answer_A) / n (needs OLD to run θ+Δθ);
-- plain text: next-token disagreement and KL between the two (needs OLD).
+- plain text: next-token disagreement and KL between the two (needs OLD);
+- a user's prompt/completion or chat JSONL (the rows `train --data` reads): the same next-token signals where
+  each (last) completion starts, and the change in the reference completions' mean per-token log-likelihood
+  with a paired interval over rows: a loss that needs no task, in nats/token, not points (needs OLD).
 Without OLD only θ'+Δθ against θ' can be measured: whether the patch still changes answers on
 NEW, not what it lost. A calibration fitted on a drift sweep maps the raw signals to points.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from .errors import PortLLMError
 from .eval import open_lm, run_task
 from .models import EMBEDDED, fingerprint, resolve_base
 from .patch import Patch
+from .sft import completion_logliks, encode_rows, read_sft
 from .stats import paired_bootstrap
 from .tasks import get_task, is_task_file, load_examples
 
@@ -56,7 +60,7 @@ class OutputSignals:
     """θ+Δθ (A) against θ'+Δθ (B) on the same unlabeled inputs."""
 
     source: str  # task name or file
-    kind: str  # "choices" (a task's answer options) or "next-token" (plain text)
+    kind: str  # "choices" (a task's answer options), "next-token" (plain text) or "completions" (a JSONL's rows)
     n: int
     disagreement: float
     mean_kl: float  # KL(p_A || p_B)
@@ -64,9 +68,20 @@ class OutputSignals:
     expected_change: float | None = None  # accuracy units; negative = loss
     expected_change_ci: tuple[float, float] | None = None
     expected_neg_flip_rate: float | None = None
+    # completions: the reference completions' mean per-token log-likelihood (nats) under θ+Δθ (a) and θ'+Δθ (b),
+    # and the mean over rows of b − a with its paired-bootstrap 95% interval (negative: the port fits them worse)
+    loglik_a: float | None = None
+    loglik_b: float | None = None
+    loglik_change: float | None = None
+    loglik_change_ci: tuple[float, float] | None = None
+    rows_skipped: int = 0  # completions: rows with no prompt token left before the completion in the context
 
 
 BUILTIN_CALIBRATION = Path(__file__).with_name("forecast_calibration.json")
+NO_POINTS_FOR_COMPLETIONS = (
+    "no loss in points: the calibration is fitted on multiple-choice sweep cells and does not apply to "
+    "generation data; the log-likelihood change is measured, not calibrated"
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,14 @@ class Forecast:
 
     def sentence(self) -> str:
         """The plain-language verdict `check` prints."""
+        o = self.outputs
+        if self.loss_points is None and o is not None and o.loglik_change is not None:
+            lo, hi = o.loglik_change_ci or (o.loglik_change, o.loglik_change)
+            return (
+                f"the reference completions' log-likelihood changes by {o.loglik_change:+.4f} nats/token (95% "
+                f"interval {lo:+.4f} to {hi:+.4f}); {o.disagreement:.1%} of next tokens change; "
+                + (self.notes[-1] if self.notes else NO_POINTS_FOR_COMPLETIONS)
+            )
         if self.loss_points is None:
             return "no forecast of the loss: " + (self.notes[-1] if self.notes else "give --from OLD")
         lo, hi = self.loss_interval or (self.loss_points, self.loss_points)
@@ -196,14 +219,83 @@ def _examples(inputs: str, n: int, data: str | Path | None) -> tuple[Any, list[A
     return task, load_examples(task, "eval", data, n)
 
 
-def _next_token_probs(lm: Any, texts: list[str]) -> list[Any]:
+def _next_token_probs(lm: Any, prompts: list[list[int]]) -> list[Any]:
+    """The model's next-token distribution after each prompt (token ids, the context cut from the left)."""
     device = lm.model.get_input_embeddings().weight.device
     out = []
     with torch.inference_mode():
-        for t in texts:
-            ids = lm.tokenizer(t, return_tensors="pt").input_ids[:, -lm.max_length :].to(device)
+        for p in prompts:
+            ids = torch.tensor([p[-lm.max_length :]], dtype=torch.long, device=device)
             out.append(torch.softmax(lm.model(ids).logits[0, -1].float(), -1).cpu())
     return out
+
+
+def is_completions_file(path: Path) -> bool:
+    """A prompt/completion or chat JSONL (what `train --data` reads), not a text file or a task file."""
+    return path.suffix.lower() in (".jsonl", ".json") and path.is_file()
+
+
+@dataclass
+class CompletionOutputs:
+    """One model on a data file's first rows: per kept row (its index), the next-token distribution where its
+    last completion starts, and its reference completion's mean per-token log-likelihood."""
+
+    total: int  # rows read
+    rows: list[int]
+    probs: list[Any]
+    logliks: list[float]
+
+
+def last_completion_start(labels: list[int]) -> int:
+    """Where the last labelled span starts: a row's completion, or a chat's last assistant turn."""
+    j = len(labels)
+    while j > 0 and labels[j - 1] == -100:
+        j -= 1
+    while j > 0 and labels[j - 1] != -100:
+        j -= 1
+    return j
+
+
+def completion_outputs(lm: Any, path: Path, n: int) -> CompletionOutputs:
+    """Rows tokenized as `train --data` does (chats through the tokenizer's chat template, the prompt cut from
+    the left); a row whose completion leaves no prompt token within the model's context is skipped."""
+    rows = read_sft(path).rows[:n]
+    kept, prompts, examples = [], [], []
+    for i, row in enumerate(rows):
+        enc = encode_rows(lm.tokenizer, [row], lm.max_length)
+        if not enc.examples:
+            continue
+        ids, labels = enc.examples[0]
+        start = last_completion_start(labels)
+        if start < 1:
+            continue
+        kept.append(i)
+        prompts.append(ids[:start])
+        examples.append((ids, labels))
+    if not kept:
+        raise PortLLMError(f"{path}: no row fits {lm.max_length} tokens with a prompt before its completion")
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return CompletionOutputs(
+        len(rows), kept, _next_token_probs(lm, prompts), completion_logliks(lm.model, examples, pad)
+    )
+
+
+def completion_signals(a: CompletionOutputs, b: CompletionOutputs, path: Path) -> OutputSignals:
+    """Next-token signals where the completions start, and the paired change in their log-likelihood (B − A)."""
+    if a.rows != b.rows:
+        raise PortLLMError(f"{path}: the two bases tokenize its rows differently; forecast needs one tokenizer")
+    change, lo, hi = paired_bootstrap(a.logliks, b.logliks, iters=2000)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return replace(
+        text_signals(a.probs, b.probs, path),
+        kind="completions",
+        loglik_a=mean(a.logliks),
+        loglik_b=mean(b.logliks),
+        loglik_change=change,
+        loglik_change_ci=(lo, hi),
+        rows_skipped=a.total - len(a.rows),
+    )
 
 
 def text_lines(path: Path, n: int) -> list[str]:
@@ -228,8 +320,10 @@ def model_outputs(spec: str | Path, patch: str | Path, inputs: str, n: int, data
     lm = open_lm(spec, patch, dtype=dtype, device=device)
     try:
         path = Path(inputs)
+        if is_completions_file(path):
+            return completion_outputs(lm, path, n)
         if path.is_file() and not is_task_file(path):
-            return _next_token_probs(lm, text_lines(path, n))
+            return _next_token_probs(lm, [lm.tokenizer(t).input_ids for t in text_lines(path, n)])
         task, examples = _examples(inputs, n, data)
         return run_task(lm, task, examples).records
     finally:
@@ -246,6 +340,8 @@ def output_signals(
     a = model_outputs(old, patch, inputs, n, data, dtype, device)
     b = model_outputs(base, patch, inputs, n, data, dtype, device)  # runtime attach equals the port (test_port)
     path = Path(inputs)
+    if is_completions_file(path):
+        return completion_signals(a, b, path)
     if path.is_file() and not is_task_file(path):
         return text_signals(a, b, path)
     task, examples = _examples(inputs, n, data)
@@ -295,6 +391,12 @@ def forecast(
     outputs = None
     if inputs:
         outputs = output_signals(patch, old, base, inputs, n, data, dtype, device)
+    if outputs is not None and outputs.loglik_change is not None:
+        if outputs.rows_skipped:
+            k = outputs.rows_skipped
+            notes.append(f"{k} of {k + outputs.n} rows skipped: no prompt token fits before the completion")
+        notes.append(NO_POINTS_FOR_COMPLETIONS)
+        return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
     if outputs is None or outputs.expected_change is None:
         notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
         return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)

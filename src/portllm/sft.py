@@ -197,9 +197,18 @@ def _render(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-@torch.no_grad()
 def completion_loglik(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, batch: int = 8) -> float:
     """Mean over rows of the mean per-token log-likelihood of each row's labelled (reference completion) tokens."""
+    per_row = completion_logliks(model, examples, pad_id, batch)
+    return sum(per_row) / len(per_row) if per_row else float("nan")
+
+
+@torch.no_grad()
+def completion_logliks(
+    model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, batch: int = 8
+) -> list[float]:
+    """Per row, the mean per-token log-likelihood (nats) of its labelled tokens: what a paired comparison of two
+    models on the same rows resamples."""
     from .train import collate  # deferred: train imports this module
 
     was_training = model.training
@@ -214,4 +223,4 @@ def completion_loglik(model: Any, examples: list[tuple[list[int], list[int]]], p
         tok_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
         per_row += (tok_lp.sum(1) / keep.sum(1).clamp(min=1)).tolist()
     model.train(was_training)
-    return sum(per_row) / len(per_row) if per_row else float("nan")
+    return per_row

@@ -231,6 +231,25 @@ def compare_cmd(
             f"{f.negative_flip_rate:.2%}",
         )
     out.print(t)
+    if any(f.metrics for f in c.tasks.values()):
+        out.print(metrics_table(c))
+
+
+def metrics_table(c) -> Table:
+    """Per task and generation metric both runs recorded: the means, B − A and its paired-bootstrap 95% CI."""
+    t = Table(
+        title="generation metrics, paired by example",
+        caption="loglik: mean per-token log-likelihood of the reference (nats); exact_match: share of outputs "
+        "equal to the reference; chrf: sentence chrF 0-100; 95% CI by paired bootstrap",
+    )
+    for col in ("task", "metric", "n", "A", "B", "Δ", "95% CI"):
+        t.add_column(col, justify="right")
+    for name, f in c.tasks.items():
+        for m, d in f.metrics.items():
+            t.add_row(
+                name, m, str(d.n), f"{d.a:.4f}", f"{d.b:.4f}", f"{d.diff:+.4f}", _interval(d.ci_low, d.ci_high, "+.4f")
+            )
+    return t
 
 
 @app.command("tasks")

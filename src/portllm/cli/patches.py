@@ -126,6 +126,7 @@ def check_cmd(
 ) -> None:
     """Will the patch fit BASE? Exit 0 compatible, 1 with warnings, 2 incompatible."""
     from ..check import check
+    from ..repair.advice import advice
 
     if inputs and not old:
         raise PortLLMError("--inputs needs --from OLD: the forecast compares θ+Δθ with θ'+Δθ")
@@ -136,7 +137,8 @@ def check_cmd(
 
         fc = forecast(patch_dir, base, old, inputs, n, calibration=calibration, report=rep)
     if as_json:
-        print_json(rep.to_dict() | ({"forecast": fc.to_dict()} if fc else {}))
+        tip = advice(fc.loss_points, patch_dir, base, old, inputs) if fc else None
+        print_json(rep.to_dict() | ({"forecast": fc.to_dict(), "advice": tip} if fc else {}))
         raise typer.Exit(rep.exit_code)
     t = Table(title=f"check {patch_dir} -> {base}")
     t.add_column("", width=5)
@@ -170,6 +172,8 @@ def check_cmd(
         out.print(d)
     if fc is not None:
         out.print(f"forecast: {fc.sentence()}  [dim]({fc.calibration.source})[/dim]")
+        if tip := advice(fc.loss_points, patch_dir, base, old, inputs):
+            out.print(f"advice: {tip}", markup=False)
     out.print(
         f"verdict: [{VERDICT_STYLE[rep.verdict]}]{rep.verdict}[/]  ({rep.source_fingerprint} -> "
         f"{rep.target_fingerprint})"

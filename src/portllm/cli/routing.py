@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ..models import cache_root
 from ..routing import PatchSet, describe
@@ -35,13 +36,19 @@ def describe_cmd(
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
     ),
+    device: str = typer.Option(
+        "auto", "--device", help=f"where --generate-with's base runs: {DEVICE_HELP} (the small encoder: the CPU)"
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help=f"--generate-with's base: {DTYPE_HELP}"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Store a task description (and its all-MiniLM-L6-v2 embedding) in a patch's manifest, for routing."""
     if text is not None and generate is not None:
         raise PortLLMError("give the description text or --generate-with BASE, not both")
+    dev = resolve_device(device)  # an absent device fails here, before any model is read
+    where = {"device": dev, "dtype": resolve_dtype(dtype, dev)}
     data = resolve_data(data_dir) if (text is None or examples) else None
-    d = describe(patch, text, examples=examples, generate_with=generate, task=task, data=data)
+    d = describe(patch, text, examples=examples, generate_with=generate, task=task, data=data, **where)
     if as_json:
         print_json(d.to_dict())
         return
@@ -63,9 +70,11 @@ def gates_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int = typer.Option(128, "--max-length", min=8),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    device: str = typer.Option("cpu", "--device", help=f"{DEVICE_HELP}; a patch set runs on the CPU only for now"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Train (and cache) each patch's PHATGOOSE gates on its own task's train data, base and patch frozen."""
-    ps = PatchSet(base, patches)
+    ps = PatchSet(base, patches, dtype=patch_set_dtype("route-gates", device, dtype))
     ps.gate_config = GateConfig(steps, batch_size, lr, max_length)
     ps.data = resolve_data(data_dir)
     load_gates(ps, log=log_line, progress=err.is_terminal)
@@ -94,6 +103,8 @@ def study_cmd(
     tune: int = typer.Option(
         0, "--tune", min=0, help="choose glider's top-k and α on this many eval examples per task after --limit"
     ),
+    device: str = typer.Option("cpu", "--device", help=f"{DEVICE_HELP}; a patch set runs on the CPU only for now"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Held-in (mixed) and held-out suites: each router against the oracle, the best merge and the base."""
     cfg = StudyConfig(
@@ -107,6 +118,7 @@ def study_cmd(
         merges=[m for m in merges.split(",") if m],
         batch_size=batch_size,
         tune=tune,
+        dtype=patch_set_dtype("route-study", device, dtype),
     )
     rep = run_study(
         cfg,
@@ -117,3 +129,12 @@ def study_cmd(
     )
     out.print((out_dir / "report.md").read_text())
     out.print(f"[dim]report: {out_dir / 'report.json'}; chart: {out_dir / rep['chart']}[/dim]")
+
+
+def patch_set_dtype(command: str, device: str, dtype: str) -> str:
+    """The dtype a patch set (PatchSet) is opened in; any device but the CPU is a one-line error, since a patch
+    set is loaded onto the CPU (as `portllm eval --patches`), never a device that was asked for and ignored."""
+    dev = resolve_device(device)  # an absent device: its own one-line error first
+    if dev != "cpu":
+        raise PortLLMError(f"{command} runs its patch set on the CPU only for now; drop --device {device} (or use cpu)")
+    return resolve_dtype(dtype, dev)

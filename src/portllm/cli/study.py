@@ -135,11 +135,13 @@ def forecast_cmd(
     """Before any labelled evaluation: the points a port will lose and the share of answers that flip to wrong.
     With --inputs it scores θ+Δθ, frees it, then θ'+Δθ: one model in memory at a time."""
     from ..forecast import forecast
+    from ..repair.advice import advice
 
     dev = resolve_device(device)
     f = forecast(patch, base, old, inputs, n, data_dir, calibration, resolve_dtype(dtype, dev), device=dev)
+    tip = advice(f.loss_points, patch, base, old, inputs)
     if as_json:
-        print_json(f.to_dict())
+        print_json(f.to_dict() | {"advice": tip})
         return
     t = Table(title=f"forecast: {patch} -> {base}")
     t.add_column("signal")
@@ -163,6 +165,8 @@ def forecast_cmd(
     for note in f.notes[:-1] if f.loss_points is None else f.notes:
         out.print(f"[dim]{note}[/dim]")
     out.print(f"[dim]calibration: {f.calibration.source}[/dim]")
+    if tip:
+        out.print(f"advice: {tip}", markup=False)
 
 
 @app.command("rescale")

@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ..device import DEVICE_HELP, resolve_device, resolve_dtype
+from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
@@ -234,6 +234,10 @@ def reproduce_cmd(
     margin: float = typer.Option(
         0.01, "--margin", help="paired verdicts: 'no difference' only within ±margin (a fraction: 0.01 = 1 point)"
     ),
+    device: str = typer.Option("auto", "--device", help=f"where it trains, evolves and scores: {DEVICE_HELP}"),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help=f"scoring dtype (default: the profile's, float32): {DTYPE_HELP}"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of tables"),
 ) -> None:
     """The paper's experiment: θ, θ', θ+Δθ, θ'+Δθ (ported, no training), θ'+Δθ' (re-tuned), with costs and flips."""
@@ -252,6 +256,8 @@ def reproduce_cmd(
         log=log_line if not as_json else (lambda m: None),
         show_progress=err.is_terminal,
         margin=margin,
+        device=device,
+        dtype=dtype,
     )
     if as_json:
         print_json(r.to_dict())

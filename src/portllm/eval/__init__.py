@@ -13,11 +13,13 @@ paired-bootstrap interval, McNemar. `run` puts them together: `evaluate(open_lm(
 from .comparison import (
     DEFAULT_MARGIN,
     CompareResult,
+    MetricDiff,
     RunRef,
     TaskFlips,
     aligned_correct,
     compare,
     flips,
+    metric_diffs,
     paired_records,
 )
 from .encode import bos_prefix, encode_pair, encode_text, prefix_token
@@ -44,6 +46,7 @@ __all__ = [
     "Accuracy",
     "CompareResult",
     "EvalResult",
+    "MetricDiff",
     "Progress",
     "RunRef",
     "TaskFlips",
@@ -65,6 +68,7 @@ __all__ = [
     "generate",
     "loglikelihoods",
     "mc_records",
+    "metric_diffs",
     "normalize_number",
     "open_lm",
     "paired_records",

@@ -1,5 +1,6 @@
 """Two runs compared paired, example by example (stats.py): flips, B − A with a paired-bootstrap
-interval, McNemar, and a verdict against a margin."""
+interval, McNemar, and a verdict against a margin; for a generation task that records per-example
+metrics (a task file's `generation.metrics`), each metric's B − A with its paired-bootstrap interval."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PortLLMError
-from ..stats import Paired, paired
+from ..stats import Paired, paired, paired_bootstrap
+from ..tasks.schema import GEN_METRICS
 from .results import read_run
 
 
@@ -27,6 +29,36 @@ def paired_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> Paired:
 
 
 DEFAULT_MARGIN = 0.01  # "no difference" means the whole interval lies within ±1 point
+
+
+@dataclass(frozen=True)
+class MetricDiff:
+    """One per-example generation metric of two runs on the examples both recorded it for: the means, B − A
+    and its paired-bootstrap 95% interval (loglik in nats/token, exact_match a fraction, chrf 0-100)."""
+
+    n: int
+    a: float
+    b: float
+    diff: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def metric_diffs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, MetricDiff]:
+    """Each GEN_METRICS metric both runs recorded, paired by example (idx); {} for runs without them."""
+    ra, rb = {r["idx"]: r for r in a}, {r["idx"]: r for r in b}
+    common = sorted(set(ra) & set(rb))
+    out = {}
+    for m in GEN_METRICS:
+        both = [i for i in common if ra[i].get(m) is not None and rb[i].get(m) is not None]
+        if both:
+            xa, xb = [float(ra[i][m]) for i in both], [float(rb[i][m]) for i in both]
+            diff, lo, hi = paired_bootstrap(xa, xb)
+            out[m] = MetricDiff(len(both), sum(xa) / len(xa), sum(xb) / len(xb), diff, lo, hi)
+    return out
 
 
 @dataclass
@@ -50,15 +82,19 @@ class TaskFlips:
     mcnemar_p: float = 1.0
     margin: float = DEFAULT_MARGIN
     verdict: str = ""  # "" in reports older than the paired statistics
+    metrics: dict[str, MetricDiff] = field(default_factory=dict)  # generation metrics both runs recorded
 
     def to_dict(self) -> dict[str, Any]:
         if not self.n:
             return {"n": 0}
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
+        return d | ({"metrics": {k: m.to_dict() for k, m in self.metrics.items()}} if self.metrics else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskFlips:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kw["metrics"] = {k: MetricDiff(**m) for k, m in d.get("metrics", {}).items()}
+        return cls(**kw)
 
 
 def flips(a: list[dict[str, Any]], b: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> TaskFlips:
@@ -88,6 +124,7 @@ def flips(a: list[dict[str, Any]], b: list[dict[str, Any]], margin: float = DEFA
         mcnemar_p=p.mcnemar_p,
         margin=margin,
         verdict=p.verdict(margin),
+        metrics=metric_diffs(a, b),
     )
 
 

@@ -15,6 +15,22 @@ from .lm import LM, Progress
 from .pack import batches, pack_rows, token_budget
 
 
+def encode_requests(lm: LM, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Per (context, continuation): the tokens the model reads (cut from the left to its context) and how many
+    of the last ones are the continuation's, the tokens whose log-probabilities `loglikelihoods` sums."""
+    bos, prefix = bos_prefix(lm.tokenizer), prefix_token(lm.tokenizer)
+    out = []
+    for i, (c, x) in enumerate(pairs):
+        ctx, cont = encode_pair(lm.tokenizer, c, x, bos)
+        if not ctx and cont:  # an empty context: lm-eval's prefix token, or the continuation's own first token
+            ctx, cont = ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
+        if not cont:
+            raise PortLLMError(f"empty continuation for request {i}: {x!r}")
+        seq = (ctx + cont)[-(lm.max_length + 1) :]
+        out.append((seq, min(len(cont), len(seq) - 1)))
+    return out
+
+
 @torch.inference_mode()
 def loglikelihoods(
     lm: LM,
@@ -34,16 +50,9 @@ def loglikelihoods(
     keys = share if share is not None else [c for c, _ in pairs]
     if len(keys) != len(pairs):
         raise PortLLMError(f"share has {len(keys)} keys for {len(pairs)} requests")
-    bos, prefix = bos_prefix(lm.tokenizer), prefix_token(lm.tokenizer)
     by_key: dict[Any, list[tuple[int, list[int], int]]] = {}
-    for i, (c, x) in enumerate(pairs):
-        ctx, cont = encode_pair(lm.tokenizer, c, x, bos)
-        if not ctx and cont:  # an empty context: lm-eval's prefix token, or the continuation's own first token
-            ctx, cont = ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
-        if not cont:
-            raise PortLLMError(f"empty continuation for request {i}: {x!r}")
-        seq = (ctx + cont)[-(lm.max_length + 1) :]
-        by_key.setdefault(keys[i], []).append((i, seq, min(len(cont), len(seq) - 1)))
+    for i, (seq, n) in enumerate(encode_requests(lm, pairs)):
+        by_key.setdefault(keys[i], []).append((i, seq, n))
     cfg = getattr(lm.model, "config", None)
     # a tree needs a custom 4D mask: eager/SDPA attention only, and no sliding window it could outgrow
     limit = (

@@ -13,8 +13,17 @@ from ..progress import Bar
 from ..tasks import Example, Task, load_examples
 from .generation import generate
 from .lm import LM, Progress
-from .loglik import loglikelihoods
-from .metrics import accuracy, bootstrap_stderr, extract_flexible, extract_strict, mc_records
+from .loglik import encode_requests, loglikelihoods
+from .metrics import (
+    accuracy,
+    bootstrap_stderr,
+    exact_match,
+    extract_flexible,
+    extract_strict,
+    generation_scores,
+    mc_records,
+    sentence_chrf,
+)
 from .pack import token_budget
 from .results import EvalResult, TaskRun
 
@@ -58,6 +67,8 @@ def run_task(
             )
         extra["exact_match_strict"] = sum(strict_ok) / max(1, len(strict_ok))
         extra["exact_match_flexible"] = sum(r["correct"] for r in records) / max(1, len(records))
+        if task.gen_metrics and records:
+            extra |= generation_metrics(lm, task, examples, records, batch_size, max_tokens)
     correct = [float(r["correct"]) for r in records]
     value = sum(correct) / max(1, len(correct))
     acc = accuracy(records, generative=task.kind != "mc")
@@ -75,6 +86,34 @@ def run_task(
         acc.ci_high,
         acc.majority,
     )
+
+
+def generation_metrics(
+    lm: LM, task: Task, examples: list[Example], records: list[dict[str, Any]], batch_size: int, max_tokens: int | None
+) -> dict[str, float]:
+    """The task file's `generation.metrics`, each against the example's reference completion (its `target`):
+    per record `loglik` (mean per-token log-likelihood of the reference after the prompt), `exact_match` and
+    `chrf` (sentence chrF), which `compare` pairs; returned, the slice's means (chrF: sacrebleu's corpus score)."""
+    refs = [e.target for e in examples]
+    extra: dict[str, float] = {}
+    if "loglik" in task.gen_metrics:
+        pairs = [(e.prompt, e.target) for e in examples]
+        sums, _ = loglikelihoods(lm, pairs, batch_size, None, None, max_tokens)
+        for r, total, (_, n) in zip(records, sums, encode_requests(lm, pairs)):
+            r["loglik"] = total / n
+        extra["loglik_per_token"] = sum(r["loglik"] for r in records) / len(records)
+    if "exact_match" in task.gen_metrics or "chrf" in task.gen_metrics:
+        scores = generation_scores(predictions=[r["output"] for r in records], references=refs)
+        for r, ref in zip(records, refs):
+            if "exact_match" in task.gen_metrics:
+                r["exact_match"] = exact_match(r["output"], ref)
+            if "chrf" in task.gen_metrics:
+                r["chrf"] = sentence_chrf(r["output"], ref)
+        if "exact_match" in task.gen_metrics:
+            extra["exact_match_reference"] = scores.exact_match
+        if "chrf" in task.gen_metrics:
+            extra["chrf"] = scores.chrf
+    return extra
 
 
 def empty_result(lm: LM, limit: int | None, batch_size: int, max_tokens: int | None) -> EvalResult:

@@ -81,17 +81,23 @@ def _padded(seqs: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor,
 
 
 def option_logprobs(
-    model: Any, pad: int, options: list[tuple[list[int], list[int]]], norms: list[float]
-) -> torch.Tensor:
-    """log-softmax over one input's options of the student's (normalised) option log-likelihoods."""
-    ids, mask = _padded([c + x for c, x in options], pad, next(model.parameters()).device)
+    model: Any, pad: int, items: list[tuple[list[tuple[list[int], list[int]]], list[float]]]
+) -> list[torch.Tensor]:
+    """Per input: log-softmax over its options of the student's (normalised) option log-likelihoods; every
+    option of every input in one forward pass."""
+    seqs = [c + x for options, _ in items for c, x in options]
+    ids, mask = _padded(seqs, pad, next(model.parameters()).device)
     logits = model(input_ids=ids, attention_mask=mask).logits
-    scores = []
-    for j, (c, x) in enumerate(options):
-        rows = logits[j, len(c) - 1 : len(c) + len(x) - 1].float()  # the positions that predict x
-        lp = torch.log_softmax(rows, -1).gather(-1, torch.tensor(x, device=rows.device)[:, None]).sum()
-        scores.append(lp / norms[j])
-    return torch.log_softmax(torch.stack(scores), -1)
+    out, row = [], 0
+    for options, norms in items:
+        scores = []
+        for (c, x), norm in zip(options, norms):
+            rows = logits[row, len(c) - 1 : len(c) + len(x) - 1].float()  # the positions that predict x
+            lp = torch.log_softmax(rows, -1).gather(-1, torch.tensor(x, device=rows.device)[:, None]).sum()
+            scores.append(lp / norm)
+            row += 1
+        out.append(torch.log_softmax(torch.stack(scores), -1))
+    return out
 
 
 def _choice_loss(
@@ -99,8 +105,7 @@ def _choice_loss(
 ) -> tuple[torch.Tensor, int]:
     """Weighted mean KL over the options of the inputs `idx`, and the tokens it ran."""
     losses, weights, tokens = [], [], 0
-    for i in idx:
-        logq = option_logprobs(model, pad, t.pairs[i], t.norms[i])
+    for i, logq in zip(idx, option_logprobs(model, pad, [(t.pairs[i], t.norms[i]) for i in idx])):
         p = t.probs[i].to(logq.device)
         kl = (p * (torch.log(p.clamp_min(1e-12)) - logq)).sum()
         w = 1.0
@@ -142,11 +147,13 @@ def agreement(model: Any, pad: int, t: ChoiceTargets | TextTargets, idx: list[in
         return Agreement(0, None, float("nan"))
     if isinstance(t, ChoiceTargets):
         same, kl = 0, 0.0
-        for i in idx:
-            logq = option_logprobs(model, pad, t.pairs[i], t.norms[i])
-            p = t.probs[i].to(logq.device)
-            same += int(logq.argmax()) == int(p.argmax())
-            kl += float((p * (torch.log(p.clamp_min(1e-12)) - logq)).sum())
+        per = max(1, micro // max(len(t.pairs[i]) for i in idx))
+        for b in range(0, len(idx), per):
+            part = idx[b : b + per]
+            for i, logq in zip(part, option_logprobs(model, pad, [(t.pairs[i], t.norms[i]) for i in part])):
+                p = t.probs[i].to(logq.device)
+                same += int(logq.argmax()) == int(p.argmax())
+                kl += float((p * (torch.log(p.clamp_min(1e-12)) - logq)).sum())
         return Agreement(len(idx), same / len(idx), kl / len(idx))
     kl = 0.0
     for b in range(0, len(idx), micro):
@@ -179,7 +186,8 @@ def distill(
             g["lr"] = lr_at(step, cfg)
         idx = [train_idx[k] for k in order[step * batch : (step + 1) * batch]]
         total = 0.0
-        per = max(1, cfg.micro_batch // (len(targets.pairs[idx[0]]) if isinstance(targets, ChoiceTargets) else 1))
+        opts = max(len(targets.pairs[i]) for i in idx) if isinstance(targets, ChoiceTargets) else 1
+        per = max(1, cfg.micro_batch // opts)
         for b in range(0, len(idx), per):
             part = idx[b : b + per]
             loss, tokens = loss_on(model, pad, targets, part, cfg.flip_weight)

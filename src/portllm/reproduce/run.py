@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import steps
 from ..atomic import write_text_atomic
+from ..device import resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ..eval import DEFAULT_MARGIN, EvalResult, TaskFlips, accuracy, aligned_correct, flips, paired_records, read_run
 from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
@@ -71,7 +72,7 @@ def _recipe_args(plan: TaskPlan, prof: Profile, data: Path) -> list[str]:
     ]
 
 
-def _train_config(plan: TaskPlan, prof: Profile) -> TrainConfig:
+def _train_config(plan: TaskPlan, prof: Profile, device: str) -> TrainConfig:
     return TrainConfig(
         lr=plan.lr,
         steps=plan.steps,
@@ -79,6 +80,7 @@ def _train_config(plan: TaskPlan, prof: Profile) -> TrainConfig:
         max_length=plan.max_length,
         seed=prof.seed,
         dtype=prof.dtype,
+        device=device,
     )
 
 
@@ -134,6 +136,7 @@ class ReproduceContext:
     log: Log = print
     show_progress: bool = False
     margin: float = DEFAULT_MARGIN
+    device: str = "cpu"  # resolved (device.resolve_device): where every step trains, evolves and scores
 
 
 @dataclass
@@ -170,17 +173,23 @@ def reproduce(
     log: Log = print,
     show_progress: bool = False,
     margin: float = DEFAULT_MARGIN,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> ReproduceReport:
     """Run the grid and write OUT/report.json, OUT/report.md and OUT/*.png. `margin` is what the paired
-    verdicts call "no difference" (the whole 95% interval within ±margin)."""
+    verdicts call "no difference" (the whole 95% interval within ±margin). `device`: where every step runs
+    (device.py: auto = CUDA when present); `dtype`: the scoring dtype (default: the profile's eval_dtype)."""
     if not 0 < margin < 1:
         raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
+    dev = resolve_device(device)
     prof = select_profile(profile, tasks)
+    if dtype is not None:
+        prof = replace(prof, eval_dtype=resolve_dtype(dtype, dev))  # the eval cache keys by it
     data = data_dir(data)
     if data is None:
         raise PortLLMError("reproduce needs the benchmark data: set --data-dir or PORTLLM_DATA")
     store = ReproduceCache(Path(cache) if cache else cache_root() / "reproduce")
-    ctx = ReproduceContext(prof, data, store, log, show_progress, margin)
+    ctx = ReproduceContext(prof, data, store, log, show_progress, margin, dev)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -220,6 +229,7 @@ def evolve_base(ctx: ReproduceContext, base: str, timings: dict[str, float]) -> 
         seed=prof.seed,
         dtype="float32" if prof.evolve_mode == "full" else prof.dtype,  # bf16 AdamW would lose small updates
         targets=architecture_of(theta).lora_targets,  # resolved before keying, so the cache key names them
+        device=ctx.device,
     )
     evolved = ctx.cache.evolved(fp_theta, prof.corpus, corpus_files(prof.corpus, ctx.data), ecfg.key())
     t0 = time.perf_counter()
@@ -254,7 +264,7 @@ def train_patches(ctx: ReproduceContext, bases: Bases, name: str, plan: TaskPlan
     for where, base_dir, dest in (("θ", bases.theta, patch), ("θ'", bases.evolved, retuned)):
         if not (dest / MANIFEST).is_file():
             ctx.log(f"  training Δ on {where}...")
-            cfg = _train_config(plan, ctx.prof)
+            cfg = _train_config(plan, ctx.prof, ctx.device)
             steps.train_patch_step(base_dir, name, dest, cfg, ctx.data, ctx.show_progress)
     return patch, retuned
 
@@ -286,7 +296,9 @@ def score_variants(
                 write_text_atomic(port_rec_file, json.dumps(rec.to_dict()))
             ctx.log(f"  eval {LABELS[v]}...")
             limit, dtype = plan.eval_limit, prof.eval_dtype
-            steps.eval_step(model, attached, name, limit, ctx.data, edir, dtype, prof.gen_tokens, ctx.show_progress)
+            steps.eval_step(
+                model, attached, name, limit, ctx.data, edir, dtype, prof.gen_tokens, ctx.show_progress, ctx.device
+            )
         dirs[v] = edir
     if ported.exists():
         shutil.rmtree(ported, ignore_errors=True)

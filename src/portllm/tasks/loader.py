@@ -19,7 +19,7 @@ from ..errors import PortLLMError
 from .examples import ENV, Gold, Maker, Template
 from .hooks import HOOKS
 from .readers import FORMATS, Reader, format_of
-from .schema import DATA_VAR, KINDS, METRIC_KINDS, METRICS, Hub, Split, Task
+from .schema import DATA_VAR, GEN_METRICS, KINDS, METRIC_KINDS, METRICS, Hub, Split, Task
 
 DEFS = Path(__file__).with_name("defs")
 
@@ -45,7 +45,7 @@ KEYS = {
     "continuation": "Jinja2 continuation shared by every choice",
     "target": "Jinja2 text a fine-tune learns after the prompt (gen)",
     "target_delimiter": "between context and continuation (default ' ')",
-    "generation": "{stop: [...], max_new_tokens: N}",
+    "generation": "{stop: [...], max_new_tokens: N, metrics: [loglik, exact_match, chrf] (against target)}",
 }
 
 
@@ -271,8 +271,12 @@ def _task(d: _Def) -> Task:
     if gen and kind != "gen":
         raise d.fail("generation", "only generation tasks (kind: gen) take stop and max_new_tokens")
     for k in gen:
-        if k not in ("stop", "max_new_tokens"):
-            raise d.fail(f"generation.{k}", "unknown key; expected stop, max_new_tokens")
+        if k not in ("stop", "max_new_tokens", "metrics"):
+            raise d.fail(f"generation.{k}", "unknown key; expected stop, max_new_tokens, metrics")
+    metrics = d.strings("generation.metrics", gen["metrics"]) if "metrics" in gen else ()
+    unknown = [m for m in metrics if m not in GEN_METRICS]
+    if unknown:
+        raise d.fail("generation.metrics", f"unknown metric {unknown[0]!r}; expected {', '.join(GEN_METRICS)}")
     train, ev = _split(d, "train"), _split(d, "eval")
     return Task(
         name,
@@ -289,6 +293,7 @@ def _task(d: _Def) -> Task:
         aliases=d.strings("aliases", d.data["aliases"]) if d.data.get("aliases") else (),
         paper=d.get("paper", bool, False),
         source=str(path),
+        gen_metrics=tuple(dict.fromkeys(metrics)),
     )
 
 

@@ -12,6 +12,9 @@ DATA_VAR = "${PORTLLM_DATA}/"  # how a user's task file names data in the data d
 # metric -> how tables print it; exact_match is GSM8K's flexible extraction (the engine's headline number)
 METRICS = {"acc": "acc", "acc_norm": "acc_norm", "exact_match": "exact match (flexible)"}
 METRIC_KINDS = {"acc": "mc", "acc_norm": "mc", "exact_match": "gen"}
+# what a generation task file may also record per example (`generation.metrics`), each against its reference
+# completion (`target`): mean per-token log-likelihood, exact match, chrF (eval/metrics.py); `compare` pairs them
+GEN_METRICS = ("loglik", "exact_match", "chrf")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Task:
     source: str = ""  # the definition file it was loaded from
     root: Path | None = None  # a user's task file: its folder, which its data paths are relative to
     sha256: str = ""  # a user's task file: the file's hash, so caches never take two files of one name for one
+    gen_metrics: tuple[str, ...] = ()  # GEN_METRICS a generation task records per example (generation.metrics)
 
     @property
     def identity(self) -> str:

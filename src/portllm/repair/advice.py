@@ -1,0 +1,26 @@
+"""What `forecast` and `check` tell a user whose port is predicted to lose more than the margin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .core import DEFAULT_MARGIN
+
+# measured in docs/sweep/repair (SmolLM2-135M, 2-core CPU): what distill cost and won back there
+MEASURED = "in docs/sweep/repair it cost {cost} and won back {won} of the plain port's loss at 2.3-4.5% drift"
+COST, WON = "see docs/sweep/repair", "see docs/sweep/repair"
+
+
+def advice(
+    loss_points: float | None, patch: str | Path, base: str, old: str | None, inputs: str | None,
+    margin: float = DEFAULT_MARGIN,
+) -> str | None:  # fmt: skip
+    """One sentence with the command to run, or None when the predicted loss is under the margin (or unknown)."""
+    if loss_points is None or old is None or loss_points < margin:
+        return None
+    return (
+        f"the predicted loss ({loss_points:.1f} points) is over the {margin:g}-point margin: repair without labels "
+        f"with `portllm repair {patch} --base {base} --from {old} --inputs {inputs or 'self'} --out REPAIRED` "
+        f"(distill, 40 steps on 256 unlabeled inputs; {MEASURED.format(cost=COST, won=WON)}), then check it with "
+        "`portllm eval`; where it falls short, re-tune (`portllm train --init`)"
+    )
