@@ -29,6 +29,7 @@ class TaskRecipe:
     warm: bool = True  # the warm-start measurement (plan.warm_steps)
     correct: bool = True  # the rescale correction (plan.correct_levels / correct_real)
     repair: bool = True  # the label-free repair (plan.repair_levels / repair_real)
+    repair_inputs: tuple[str, ...] | None = None  # a subset of plan.repair_inputs for this task
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,12 @@ PLANS: dict[str, SweepPlan] = {
                 1e-3,
                 96,
                 None,
-                levels=(0.5, 1.0, 2.0),
+                levels=(1.0, 2.0),
                 real=("text",),
                 retune_levels=(2.0,),
                 warm=False,
                 correct=False,
+                repair_inputs=("task",),
             ),
         },
         seeds=(0,),

@@ -48,7 +48,7 @@ def repairs(ctx: Any, ts: Any, lv: dict[str, Any], ported: list[dict]) -> dict[s
     target = [float(x["correct"]) for x in ts.with_patch[seed]]
     plain = [float(x["correct"]) for x in ported]
     out = {}
-    for kind in plan.repair_inputs:
+    for kind in ts.recipe.repair_inputs or plan.repair_inputs:
         spec = inputs_spec(kind, ts.name, ctx.data)
         n = plan.repair_n if kind == "task" else plan.repair_text_n
         key = (sha, lv["fingerprint"], kind, ts.name if kind == "task" else None, n, asdict(cfg))
