@@ -171,3 +171,16 @@ def test_forecast_and_check_advise_repair_over_the_margin(toy):
         loss = (d["forecast"] if cmd == "check" else d)["loss_points"]
         assert loss >= 1.0 and d["advice"] is not None, (cmd, loss)  # the toy drift breaks the patch
         assert d["advice"] is None or f"portllm repair {toy['patch']}" in d["advice"]
+
+
+def test_repair_goals_are_counted_per_kind_of_inputs():
+    from portllm.sweep.repaired import goals
+
+    def row(kind, drift, recovered, gain_hi=1.0):
+        return {"inputs": kind, "drift": drift, "port_loss": 0.1, "recovered": recovered, "repaired_neg_flips": 1,
+                "port_neg_flips": 4, "cost_vs_retune": None, "gain_ci": [-0.01, gain_hi]}  # fmt: skip
+
+    g = goals([row("task", 0.03, 0.6), row("text", 0.03, 0.1), row("self", 0.03, 0.35), row("text", 0.01, 0, -0.01)])
+    assert g["task"]["recover_50pct"] == "1/1" and g["text"]["recover_50pct"] == "0/1"  # text never dilutes task
+    assert g["self"]["recover_30pct"] == "1/1" and g["self"]["recover_50pct"] == "0/1"
+    assert g["text"]["never_significantly_worse_small_drift"] == "0/1" and g["task"]["neg_flips_halved"] == "1/1"

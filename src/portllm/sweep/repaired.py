@@ -129,25 +129,29 @@ def summary(cells: list[dict[str, Any]], retunes: list[dict[str, Any]]) -> dict[
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repair issue's goals on the large-drift cells (≥ 2% drift) and the small ones (≤ 1.13%)."""
+    """The repair issue's goals, each as cells meeting / cells, per kind of inputs: the large-drift cells
+    (≥ 2% drift, where the port lost) and the small ones (≤ 1.13%: never significantly worse)."""
     big = [r for r in rows if r["drift"] >= 0.02 and r["port_loss"] > 0]
-    small = [r for r in rows if r["drift"] <= 0.0115]
-    with_data = [r for r in big if r["inputs"] != "self"]
-    selfs = [r for r in big if r["inputs"] == "self"]
 
-    def share(xs: list[dict[str, Any]], f: Any) -> str:
+    def share(kind: str, xs: list[dict[str, Any]], f: Any) -> str:
+        xs = [x for x in xs if x["inputs"] == kind]
         return f"{sum(bool(f(x)) for x in xs)}/{len(xs)}"
 
-    return {
-        "recover_50pct_with_inputs": share(with_data, lambda r: (r["recovered"] or 0) >= 0.5),
-        "recover_75pct_with_inputs": share(with_data, lambda r: (r["recovered"] or 0) >= 0.75),
-        "neg_flips_halved_with_inputs": share(with_data, lambda r: r["repaired_neg_flips"] <= r["port_neg_flips"] / 2),
-        "cost_within_10pct_of_retune": share(
-            [r for r in with_data if r["cost_vs_retune"] is not None], lambda r: r["cost_vs_retune"] <= 0.10
-        ),
-        "recover_30pct_self": share(selfs, lambda r: (r["recovered"] or 0) >= 0.3),
-        "never_significantly_worse_small_drift": share(small, lambda r: r["gain_ci"][1] >= 0),
-    }
+    out: dict[str, Any] = {}
+    for kind in dict.fromkeys(r["inputs"] for r in rows):
+        out[kind] = {
+            "recover_50pct": share(kind, big, lambda r: (r["recovered"] or 0) >= 0.5),
+            "recover_75pct": share(kind, big, lambda r: (r["recovered"] or 0) >= 0.75),
+            "recover_30pct": share(kind, big, lambda r: (r["recovered"] or 0) >= 0.3),
+            "neg_flips_halved": share(kind, big, lambda r: r["repaired_neg_flips"] <= r["port_neg_flips"] / 2),
+            "cost_within_10pct_of_retune": share(
+                kind, [r for r in big if r["cost_vs_retune"] is not None], lambda r: r["cost_vs_retune"] <= 0.10
+            ),
+            "never_significantly_worse_small_drift": share(
+                kind, [r for r in rows if r["drift"] <= 0.0115], lambda r: r["gain_ci"][1] >= 0
+            ),
+        }
+    return out
 
 
 def markdown(s: dict[str, Any] | None) -> str:
@@ -172,5 +176,7 @@ def markdown(s: dict[str, Any] | None) -> str:
             f"[{100 * r['gain_ci'][0]:+.1f}, {100 * r['gain_ci'][1]:+.1f}] | {rt} | {rec} "
             f"| {r['port_neg_flips']} → {r['repaired_neg_flips']} | {cost} |"
         )
-    lines += ["", "Goals (cells meeting / cells): " + ", ".join(f"{k} {v}" for k, v in s["goals"].items()), ""]
+    lines += ["", "Goals (cells meeting / cells), by kind of inputs:", ""]
+    lines += [f"- {kind}: " + ", ".join(f"{k} {v}" for k, v in g.items()) for kind, g in s["goals"].items()]
+    lines.append("")
     return "\n".join(lines)

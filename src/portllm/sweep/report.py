@@ -11,6 +11,7 @@ from ..atomic import write_text_atomic
 from ..errors import PortLLMError
 from .calibrate import fit, is_control, validate
 from .repaired import markdown as repair_markdown
+from .repaired import summary as repair_summary
 
 
 def _band(xs: list[float]) -> tuple[float, float, float]:
@@ -509,6 +510,8 @@ def rerender(report_json: str | Path, out: str | Path | None = None) -> dict[str
         c.setdefault("family", report["base"]["name"])
         c.setdefault("signals_inputs", SIGNALS_SAME_AS_SCORED)
     forecast_fields(report)
+    if any(c.get("repaired_by_inputs") for c in report["cells"]):
+        report["repair"] = repair_summary(report["cells"], report.get("retunes", []))
     if [measured(c) for c in report["cells"]] != before:
         raise PortLLMError(f"re-rendering {src} changed a measured cell value; it must recompute nothing")
     write(report, Path(out) if out else src.parent)
