@@ -11,7 +11,7 @@ MEASURED = (
     "in docs/sweep/repair it cost {cost} and won back {won} of the plain port's loss at 2.3-4.5% drift, from "
     "the task's own unlabeled inputs"
 )
-COST, WON = "85-160 s on a 135M model (1.3-1.8x a cold re-tune's wall time)", "45-81% (13% at 4.5% on CommonsenseQA)"
+COST, WON = "85-157 s on a 135M model (1.3-1.8x a cold re-tune's wall time)", "45-81% (13% at 4.5% on CommonsenseQA)"
 
 
 def advice(

@@ -13,7 +13,6 @@ after, is what a user can read without labels.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +202,4 @@ def distill(
         if progress:
             progress(step + 1, total)
     run.after = agreement(model, pad, targets, held, cfg.micro_batch)
-    if run.losses and not math.isfinite(run.losses[-1]):
-        raise PortLLMError("the distillation did not converge; lower --lr")
     return run
