@@ -26,9 +26,15 @@ requests are counted and the server's resident memory (RSS) is sampled to show i
 --quick: a smoke size that proves the script works end to end in a minute or two (2 clients, 8 tokens,
 64-token long prompts; writes under .cache/serve_load/ unless --out is given).
 
+The GPU serving check: `--device cuda --skip-naive --against docs/benchmarks/serve_load.json` with the CPU run's
+sizes measures portllm's server on the GPU and prints it beside the CPU run (tokens/s, p95 latency, TTFT p95, and
+the speed-up of each); a run whose work differs from the CPU run's is refused.
+
     python benchmarks/serve_load.py --base smollm2-135m --patches DIR1,DIR2,DIR3,DIR4 [--soak-minutes 10]
     python benchmarks/serve_load.py --base smollm2-135m        # makes 4 random rank-8 patches (cached)
     python benchmarks/serve_load.py --quick
+    python benchmarks/serve_load.py --device cuda --skip-naive --against docs/benchmarks/serve_load.json \
+        --long-clients 8 --long-requests-per-client 1 --out docs/benchmarks/serve_load_gpu
 """
 
 from __future__ import annotations
@@ -529,6 +535,36 @@ def table(res: dict) -> str:
     return console.export_text()
 
 
+def device_table(res: dict, against: dict, against_path: Path) -> str:
+    """The GPU serving check (issue 20): this run's portllm server beside a CPU run's (tokens/s, p95 latency and, for
+    the long prompts, p95 time to first token), both cases. The two runs must have sent the same work."""
+    from rich.console import Console
+    from rich.table import Table
+
+    for key in ("clients", "requests_per_client", "max_tokens", "n_patches"):
+        if res[key] != against[key]:
+            raise SystemExit(f"--against {against_path}: {key} {against[key]} there, {res[key]} here: same work only")
+    lp, cp = res["long_prompt"], against["long_prompt"]
+    for key in ("clients", "requests_per_client", "prompt_tokens", "max_tokens"):
+        if lp[key] != cp[key]:
+            raise SystemExit(f"--against {against_path}: long-prompt {key} {cp[key]} there, {lp[key]} here")
+    here, there = f"{res['device']} {res['dtype']}", f"{against.get('device', 'cpu')} {against.get('dtype', 'auto')}"
+    console = Console(width=140, record=True)
+    t = Table(title=f"portllm serve on {here} against {there} ({against_path.name}, {against['date']})")
+    for c in ("case", "run", "tokens/s", "p95 latency (s)", "TTFT p95 (s)"):
+        t.add_column(c, justify="left" if c in ("case", "run") else "right")
+    cases = (("main", res["portllm"], against["portllm"]), ("long prompts", lp["portllm"], cp["portllm"]))
+    for case, mine, theirs in cases:
+        for run, r in ((there, theirs), (here, mine)):
+            ttft = "" if r.get("p95_ttft_s") is None else f"{r['p95_ttft_s']:.2f}"
+            t.add_row(case, run, f"{r['tokens_per_s']:.1f}", f"{r['p95_latency_s']:.2f}", ttft)
+        speed = mine["tokens_per_s"] / max(theirs["tokens_per_s"], 1e-9)
+        p95 = theirs["p95_latency_s"] / max(mine["p95_latency_s"], 1e-9)
+        t.add_row(case, "speed-up (>1: faster here)", f"{speed:.2f}x", f"{p95:.2f}x", "")
+    console.print(t)
+    return console.export_text()
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m")
@@ -547,6 +583,12 @@ def parse_args() -> argparse.Namespace:
         "--device", default="cpu", help="portllm's server: --device (the GPU serving check: cuda, against a cpu run)"
     )
     ap.add_argument("--dtype", default=None, help="portllm's server: --dtype (default: auto for --device)")
+    ap.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="a CPU run's JSON (docs/benchmarks/serve_load.json): the GPU check's table of tokens/s and p95 against it",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="client timeout per request (s)")
     ap.add_argument("--skip-naive", action="store_true", help="measure portllm's server only")
     ap.add_argument("--soak-minutes", type=float, default=0)
@@ -567,6 +609,7 @@ def main() -> None:
     if args.naive_server:
         run_naive_server(args)
         return
+    against = json.loads(args.against.read_text()) if args.against else None  # unreadable: fail before measuring
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.patches:
@@ -590,6 +633,8 @@ def main() -> None:
         "requests_per_client": args.requests_per_client,
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
+        "device": args.device,
+        "dtype": args.dtype or "auto",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -647,6 +692,8 @@ def main() -> None:
     long_res["throughput_ratio"] = ratio(long_res)
     res["long_prompt"] = long_res
     text = table(res) if "naive" in res else json.dumps({"portllm": res["portllm"], "long_prompt": long_res}, indent=2)
+    if against is not None:
+        text += "\n" + device_table(res, against, args.against)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     args.out.with_suffix(".txt").write_text(text)

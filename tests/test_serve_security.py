@@ -339,6 +339,47 @@ def test_seed_outside_64_bits_is_a_400(server):
         assert post(url, "/v1/completions", {**body, "seed": seed}).json()["choices"] == r.json()["choices"]
 
 
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("completions", '{"model": "a", "prompt": "hi \\ud800", "max_tokens": 1}', "prompt"),
+        ("completions", '{"model": "a", "prompt": ["ok", "\\udfff"], "max_tokens": 1}', "prompt"),
+        ("completions", '{"model": "\\ud800", "prompt": "hi", "max_tokens": 1}', "model"),
+        ("completions", '{"model": "a", "prompt": "hi", "max_tokens": 1, "stop": ["\\ud83d"]}', "stop"),
+        ("completions", '{"model": "a", "prompt": "hi", "max_tokens": 1, "\\ud800": 1}', None),  # a field's name
+        ("chat/completions", '{"model": "a", "messages": [{"role": "user", "content": "\\ud800"}]}',
+         "messages.0.content"),
+        ("chat/completions", '{"model": "a", "messages": [{"role": "user", "content": "x", "name": "\\udc00"}]}',
+         "messages.0.name"),
+    ],
+)  # fmt: skip
+def test_text_that_is_not_unicode_is_a_400(server, path, body, param):
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer, template or UTF-8 answer takes: a 400 naming
+    the field, never a 500 (the fuzz's strings never hold one). A pair that makes one character is fine."""
+    url = server[0]
+    r = httpx.post(f"{url}/v1/{path}", content=body.encode(), headers={**AUTH, "content-type": "application/json"})
+    err = error(r, 400)
+    assert err["param"] == param and ("Unicode" in err["message"] or "surrogate" in err["message"]), err
+    pair = body.replace("\\ud800", "\\ud83d\\ude00")  # U+1F600, written as a surrogate pair
+    if pair != body and param not in ("model", None):
+        ok = httpx.post(f"{url}/v1/{path}", content=pair.encode(), headers={**AUTH, "content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+
+
+def test_an_error_that_quotes_a_lone_surrogate_is_still_sent():
+    """An error message may quote what it refuses (a model or field name, a start-up patch name from argv, where
+    undecodable bytes become lone surrogates): escaped, so the answer can be encoded (not a 500)."""
+    import asyncio
+
+    from portllm.serve.app import on_serve_error
+    from portllm.serve.errors import UnknownModel
+
+    r = asyncio.run(on_serve_error(None, UnknownModel("The model `\udcff` does not exist", param="\udcff")))
+    err = json.loads(r.body)["error"]
+    assert r.status_code == 404 and err["message"] == "The model `\\udcff` does not exist", err
+    assert err["param"] == "\\udcff"
+
+
 def test_internal_errors_carry_a_request_id_and_no_internals(world, caplog):
     """In process, with the failures forced: one raised in a handler, one on the engine's worker (plain and
     streamed). The client gets the request id only; the log has what happened, under the same id."""
@@ -415,10 +456,25 @@ def test_vllm_engine_gets_the_options_it_has(world, tmp_path):
     assert r.returncode == 0 and argv[argv.index("--api-key") + 1 :][:2] == [KEY, OTHER_KEY], r.stderr
     assert KEY not in r.stdout + r.stderr and "--api-key '<hidden>' '<hidden>'" in r.stdout
 
-    r = cli(*base, "--max-queue", "4", "--threads", "2", "--access-log", "--max-body-bytes", "10")
+    r = cli(*base, "--router", "description", "--max-queue", "4", "--request-timeout", "9", "--threads", "2",
+            "--access-log", "--patch-root", tmp_path, "--allow-unload-startup-patches", "--max-body-bytes", "10",
+            "--device", "cpu", "--port", "0")  # fmt: skip
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert r.returncode != 0 and len(lines) == 1, r.stderr
-    assert "no equivalent for --max-queue, --threads, --access-log, --max-body-bytes" in lines[0]
+    assert lines[0].endswith(
+        "no equivalent for --router, --max-queue, --request-timeout, --threads, --access-log, --patch-root, "
+        "--allow-unload-startup-patches, --max-body-bytes, --device, --port 0: drop them or use --engine portllm"
+    ), lines
+    r = cli(*base, "--dtype", "fp8")
+    assert r.returncode != 0 and "--dtype 'fp8': use auto, float32, bfloat16, float16" in r.stderr, r.stderr
+
+    # no key on a network address: warned; the warning and the written modules' paths printed literally
+    mods = tmp_path / "mods[bold]x[/bold]"
+    r = cli(*base[:-2], "--vllm-dir", mods, "--host", "[::]", "--dtype", " BFloat16")
+    argv = (tmp_path / "argv").read_text().split("\n")
+    assert r.returncode == 0 and argv[argv.index("--dtype") + 1] == "bfloat16", r.stderr
+    assert "listening on [::] without --api-key: anyone who can reach the port can use it" in r.stderr
+    assert f"checked and written a -> {mods / 'a'}" in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------- fuzz: the server's own OpenAPI schema

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
+from ..device import DEVICE_HELP, DTYPE_HELP, DTYPES, resolve_device, resolve_dtype
 from ..errors import PortLLMError
 from ..routing.routers import PER_REQUEST, router_names
 from ..serve.security import exposure_warning, parse_api_keys
@@ -180,15 +180,19 @@ def _serve_vllm(a: ServeArgs) -> None:
         "--allow-unload-startup-patches": a.allow_unload_startup_patches,
         "--max-body-bytes": a.max_body_bytes is not None,
         "--device": a.device != "auto",
+        "--port 0": a.port == 0,  # any free port: vLLM would take its own default (8000) instead
     }  # portllm's own engine only: refused by name, never dropped
     if any(given.values()):
         names = ", ".join(flag for flag, on in given.items() if on)
         raise PortLLMError(f"--engine vllm has no equivalent for {names}: drop them or use --engine portllm")
+    dtype = None if a.dtype is None else a.dtype.strip().lower()
+    if dtype is not None and dtype not in DTYPES:  # vLLM's --dtype takes each of these by the same name
+        raise PortLLMError(f"--dtype {a.dtype!r}: use {', '.join(DTYPES)}")
     _warn_exposure(a)
     if a.allow_runtime_loading:
         say("warn", "vLLM loads a runtime lora_path from anywhere its process can read (no --patch-root)", "yellow")
     run = VllmRun(a.base, a.patches, a.vllm_dir, a.served_name, a.host, a.port, a.require_signature, a.trust)
-    _exec_vllm(run, a.keys, a.dtype, a.max_batch, a.max_patches, a.max_lora_rank, a.allow_runtime_loading)
+    _exec_vllm(run, a.keys, dtype, a.max_batch, a.max_patches, a.max_lora_rank, a.allow_runtime_loading)
 
 
 def _serve_portllm(a: ServeArgs) -> None:
@@ -333,7 +337,7 @@ def _report_export(res, opts=None) -> None:
         for w in warnings:
             say("warn", f"{name}: {w}", "yellow")
     for name, path in res.modules.items():
-        out.print(f"[green]checked and written[/green] {name} -> {path}", highlight=False, soft_wrap=True)
+        out.print(f"[green]checked and written[/green] {escape(f'{name} -> {path}')}", highlight=False, soft_wrap=True)
     if opts is None:
         print(res.shell)
     else:

@@ -73,8 +73,13 @@ DEFAULT_CHAT_MAX_TOKENS = 1024  # a chat request without max_tokens: at most thi
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+    body = ErrorResponse(error=ErrorInfo(message=_utf8(message), type=kind, param=_utf8(param), code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text an answer can carry: a client's lone surrogate (a model name, a field's name) escaped, not a 500."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def on_serve_error(_: Request, e: ServeError) -> JSONResponse:
@@ -96,6 +101,8 @@ async def on_invalid_request(_: Request, e: RequestValidationError) -> JSONRespo
         why = (first.get("ctx") or {}).get("error", "")
         msg = f"We could not parse the JSON body of your request ({why}). Send a JSON object."
         param = None  # pydantic puts the character offset here, not a parameter name
+    elif param is None and first.get("type") == "string_unicode":  # a lone surrogate in a field's name
+        msg = "The request body holds text that is not valid Unicode (a lone surrogate such as \\ud800)."
     elif param is None:
         msg = "The request body must be a JSON object of the request's parameters."
     elif first.get("type") == "missing":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .logprobs import MAX_LOGPROBS, TokenLogprob
 from .security import SEED_MAX, SEED_MIN
@@ -19,9 +19,33 @@ from .security import SEED_MAX, SEED_MIN
 # ---------------------------------------------------------------- request schemas
 
 
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string with a lone surrogate (`"\\ud800"` is valid JSON but not
+    Unicode text: no tokenizer, template or UTF-8 answer can take it). Nested request models check themselves."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # at C speed; only surrogates fail
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value if not isinstance(v, (int, float)))
+    return False
+
+
 class RequestBody(BaseModel):
     # a field this server does not know is a 400 naming it (a client sending it expects it to do something)
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def unicode_text(cls, value: Any) -> Any:
+        """Every text a client sends is Unicode: a lone surrogate is a 400 naming the field, not a failed run."""
+        if has_lone_surrogate(value):
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate such as \\ud800)")
+        return value
 
 
 class StreamOptions(RequestBody):
