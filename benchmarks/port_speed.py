@@ -3,7 +3,12 @@
 Cases: the embedded SmolLM2-135M (fp32) and a synthetic ~1.5B-parameter Llama checkpoint in
 bf16 written to disk. Each method runs in its own subprocess that reports its wall time (from
 its first line, imports included) and peak RSS (VmHWM); portllm's also reports where its time
-went (start-up, check, read, add, write, and the hashing and fsync threads beside them).
+went (start-up, check, map, add, and the copy and fsync threads beside them).
+
+What each side does: `cp -r` copies the bytes into the page cache and returns (no fsync: they reach the disk
+later). portllm copies the shards' bytes in the kernel too (copy_file_range), updates each patched tensor in
+place through a shared mapping of the output, and fsyncs every file before it renames the output into place
+(all or nothing even after a power cut); it does not hash its output (the first `content_sha256` of it does).
 
 Fair to the copy: the base is read once before anything is timed, so every method reads it from a
 warm page cache; methods alternate within each round and each figure is the median of `--reps`
@@ -70,7 +75,7 @@ hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()
 print(json.dumps({"wall_s": wall, "peak_rss_mb": int(hwm) / 1024, **extra}))
 """
 METHODS = ("copy", "portllm", "peft")
-STAGES = ("startup", "check", "read", "add", "write", "hash", "sync", "wait", "finish")
+STAGES = ("startup", "check", "read", "add", "write", "sync", "wait", "finish")
 
 
 def run_child(method: str, base: Path, patch: Path, out: Path, env: dict[str, str], settle: float = 0.0) -> dict:
@@ -281,7 +286,7 @@ def report(console, results: dict, methods: tuple[str, ...], reps: int) -> None:
                 f"{r[m].get('out_bytes', 0) / 1e9:.2f}",
             )
     console.print(t)
-    b = Table(title="where portllm's time goes (its median run, seconds; hash and fsync run on their own threads)")
+    b = Table(title="where portllm's time goes (its median run, seconds; copy and fsync run on their own threads)")
     for c in ("case", *STAGES, "wall"):
         b.add_column(c, justify="right")
     for case, r in results.items():
@@ -290,9 +295,11 @@ def report(console, results: dict, methods: tuple[str, ...], reps: int) -> None:
         b.add_row(case, *(f"{st[k]:.2f}" for k in STAGES), f"{p['wall_s']:.2f}")
     console.print(b)
     console.print(
-        "startup: imports; check: patch load and compatibility check; read/add/write: the merge loop; hash, sync: "
-        "busy time of the output-hashing and fsync threads (overlapped); wait: the loop blocked on them; "
-        "finish: provenance, the output's fingerprint, the rename"
+        "startup: imports; check: patch load and compatibility check; read: mapping the copied bytes of each "
+        "patched tensor; add: updating it in place; write, sync: busy time of the copy (copy_file_range) and fsync "
+        "threads (overlapped); wait: the loop blocked on them; finish: the output's fingerprint, provenance, the "
+        "fsync of the small files, the rename. cp -r: no fsync, no hash; portllm: fsync of every file before the "
+        "rename, no hash of the output (taken on its first use)"
     )
     for case, r in results.items():
         q = r["ratios"]

@@ -140,19 +140,62 @@ def _recomputed_content_sha256(d):
     return "sha256:" + h.hexdigest()
 
 
-def test_recorded_content_sha256_is_the_files_own(world, tmp_path, monkeypatch):
-    """The hash a port records (taken while writing, partly reused from the base's) is the written bytes' own:
-    recomputed from the files, and recomputed by portllm with an empty hash cache."""
+def test_output_hashed_on_first_use_to_the_files_own_sha256(world, tmp_path, monkeypatch):
+    """A port does not hash its output (a second pass over every byte); the first `content_sha256` of the output
+    does, and gets the written bytes' own hash by the documented rule (what the port used to record), then finds
+    it in the cache. The provenance records what determines the output: the base's content sha256 and
+    fingerprint, the patch's file hashes, the scale, and the output's sampled fingerprint."""
+    from portllm import models
     from portllm.models import content_sha256
 
     base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
-    res = port(world["patch"], base, tmp_path / "out")
+    monkeypatch.setenv("PORTLLM_CACHE", str(tmp_path / "cache"))
+    hashed = []  # the directory of each file hashed: the check hashes the base ("sharded"), nothing else may be
+    real = models._hash_tensors
+    monkeypatch.setattr(models, "_hash_tensors", lambda f, infos: hashed.append(f.parent.name) or real(f, infos))
+    res = port(world["patch"], base, tmp_path / "out", scale=0.5)
+    assert set(hashed) == {"sharded"}
+    hashed.clear()
     prov = json.loads((tmp_path / "out" / "portllm_provenance.json").read_text())
-    truth = _recomputed_content_sha256(tmp_path / "out")
-    assert prov["result_content_sha256"] == res.result_content_sha256 == truth
-    monkeypatch.setenv("PORTLLM_CACHE", str(tmp_path / "fresh-cache"))  # nothing remembered: every byte read
-    assert content_sha256(tmp_path / "out") == truth
+    assert "result_content_sha256" not in prov
     assert prov["base"]["content_sha256"] == _recomputed_content_sha256(base)
+    assert prov["base"]["fingerprint"] == fingerprint(base) and prov["port"]["scale"] == 0.5
+    files = prov["patch"]["files"]
+    assert files and all(hashlib.sha256((world["patch"] / n).read_bytes()).hexdigest() == h for n, h in files.items())
+    assert prov["result_fingerprint"] == res.result_fingerprint == fingerprint(tmp_path / "out")
+    truth = _recomputed_content_sha256(tmp_path / "out")
+    assert content_sha256(tmp_path / "out") == truth  # first use: every output shard read and hashed
+    assert sorted(hashed) == ["out"] * len(list((tmp_path / "out").glob("*.safetensors")))
+    hashed.clear()
+    monkeypatch.setattr(models._HashCache, "SETTLED_NS", 0)  # files written a moment ago may be remembered
+    content_sha256(tmp_path / "out")
+    hashed.clear()
+    assert content_sha256(tmp_path / "out") == truth and hashed == []  # later uses: the cache
+
+
+def test_every_output_file_is_on_disk_before_the_rename(world, tmp_path, monkeypatch):
+    """The output is renamed into place only after each of its files (shards, config, tokenizer, index,
+    provenance) and its directory is fsynced: a power cut after the rename cannot leave an empty file."""
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    synced, renamed = [], []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(a, b):
+        renamed.append(len(synced))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    port(world["patch"], base, tmp_path / "out")
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(renamed) == 1 and "portllm_provenance.json" in written and "config.json" in written
+    before = set(synced[: renamed[0]])
+    assert set(written) <= before
+    assert any(n.startswith(".out.tmp-") for n in before)  # the directory itself
 
 
 def test_fingerprint_content_derived(world, tmp_path):
@@ -183,28 +226,31 @@ def test_disk_full_leaves_nothing(world, tmp_path, monkeypatch):
 
     from portllm import stream
 
-    calls = {"n": 0}
-    real = stream.ShardWriter.write
+    def full(*a):  # the shard's bytes are copied in the kernel: where a full disk shows
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def failing(self, name, t):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, name, t)
-
-    monkeypatch.setattr(stream.ShardWriter, "write", failing)
+    monkeypatch.setattr(stream, "_copy_range", full)
     with pytest.raises(PortLLMError, match="disk full"):
         port(world["patch"], world["new"], tmp_path / "full")
     assert list(tmp_path.iterdir()) == []  # no output, no temp directory
 
 
-def test_interrupted_write_leaves_nothing(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["copy", "update"])
+def test_interrupted_write_leaves_nothing(world, tmp_path, monkeypatch, where):
+    """Ctrl-C while the writer thread copies, or while the loop updates a tensor in place (mapped)."""
+    import importlib
+
     from portllm import stream
 
-    def interrupt(self, name, t):
+    port_mod = importlib.import_module("portllm.port")  # the module: `portllm.port` names the function
+
+    def interrupt(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream.ShardWriter, "write", interrupt)
+    if where == "copy":
+        monkeypatch.setattr(stream, "_copy_range", interrupt)
+    else:
+        monkeypatch.setattr(port_mod._Update, "__call__", interrupt)
     with pytest.raises(KeyboardInterrupt):
         port(world["patch"], world["new"], tmp_path / "int")
     assert list(tmp_path.iterdir()) == []
@@ -266,13 +312,17 @@ def test_port_resolves_a_hub_spec_once(world, tmp_path, monkeypatch):
     )
 
 
-def test_unchanged_tensors_copied_in_the_kernel_give_the_same_bytes(world, tmp_path, monkeypatch):
-    """Tensors the patch leaves alone are copied from the base's byte ranges (copy_file_range), not read and
-    rewritten; the shards are byte for byte those of a port that copies them in user space, and those tensors
-    are the base's own bytes."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_in_place_port_gives_the_bytes_of_read_update_write(world, tmp_path, monkeypatch, dtype):
+    """Every byte of the base's tensors is copied in the kernel (copy_file_range, as cp does) and the patched
+    tensors are updated in place, mapped; the shards are byte for byte those of the read-update-write path, with
+    the update on the mapped bytes or on an aligned copy, and with the copy in user space where copy_file_range
+    cannot span the two files. Tensors the patch leaves alone are the base's own bytes."""
     import errno
+    import importlib
 
-    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    port_mod = importlib.import_module("portllm.port")
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=dtype, max_shard_size="40KB")
     copied = []
     real = os.copy_file_range
 
@@ -282,17 +332,34 @@ def test_unchanged_tensors_copied_in_the_kernel_give_the_same_bytes(world, tmp_p
 
     monkeypatch.setattr(os, "copy_file_range", spy)
     port(world["patch"], base, tmp_path / "kernel")
+    maps = open("/proc/self/maps").read()
+    assert str(tmp_path) not in maps  # every mapped tensor was let go
     base_w, kernel_w = _weights(base), _weights(tmp_path / "kernel")
-    untouched = {k for k in base_w if k not in {f"{m}.weight" for m in Patch.load(world["patch"]).modules}}
-    assert untouched and sum(copied) == sum(base_w[k].numel() * base_w[k].element_size() for k in untouched)
-    assert all(torch.equal(kernel_w[k], base_w[k]) for k in untouched)
+    patched = {m.weight_name for m in Patch.load(world["patch"]).modules.values()}
+    assert sum(copied) == sum(w.numel() * w.element_size() for w in base_w.values())
+    assert all(torch.equal(kernel_w[k], base_w[k]) for k in base_w if k not in patched)
+    assert all(not torch.equal(kernel_w[k], base_w[k]) for k in patched)
+    monkeypatch.undo()
+
+    def read_update_write(self, files, headers):
+        for f, h in zip(files, headers):
+            self.shard(f, h)
 
     def cross_device(src, dst, count, *offsets):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(os, "copy_file_range", cross_device)  # a file system copy_file_range cannot span
-    port(world["patch"], base, tmp_path / "user")
+    variants = {
+        "mapped": lambda: monkeypatch.setattr(port_mod._Merge, "ALIGN", 1),
+        "copy": lambda: monkeypatch.setattr(port_mod._Merge, "ALIGN", 1 << 40),
+        "read": lambda: monkeypatch.setattr(port_mod._Merge, "run", read_update_write),
+        "user": lambda: monkeypatch.setattr(os, "copy_file_range", cross_device),
+    }
     shards = sorted(p.name for p in (tmp_path / "kernel").glob("*.safetensors"))
-    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "user").glob("*.safetensors"))
-    for name in shards:
-        assert (tmp_path / "kernel" / name).read_bytes() == (tmp_path / "user" / name).read_bytes()
+    assert len(shards) > 1
+    for name, setup in variants.items():
+        setup()
+        port(world["patch"], base, tmp_path / name)
+        monkeypatch.undo()
+        assert sorted(p.name for p in (tmp_path / name).glob("*.safetensors")) == shards, name
+        for shard in shards:
+            assert (tmp_path / "kernel" / shard).read_bytes() == (tmp_path / name / shard).read_bytes(), name

@@ -14,8 +14,10 @@ the merged model is written untied: both tensors stored, `tie_word_embeddings` f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -28,7 +30,7 @@ from . import __version__
 from .atomic import atomic_dir
 from .check import FLOAT_DTYPES, CheckReport, check
 from .errors import PortLLMError
-from .models import BaseRef, content_sha256, copy_side_files, fingerprint, record_tensor_hashes, weight_files
+from .models import BaseRef, copy_side_files, fingerprint, weight_files
 from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
@@ -43,18 +45,18 @@ ADDABLE = FLOAT_DTYPES  # dtypes ΔW can be added to; F8 and integers hold scale
 class PortTimings:
     """Where a merged port's time went, in seconds (`benchmarks/port_speed.py` prints it).
 
-    The loop reads and adds; `write` (into the page cache, kernel copies of unchanged tensors included), `hash`
-    (the output's sha256, for its provenance) and `sync` (fsync, for durability) are the busy seconds of the
-    threads beside it, and `wait` is what the loop
-    spent blocked on them: the part of their cost the wall time shows. `check` includes hashing a base this
-    machine has not hashed before (later ports find it in the cache).
+    The loop maps (`read`: a shard's bytes, copied in the kernel, mapped; read into memory only in the shards of
+    an untie) and adds; `write` (into the page cache: the kernel copies, or writes from memory) and
+    `sync` (fsync of each shard, so that the output is on disk before it is renamed into place) are the busy
+    seconds of the threads beside it, and `wait` is what the loop spent blocked on them: the part of their cost
+    the wall time shows. `check` includes hashing a base this machine has not hashed before (later ports find
+    it in the cache). The output itself is not hashed: see `PortResult`.
     """
 
     check: float = 0.0  # loading the patch, resolving the base, the compatibility check
     read: float = 0.0
     add: float = 0.0
     write: float = 0.0
-    hash: float = 0.0
     sync: float = 0.0
     wait: float = 0.0
     finish: float = 0.0  # provenance, the output's fingerprint, the rename into place
@@ -66,6 +68,12 @@ class PortTimings:
 
 @dataclass
 class PortResult:
+    """What a port wrote. A merged output's sampled `result_fingerprint` is taken at port time; its full content
+    sha256 is not (a second pass over every byte): `models.content_sha256(out)` takes it on
+    first use and remembers it by file identity. The provenance file records what determines the output
+    instead: the base's content sha256 and fingerprint, the patch manifest (sha256 of each patch file), scale.
+    """
+
     out: Path
     mode: str
     report: CheckReport
@@ -73,7 +81,6 @@ class PortResult:
     replaced: int = 0
     usage: Usage = field(default_factory=Usage)
     result_fingerprint: str | None = None
-    result_content_sha256: str | None = None
     verification: Verification | None = None  # set when a signature was required
     timings: PortTimings = field(default_factory=PortTimings)  # merged ports; not part of to_dict
 
@@ -85,7 +92,6 @@ class PortResult:
             "applied": self.applied,
             "replaced": self.replaced,
             "result_fingerprint": self.result_fingerprint,
-            "result_content_sha256": self.result_content_sha256,
             "signature": self.verification.to_dict() if self.verification else None,
             **self.usage.to_dict(),
         }
@@ -199,13 +205,12 @@ def _merge_streaming(
         index_file = _write_side_files(ref, tmp, untie)
         behind = WriteBehind()
         merge = _Merge(ref, tmp, update, untie, index_file, behind, timings, bar)
-        # the merge loop keeps one core; writing and hashing run on their own threads beside it. torch's pool
+        # the merge loop keeps one core; writing and fsync run on their own threads beside it. torch's pool
         # would compete with them, and on a busy machine turns each small block update into a slow barrier
         torch.set_num_threads(1)
         try:
-            for f, h in zip(files, headers):
-                merge.shard(f, h)
-            digests = behind.finish()
+            merge.run(files, headers)
+            behind.finish()
         except BaseException:
             behind.close()  # threads stopped first: no write is under way when the files are closed
             for w in merge.writers:
@@ -213,19 +218,26 @@ def _merge_streaming(
             raise
         finally:
             torch.set_num_threads(threads)
-        timings.write, timings.hash, timings.sync, timings.wait = (
-            behind.write_s,
-            behind.hash_s,
-            behind.sync_s,
-            behind.wait_s,
-        )
+        timings.write, timings.sync, timings.wait = behind.write_s, behind.sync_s, behind.wait_s
         t0 = time.perf_counter()
-        record_tensor_hashes(digests)  # hashed while written: the content hash below reads nothing
-        result.result_fingerprint = fingerprint(tmp)
-        result.result_content_sha256 = content_sha256(tmp)
+        result.result_fingerprint = fingerprint(tmp)  # sampled: reads 64 small slices of each tensor
         _write_provenance(tmp, patch, event, rep, result, untie)
+        _fsync_side_files(tmp)
     timings.finish = time.perf_counter() - t0
     return result
+
+
+def _runs(infos: list[TensorInfo], size: int) -> list[list[TensorInfo]]:
+    """`infos` (in file order) cut into runs of adjacent tensors of at least `size` bytes (the last may be less)."""
+    runs: list[list[TensorInfo]] = [[]]
+    n = 0
+    for info in infos:
+        if n >= size:
+            runs.append([])
+            n = 0
+        runs[-1].append(info)
+        n += info.nbytes
+    return runs
 
 
 def _refuse_quantized_targets(ref: BaseRef, headers: list[Header], update: _Update) -> None:
@@ -253,13 +265,24 @@ def _write_side_files(ref: BaseRef, tmp: Path, untie: tuple[str, str] | None) ->
 
 @dataclass
 class _Merge:
-    """Reads, updates and queues the output shards tensor by tensor; `WriteBehind` writes and hashes them.
+    """Writes the output shards: copies of the base's bytes updated in place, or read, updated and written.
 
-    Read buffers are reused, `SLOTS` of them (one being filled, the others waiting to be written and hashed):
-    a fresh allocation per tensor costs page faults and zeroing of every byte, as much as the read itself.
+    In place (every shard but those holding an untied embedding or head): the `WriteBehind` thread copies the
+    shard's bytes in the kernel, as `cp` does, `RUN` bytes at a time and up to `AHEAD` runs ahead; each patched
+    tensor is then updated where it lies in the output's page cache, through a shared mapping. A tensor is
+    never read into this process nor written from it: one copy of each byte, as `cp` makes, plus the update.
+    A run is updated once the run after it is copied too, so no page it shares with its neighbour is written
+    while it is updated. The update is the same function on the same values in either path (an fp32 tensor
+    not aligned as our buffers are is updated on an aligned copy: `_update_in_place`), so the bytes are the same.
+
+    Read, update, write (the untie shards): read buffers are reused, `SLOTS` of them (one being filled, the
+    others waiting to be written): a fresh allocation per tensor costs page faults and zeroing of every byte.
     """
 
     SLOTS = 3
+    RUN = 64 << 20
+    AHEAD = 3
+    ALIGN = 64  # torch's CPU allocator aligns every buffer to 64 bytes
 
     ref: BaseRef
     tmp: Path
@@ -271,13 +294,64 @@ class _Merge:
     bar: Bar
 
     def __post_init__(self) -> None:
-        self.known = self.ref.tensor_sha256  # computed by the check: tensors written unchanged are not hashed
         self.slots: list[list[Any]] = [[None, []] for _ in range(self.SLOTS)]  # [buffer, futures using it]
         self.turn = 0
         self.writers: list[ShardWriter] = []
 
+    def run(self, files: list[Path], headers: list[Header]) -> None:
+        """Every output shard, in the base's file order."""
+        runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]] = deque()  # copied or being copied
+        emb, head = self.untie or (None, None)
+        for f, h in zip(files, headers):
+            if self.untie and (emb in h.tensors or head in h.tensors):
+                while runs:
+                    self._update_run(runs)
+                self.shard(f, h)
+                continue
+            infos = sorted(h.tensors.values(), key=lambda t: t.start)
+            layout = [(t.name, t.dtype, t.shape) for t in infos]
+            writer = ShardWriter(self.tmp / f.name, layout, h.metadata, self.behind)
+            self.writers.append(writer)
+            parts = _runs(infos, self.RUN)
+            for k, part in enumerate(parts):
+                runs.append((writer, part, self.behind.copy_run(writer, part, f), k == len(parts) - 1))
+                while len(runs) > self.AHEAD:
+                    self._update_run(runs)
+        while runs:
+            self._update_run(runs)
+
+    def _update_run(self, runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]]) -> None:
+        """Update the patched tensors of the oldest copied run in place; close its shard after its last run."""
+        writer, part, copied, last = runs.popleft()
+        after = [runs[0][2]] if runs and runs[0][0] is writer else []  # the next run, where it shares a page
+        self.behind.wait([copied, *after])
+        for info in part:
+            if self.update.touches(info.name):
+                t0 = time.perf_counter()
+                with writer.mapped(info.name) as w:
+                    self.timings.read += time.perf_counter() - t0
+                    self._update_in_place(info.name, w)
+                    del w
+            self.bar.advance()
+        if last:
+            writer.close()  # every byte is in place: its fsync runs on the fsync thread
+
+    def _update_in_place(self, name: str, w: torch.Tensor) -> None:
+        """`_Update` on the mapped bytes `w`. An fp32 weight takes its update from a GEMM straight into it, whose
+        kernel may round differently at another alignment: one not aligned as torch's own buffers are is updated
+        on an aligned copy. Other dtypes are updated through an aligned fp32 block, element by element."""
+        t0 = time.perf_counter()
+        align = self.ALIGN if w.dtype == torch.float32 else w.element_size()
+        work = w if w.data_ptr() % align == 0 else w.clone()
+        new = self.update(name, work)
+        if tuple(new.shape) != tuple(w.shape) or new.dtype != w.dtype:
+            raise PortLLMError(f"internal: the update of {name!r} does not match its planned layout")
+        if new is not w:
+            w.copy_(new)
+        self.timings.add += time.perf_counter() - t0
+
     def shard(self, f: Path, h: Header) -> None:
-        """One output shard in the base's file order; an untied head goes right after its embedding."""
+        """One output shard read, updated and written; an untied head goes right after its embedding."""
         emb, head = self.untie or (None, None)
         new_head = bool(self.untie) and head not in self.ref.index
         infos = sorted(h.tensors.values(), key=lambda t: t.start)
@@ -291,30 +365,30 @@ class _Merge:
         self.writers.append(writer)
         with open(f, "rb") as fh:
             for info in infos:
-                if self._copies(info, emb, head):  # the base's bytes, already hashed: a kernel copy, no read
-                    self.behind.copy(writer, info.name, info, f, self.known[info.name])
+                if self._copies(info, emb, head):  # the base's bytes: a kernel copy, no read
+                    self.behind.copy(writer, info.name, info, f)
                     self.bar.advance()
                     continue
                 slot = self._slot(info.nbytes)
                 t0 = time.perf_counter()
-                w, source = read_tensor(info, f, fh.fileno(), slot[0]), info.name
+                w = read_tensor(info, f, fh.fileno(), slot[0])
                 if info.name == head and self.untie:  # stored, but tied: at runtime it is the embedding
-                    w, source = _read(self.ref, emb), emb
+                    w = _read(self.ref, emb)
                 self.timings.read += time.perf_counter() - t0
                 base_emb = w.clone() if new_head and info.name == emb else None  # w takes emb's update
-                slot[1] = self._apply(writer, info.name, w, source)
+                slot[1] = self._apply(writer, info.name, w)
                 if base_emb is not None:  # the untied head starts from the base embedding
-                    slot[1] += self._apply(writer, head, base_emb, emb)
+                    slot[1] += self._apply(writer, head, base_emb)
                 del w, base_emb
         self.behind.close_shard(writer)
 
     def _copies(self, info: TensorInfo, emb: str | None, head: str | None) -> bool:
-        """Whether `info` goes to the output as the base stores it, with its sha256 known: not touched by the
-        patch, not the head or embedding of an untie (those are read: one is rewritten, the other cloned)."""
-        return not self.update.touches(info.name) and info.name in self.known and info.name not in (emb, head)
+        """Whether `info` goes to the output as the base stores it: not touched by the patch, not the head or
+        embedding of an untie (those are read: one is rewritten, the other cloned)."""
+        return not self.update.touches(info.name) and info.name not in (emb, head)
 
     def _slot(self, nbytes: int) -> list[Any]:
-        """The next read buffer, once the tensor last read into it is written and hashed."""
+        """The next read buffer, once the tensors last read into it are written."""
         slot = self.slots[self.turn % len(self.slots)]
         self.turn += 1
         self.behind.wait(slot[1])
@@ -324,14 +398,13 @@ class _Merge:
             slot[0] = torch.empty(nbytes, dtype=torch.uint8)
         return slot
 
-    def _apply(self, writer: ShardWriter, name: str, w: torch.Tensor, source: str) -> list[Future]:
+    def _apply(self, writer: ShardWriter, name: str, w: torch.Tensor) -> list[Future]:
         """Update one tensor and queue it; the futures to wait for before its memory is reused."""
         t0 = time.perf_counter()
         new = self.update(name, w)
         self.timings.add += time.perf_counter() - t0
         self.bar.advance()
-        unchanged = not self.update.touches(name) and source in self.known  # the base's bytes, already hashed
-        return self.behind.write(writer, name, new, self.known[source] if unchanged else None)
+        return [self.behind.write(writer, name, new)]
 
 
 def _write_provenance(
@@ -345,11 +418,19 @@ def _write_provenance(
         "patch_path": str(patch.path) if patch.path else None,
         "port": event,
         "result_fingerprint": result.result_fingerprint,
-        "result_content_sha256": result.result_content_sha256,
     }
     if untie:
         provenance["untied"] = {"embedding": untie[0], "head": untie[1]}
     (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+
+
+def _fsync_side_files(tmp: Path) -> None:
+    """Config, tokenizer, index and provenance on disk before the rename, as the shards are (`WriteBehind`): a
+    power cut after the rename must not leave an output whose small files are empty."""
+    for p in tmp.iterdir():
+        if p.is_file() and p.suffix != ".safetensors":
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _untie(patch: Patch, ref: BaseRef) -> tuple[str, str] | None:

@@ -8,13 +8,14 @@ held in RSS) and write a shard tensor by tensor, knowing the header up front.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
+import mmap
 import os
 import struct
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,6 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module names it only from 3.13 on
 
 
 @dataclass(frozen=True)
@@ -200,51 +202,48 @@ def paired_tensors(
 
 
 class WriteBehind:
-    """What a streaming writer leaves to background threads, in order: writing each tensor into its shard,
-    taking its sha256 (from the bytes already in memory, never re-read) and fsyncing each finished shard.
+    """What a streaming writer leaves to background threads, in order: writing each tensor into its shard and
+    fsyncing each finished shard.
 
-    File writes, hashlib and fsync release the GIL, so all three overlap the caller's next read and add, and
-    the output is as durable as before: `finish` returns only once every shard is on disk. The caller must
-    leave a tensor's memory alone until the futures `write` returned are done (`wait`), which also bounds the
-    memory in flight. The first error of a thread (a full disk) stops its later writes and is raised by
-    `wait`/`finish`. `write_s`, `hash_s` and `sync_s` are the threads' busy seconds, `wait_s` the caller's
-    time blocked on them.
+    File writes and fsync release the GIL, so both overlap the caller's next read and add, and the output is
+    durable before it is renamed into place: `finish` returns only once every shard is on disk. Nothing is
+    hashed here: a full content hash of the output is taken on first use (`models.content_sha256`), not by
+    every write. The caller must leave a tensor's memory alone until the future `write` returned is done
+    (`wait`), which also bounds the memory in flight. The first error of the writer (a full disk) stops its
+    later writes and is raised by `wait`/`finish`. `write_s` and `sync_s` are the threads' busy seconds,
+    `wait_s` the caller's time blocked on them.
     """
 
     def __init__(self) -> None:
-        self.write_s = self.hash_s = self.sync_s = self.wait_s = 0.0
-        self.digests: dict[Path, dict[str, str]] = {}
+        self.write_s = self.sync_s = self.wait_s = 0.0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="portllm-write")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="portllm-hash")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="portllm-fsync")
-        self._pending: list[Future] = []  # writes and hashes, in submission order
+        self._pending: list[Future] = []  # writes and copies, in submission order
         self._syncing: list[tuple[Future, BinaryIO]] = []
         self._failed: BaseException | None = None
 
-    def write(self, writer: ShardWriter, name: str, tensor: torch.Tensor, digest: str | None = None) -> list[Future]:
-        """Write `tensor` into `writer` after what was queued before, and hash it unless its `digest` is known."""
-        sums = self.digests.setdefault(writer.path, {})
-        futures = [self._writer.submit(self._write, writer, name, tensor)]
-        if digest is None:
-            futures.append(self._hasher.submit(self._hash, sums, name, tensor))
-        else:
-            sums[name] = digest
-        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + futures
-        return futures
+    def write(self, writer: ShardWriter, name: str, tensor: torch.Tensor) -> Future:
+        """Write `tensor` into `writer` after what was queued before."""
+        return self._queue(self._writer.submit(self._timed, writer.write, name, tensor))
 
-    def copy(self, writer: ShardWriter, name: str, info: TensorInfo, src: str | Path, digest: str) -> list[Future]:
-        """Copy tensor `info` of `src` unchanged into `writer` after what was queued before (`ShardWriter.copy`);
-        its sha256 is the source's, `digest`, known already."""
-        self.digests.setdefault(writer.path, {})[name] = digest
-        futures = [self._writer.submit(self._timed, writer.copy, name, info, src)]
-        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + futures
-        return futures
+    def copy(self, writer: ShardWriter, name: str, info: TensorInfo, src: str | Path) -> Future:
+        """Copy tensor `info` of `src` unchanged into `writer` after what was queued before (`ShardWriter.copy`)."""
+        return self._queue(self._writer.submit(self._timed, writer.copy, name, info, src))
+
+    def copy_run(self, writer: ShardWriter, infos: list[TensorInfo], src: str | Path) -> Future:
+        """Copy the adjacent tensors `infos` of `src` unchanged into `writer`, after what was queued before
+        (`ShardWriter.copy_run`)."""
+        return self._queue(self._writer.submit(self._timed, writer.copy_run, infos, src))
+
+    def _queue(self, fut: Future) -> Future:
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None] + [fut]
+        return fut
 
     def close_shard(self, writer: ShardWriter) -> None:
         """Close `writer` once its tensors are written; its fsync then runs on the fsync thread."""
         self._pending.append(self._writer.submit(self._close, writer))
 
-    def wait(self, futures: list[Future]) -> None:
+    def wait(self, futures: Iterable[Future]) -> None:
         """Block until `futures` are done, re-raising the first error, counted in `wait_s`."""
         t0 = time.perf_counter()
         try:
@@ -253,24 +252,20 @@ class WriteBehind:
         finally:
             self.wait_s += time.perf_counter() - t0
 
-    def finish(self) -> dict[Path, dict[str, str]]:
-        """Wait for every write, hash and fsync; the digests by file, then tensor name."""
+    def finish(self) -> None:
+        """Wait for every write and fsync."""
         try:
             self.wait(self._pending)
             self.wait([fut for fut, _ in self._syncing])
         finally:
             self.close()
-        return self.digests
 
     def close(self) -> None:
         """Stop the threads (work not yet started is dropped) and close every file handed over for fsync."""
-        for pool in (self._writer, self._hasher, self._syncer):
+        for pool in (self._writer, self._syncer):
             pool.shutdown(wait=True, cancel_futures=True)
         for _, f in self._syncing:
             f.close()
-
-    def _write(self, writer: ShardWriter, name: str, tensor: torch.Tensor) -> None:
-        self._timed(writer.write, name, tensor)
 
     def _timed(self, step: Any, *args: Any) -> None:
         """One write or copy on the writer thread, skipped once an earlier one failed, counted in `write_s`."""
@@ -289,11 +284,6 @@ class WriteBehind:
         if self._failed is not None:
             raise self._failed
         writer.close()
-
-    def _hash(self, sums: dict[str, str], name: str, tensor: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        sums[name] = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
-        self.hash_s += time.perf_counter() - t0
 
     def sync(self, f: BinaryIO) -> None:
         """fsync and close `f` (flushed) on the fsync thread; `finish` waits for it."""
@@ -334,15 +324,19 @@ class ShardWriter:
             header["__metadata__"] = metadata
         offset = 0
         self._expected: list[tuple[str, str, tuple[int, ...], int]] = []
+        self._offsets: dict[str, tuple[int, int]] = {}  # name -> (index in the layout, data offset)
         for name, dtype, shape in layout:
             n = _numel(shape) * _itemsize(dtype)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._offsets[name] = (len(self._expected), offset)
             self._expected.append((name, dtype, tuple(shape), n))
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        # unbuffered: each tensor is one write straight from its own memory, and `copy` may move the offset
-        self._f = open(self.path, "wb", buffering=0)
+        self._data_start = 8 + len(blob)
+        # unbuffered: each tensor is one write straight from its own memory, and `copy` may move the offset;
+        # readable too, for `mapped`
+        self._f = open(self.path, "w+b", buffering=0)
         _write_all(self._f.fileno(), memoryview(struct.pack("<Q", len(blob)) + blob))
         self._i = 0
 
@@ -370,6 +364,49 @@ class ShardWriter:
             finally:
                 os.close(fd)
         self._i += 1
+
+    def copy_run(self, infos: list[TensorInfo], src: str | Path) -> None:
+        """`copy` of adjacent tensors of `src` (each ending where the next starts), as one kernel copy."""
+        for a, b in zip(infos, infos[1:]):
+            if a.end != b.start:
+                raise PortLLMError(f"internal: {a.name!r} and {b.name!r} are not adjacent in {Path(src).name}")
+        for info in infos:
+            self._next(info.name, info.dtype, info.shape)
+            self._i += 1
+        n = sum(info.nbytes for info in infos)
+        if n:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                _copy_range(fd, self._f.fileno(), infos[0].start, n)
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def mapped(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor `name`, already written, as a writable tensor over the file's own pages (a shared mapping):
+        changed in place, with no read into this process's memory and no write back from it. Its address is
+        aligned as its offset in the file is, so to its dtype only if the file's layout is. Its pages are this
+        process's until the caller drops the tensor (and every view of it)."""
+        i, offset = self._offsets[name]
+        _, dtype, shape, n = self._expected[i]
+        if i >= self._i:
+            raise PortLLMError(f"internal: {name!r} is mapped in {self.path.name} before it is written")
+        start = self._data_start + offset
+        if n == 0:
+            yield torch.empty(shape, dtype=DTYPES[dtype])
+            return
+        page = start - start % mmap.PAGESIZE
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # the pages are in the page cache: map them all
+        m = mmap.mmap(self._f.fileno(), start + n - page, flags=flags, offset=page)
+        try:  # and writable at once, in one call, not one write fault per page (Linux 5.14+; a hint elsewhere)
+            m.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            pass
+        # the tensor holds the mapping (never closed here: a view kept elsewhere would point at nothing); it is
+        # unmapped when the last view of it goes
+        view = torch.frombuffer(m, dtype=torch.uint8, count=n, offset=start - page).view(DTYPES[dtype]).view(shape)
+        del m
+        yield view
 
     def close(self) -> None:
         if self._i != len(self._expected):
