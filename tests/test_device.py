@@ -71,3 +71,41 @@ def test_weight_bytes_counts_elements_times_size():
     n = 15 + 7 + 8
     assert dev.weight_bytes(shapes, "float32") == 4 * n
     assert dev.weight_bytes(shapes, "bfloat16") == 2 * n
+
+
+def test_the_gpu_batch_budget_is_what_fits_in_half_the_free_memory():
+    """budget_for turns a measured cost per token into padded tokens per batch: half the free memory, within
+    GPU_BUDGET_RANGE; the CPU keeps its cache-sized budget, a device torch cannot ask for free memory (mps) a
+    fixed one, and an explicit --max-tokens always wins."""
+    from portllm.eval import pack
+
+    assert pack.budget_for(10e9, 1e5) == 50_000
+    assert pack.budget_for(10e9, 2e5) == 25_000  # twice the cost per token: half the tokens
+    assert pack.budget_for(1e6, 1e5) == pack.GPU_BUDGET_RANGE[0]
+    assert pack.budget_for(1e15, 1.0) == pack.GPU_BUDGET_RANGE[1]
+    assert pack.token_budget(None, torch.device("cpu"), object()) == pack.CPU_BATCH_TOKENS
+    assert pack.token_budget(None, torch.device("mps")) == pack.ACCELERATOR_BATCH_TOKENS
+    assert pack.token_budget(300, torch.device("cuda")) == 300
+
+
+def test_the_cuda_budget_is_measured_once_per_model(monkeypatch):
+    """On CUDA the cost per token comes from one probe forward pass (peak memory it adds / PROBE_TOKENS), then the
+    budget is cached for that model; simulated here with torch.cuda's memory queries replaced."""
+    from portllm.eval import pack
+
+    calls = []
+
+    class Model:
+        def __call__(self, input_ids, use_cache):
+            calls.append(input_ids.shape)
+
+    peak = {"v": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: peak.update(v=1_000))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 1_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 1_000 + 256 * 40_000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (8e9, 16e9))
+    monkeypatch.setattr(torch, "zeros", lambda shape, dtype, device: torch.ones(shape, dtype=dtype))
+    m = Model()
+    assert pack.token_budget(None, torch.device("cuda"), m) == pack.budget_for(8e9, 40_000) == 100_000
+    assert pack.token_budget(None, torch.device("cuda"), m) == 100_000 and calls == [(1, pack.PROBE_TOKENS)]

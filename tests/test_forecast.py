@@ -387,6 +387,18 @@ def _completions_file(path, rows=ROWS):
     return path
 
 
+def _hand_greedy(model, tok, rows, new_tokens=48):
+    """Per row, the greedy answer after the prompt's tokens (up to EOS), decoded."""
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            c = tok.encode(r["prompt"], add_special_tokens=False)
+            g = model.generate(torch.tensor([c]), max_new_tokens=new_tokens, do_sample=False)[0, len(c) :].tolist()
+            g = g[: g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
+            out.append(tok.decode(g, skip_special_tokens=True))
+    return out
+
+
 def _hand_completions(model, tok, rows):
     """Per row, from scratch: the next-token distribution after the prompt's tokens, and the mean log-probability
     of the completion's tokens (what the whole adds to the prompt, then EOS) given everything before them."""
@@ -429,9 +441,13 @@ def test_forecast_on_completions_gives_their_loglik_change_by_hand_and_no_points
     assert o.disagreement == pytest.approx(dis, abs=1e-12) and o.mean_kl == pytest.approx(kl, rel=1e-3, abs=1e-6)
     assert f.loss_points is None and f.loss_interval is None and f.neg_flip_rate_points is None
     assert f.notes[-1] == NO_POINTS_FOR_COMPLETIONS
-    said = f"the reference completions' log-likelihood changes by {o.loglik_change:+.4f} nats/token"
-    assert f.sentence().startswith(said)
-    assert NO_POINTS_FOR_COMPLETIONS in f.to_dict()["verdict"]
+    said = f"the reference completions' log-likelihood is expected to change by {o.loglik_change:+.3f} nats/token"
+    assert f.sentence().startswith(said)  # raw calibration (the library's default): the change measured here
+    # greedy answers from scratch (transformers' generate on PEFT's merges, up to EOS): the share that differ
+    ga = _hand_greedy(_peft_merged(setup.base, setup.adapter), tok, ROWS)
+    gb = _hand_greedy(_peft_merged(getattr(setup, drift), setup.adapter), tok, ROWS)
+    assert o.generated == len(ROWS) and o.outputs_changed == pytest.approx(np.mean([x != y for x, y in zip(ga, gb)]))
+    assert f.generation.outputs_changed_points == pytest.approx(100 * o.outputs_changed)
 
 
 def test_forecast_on_completions_zero_drift_and_bad_rows(setup, tmp_path):
@@ -452,7 +468,7 @@ def test_a_chat_is_cut_before_its_last_assistant_turn(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from portllm.eval import open_lm
-    from portllm.forecast import completion_outputs
+    from portllm.forecast import Generation, completion_outputs, sft_rows
 
     template = (
         "{% for m in messages %}{{ '<s> ' + {'user': 'w91', 'assistant': 'w89'}[m['role']] + ' ' + m['content'] "
@@ -465,7 +481,9 @@ def test_a_chat_is_cut_before_its_last_assistant_turn(tmp_path):
         {"role": "user", "content": "w8"},
         {"role": "assistant", "content": "w9 w10"},
     ]
-    got = completion_outputs(open_lm(base), _completions_file(tmp_path / "chat.jsonl", [{"messages": msgs}]), 5)
+    lm = open_lm(base)
+    total, kept, rows = sft_rows(lm, _completions_file(tmp_path / "chat.jsonl", [{"messages": msgs}]), 5)
+    got = completion_outputs(lm, total, kept, rows, Generation(0), "chat.jsonl")
     tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
 
     def ids(upto, gen):
@@ -489,7 +507,8 @@ def test_forecast_cli_prints_the_loglik_change_and_says_it_is_not_in_points(setu
     assert r.returncode == 0, r.stderr
     assert "reference log-lik." in r.stdout and "not in points" in r.stdout, r.stdout
     flat = " ".join(r.stdout.split())  # rich wraps long lines
-    assert "nats/token" in flat and "does not apply to generation data" in flat
+    assert "nats/token" in flat and "no loss in points for generation data" in flat
+    assert "greedy answers that change" in flat and "calibration: portllm sweep --plan generation" in flat
     r = _cli("forecast", setup.patch, "--base", setup.along, "--from", setup.base, "--inputs", rows, "--json",
              data=setup.data)  # fmt: skip
     d = json.loads(r.stdout)

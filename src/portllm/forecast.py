@@ -8,9 +8,11 @@ Three kinds of evidence a user has without labels:
   expected accuracy change is Σ_i [p_A,i(answer_B) − p_A,i(answer_A)] / n and the expected
   negative-flip rate is Σ_{i: answers differ} p_A,i(answer_A) / n (needs OLD to run θ+Δθ);
 - plain text: next-token disagreement and KL between the two (needs OLD);
-- a user's prompt/completion or chat JSONL (the rows `train --data` reads): the same next-token signals where
-  each (last) completion starts, and the change in the reference completions' mean per-token log-likelihood
-  with a paired interval over rows: a loss that needs no task, in nats/token, not points (needs OLD).
+- a user's generation data (a prompt/completion or chat JSONL as `train --data` reads, or a generation task
+  file): the same next-token signals where each (last) completion starts, the change in the reference
+  completions' mean per-token log-likelihood with a paired interval over rows (nats/token, not points), and the
+  share of greedy answers that change (needs OLD). The generation sweep (docs/sweep/generation) calibrates both
+  and measures how well they carry from the rows a user has to the rows they will score.
 Without OLD only θ'+Δθ against θ' can be measured: whether the patch still changes answers on
 NEW, not what it lost. A calibration fitted on a drift sweep maps the raw signals to points.
 """
@@ -28,8 +30,9 @@ import torch
 
 from .check import check
 from .errors import PortLLMError
-from .eval import open_lm, run_task
-from .models import EMBEDDED, fingerprint, resolve_base
+from .eval import generate_ids, open_lm, run_task
+from .eval.loglik import encode_requests
+from .models import EMBEDDED, family_of, fingerprint, resolve_base
 from .patch import Patch
 from .sft import completion_logliks, encode_rows, read_sft
 from .stats import paired_bootstrap
@@ -75,12 +78,18 @@ class OutputSignals:
     loglik_change: float | None = None
     loglik_change_ci: tuple[float, float] | None = None
     rows_skipped: int = 0  # completions: rows with no prompt token left before the completion in the context
+    # completions: the share of the first rows' prompts whose greedy answer (gen_tokens new tokens) differs
+    # between the two models, with its bootstrap 95% interval, over `generated` prompts
+    outputs_changed: float | None = None
+    outputs_changed_ci: tuple[float, float] | None = None
+    generated: int = 0
 
 
 BUILTIN_CALIBRATION = Path(__file__).with_name("forecast_calibration.json")
+BUILTIN_GEN_CALIBRATION = Path(__file__).with_name("forecast_calibration_generation.json")
 NO_POINTS_FOR_COMPLETIONS = (
-    "no loss in points: the calibration is fitted on multiple-choice sweep cells and does not apply to "
-    "generation data; the log-likelihood change is measured, not calibrated"
+    "no loss in points for generation data (points need answer options): the change in the reference "
+    "log-likelihood and the share of greedy answers that change are forecast instead"
 )
 
 
@@ -98,6 +107,16 @@ class Calibration:
     flip_c: float = 0.0
     residual_sd_points: float | None = None
     source: str = "raw (uncalibrated): θ+Δθ's own probabilities as the belief about the right answer"
+    family: str | None = None  # the base family (models.family_of) its cells came from; None: not recorded
+    # generation data (docs/sweep/generation): the scored rows' log-likelihood change ≈ gen_loglik_a · the change
+    # measured on the user's rows; the share of greedy answers that change ≈ gen_changed_a · the share measured
+    # on the user's prompts; the sds are out-of-sample residual sds (nats/token, points)
+    gen_loglik_a: float = 1.0
+    gen_loglik_sd: float | None = None
+    gen_changed_a: float = 1.0
+    gen_changed_sd_points: float | None = None
+    gen_source: str = "raw (uncalibrated): the changes measured on these rows"
+    gen_family: str | None = None
 
     def loss(self, raw_points: float, disturbance: float) -> float:
         return self.a * raw_points + self.b * disturbance + self.c
@@ -114,13 +133,21 @@ class Calibration:
         (docs/sweep, shipped as forecast_calibration.json); else a sweep's calibration.json."""
         if path is None or str(path) == "raw":
             return cls()
-        if str(path) == "builtin":
-            path = BUILTIN_CALIBRATION
+        paths = [BUILTIN_CALIBRATION, BUILTIN_GEN_CALIBRATION] if str(path) == "builtin" else [Path(path)]
+        d: dict[str, Any] = {}
+        for f in paths:
+            try:
+                part = json.loads(Path(f).read_text())
+            except (OSError, ValueError) as e:
+                what = e.__class__.__name__
+                raise PortLLMError(f"calibration {f}: unreadable ({what}); omit --calibration") from None
+            if not isinstance(part, dict):
+                raise PortLLMError(f"calibration {f}: expected a JSON object; omit --calibration")
+            d |= part
         try:
-            d = json.loads(Path(path).read_text())
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}) if isinstance(d, dict) else cls()
-        except (OSError, ValueError, TypeError) as e:
-            raise PortLLMError(f"calibration {path}: unreadable ({e.__class__.__name__}); omit --calibration") from None
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        except TypeError as e:
+            raise PortLLMError(f"calibration {path}: unreadable ({e}); omit --calibration") from None
 
 
 @dataclass
@@ -135,17 +162,12 @@ class Forecast:
     neg_flip_rate_points: float | None
     calibration: Calibration = field(default_factory=Calibration)
     notes: list[str] = field(default_factory=list)
+    generation: GenerationForecast | None = None  # generation data: what the port does to the completions
 
     def sentence(self) -> str:
         """The plain-language verdict `check` prints."""
-        o = self.outputs
-        if self.loss_points is None and o is not None and o.loglik_change is not None:
-            lo, hi = o.loglik_change_ci or (o.loglik_change, o.loglik_change)
-            return (
-                f"the reference completions' log-likelihood changes by {o.loglik_change:+.4f} nats/token (95% "
-                f"interval {lo:+.4f} to {hi:+.4f}); {o.disagreement:.1%} of next tokens change; "
-                + (self.notes[-1] if self.notes else NO_POINTS_FOR_COMPLETIONS)
-            )
+        if self.generation is not None:
+            return self.generation.sentence()
         if self.loss_points is None:
             return "no forecast of the loss: " + (self.notes[-1] if self.notes else "give --from OLD")
         lo, hi = self.loss_interval or (self.loss_points, self.loss_points)
@@ -159,6 +181,44 @@ class Forecast:
         d = asdict(self)
         d["verdict"] = self.sentence()
         return d
+
+
+@dataclass(frozen=True)
+class GenerationForecast:
+    """For generation data: the predicted change in the reference completions' mean per-token log-likelihood on
+    the rows a user will score (nats/token; negative: the port fits them worse) and the predicted share of
+    greedy answers that change, each with a 95% interval (the sampling interval of the rows measured, widened by
+    the calibration's out-of-sample residual sd)."""
+
+    loglik_change: float
+    loglik_interval: tuple[float, float]
+    outputs_changed_points: float | None
+    outputs_changed_interval: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, o: OutputSignals, cal: Calibration) -> GenerationForecast:
+        a, sd = cal.gen_loglik_a, cal.gen_loglik_sd or 0.0
+        lo, hi = o.loglik_change_ci or (o.loglik_change, o.loglik_change)
+        ll = a * o.loglik_change
+        ll_iv = (min(a * lo, a * hi) - 1.96 * sd, max(a * lo, a * hi) + 1.96 * sd)
+        if o.outputs_changed is None:
+            return cls(ll, ll_iv, None, None)
+        b, sd_c = cal.gen_changed_a, cal.gen_changed_sd_points or 0.0
+        clo, chi = o.outputs_changed_ci or (o.outputs_changed, o.outputs_changed)
+        clip = lambda v: min(100.0, max(0.0, v))  # noqa: E731
+        ch = clip(100 * b * o.outputs_changed)
+        return cls(ll, ll_iv, ch, (clip(100 * b * clo - 1.96 * sd_c), clip(100 * b * chi + 1.96 * sd_c)))
+
+    def sentence(self) -> str:
+        lo, hi = self.loglik_interval
+        s = (
+            f"the reference completions' log-likelihood is expected to change by {self.loglik_change:+.3f} "
+            f"nats/token (95% interval {lo:+.3f} to {hi:+.3f})"
+        )
+        if self.outputs_changed_points is not None:
+            clo, chi = self.outputs_changed_interval
+            s += f"; ~{self.outputs_changed_points:.0f}% of greedy answers change ({clo:.0f}-{chi:.0f}%)"
+        return s
 
 
 def weight_signals(patch: Any, base: str | Path, old: str | Path, report: Any = None) -> WeightSignals:
@@ -211,12 +271,9 @@ def choice_signals(records_a: list[dict], records_b: list[dict], examples: list[
     )
 
 
-def _examples(inputs: str, n: int, data: str | Path | None) -> tuple[Any, list[Any]]:
-
+def _examples(inputs: str, n: int, data: str | Path | None, split: str = "eval") -> tuple[Any, list[Any]]:
     task = get_task(inputs)
-    if task.kind != "mc":
-        raise PortLLMError(f"{task.name} is a generation task; forecast needs answer options (or a text file)")
-    return task, load_examples(task, "eval", data, n)
+    return task, load_examples(task, split, data, n)
 
 
 def _next_token_probs(lm: Any, prompts: list[list[int]]) -> list[Any]:
@@ -238,12 +295,23 @@ def is_completions_file(path: Path) -> bool:
 @dataclass
 class CompletionOutputs:
     """One model on a data file's first rows: per kept row (its index), the next-token distribution where its
-    last completion starts, and its reference completion's mean per-token log-likelihood."""
+    last completion starts, its reference completion's mean per-token log-likelihood, and the greedy answers to
+    the first kept rows' prompts."""
 
     total: int  # rows read
     rows: list[int]
     probs: list[Any]
     logliks: list[float]
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How many prompts get a greedy answer in a forecast, how long, and where the answers stop."""
+
+    n: int = 32
+    max_new_tokens: int = 48
+    stop: tuple[str, ...] = ()
 
 
 def last_completion_start(labels: list[int]) -> int:
@@ -256,37 +324,58 @@ def last_completion_start(labels: list[int]) -> int:
     return j
 
 
-def completion_outputs(lm: Any, path: Path, n: int) -> CompletionOutputs:
-    """Rows tokenized as `train --data` does (chats through the tokenizer's chat template, the prompt cut from
-    the left); a row whose completion leaves no prompt token within the model's context is skipped."""
+Labelled = list[tuple[list[int], list[int]]]  # (token ids, labels: -100 outside the reference completion)
+
+
+def sft_rows(lm: Any, path: Path, n: int) -> tuple[int, list[int], Labelled]:
+    """A JSONL's first n rows tokenized as `train --data` does (chats through the tokenizer's chat template, the
+    prompt cut from the left); a row whose completion leaves no prompt token within the context is skipped."""
     rows = read_sft(path).rows[:n]
-    kept, prompts, examples = [], [], []
+    kept, examples = [], []
     for i, row in enumerate(rows):
         enc = encode_rows(lm.tokenizer, [row], lm.max_length)
-        if not enc.examples:
-            continue
-        ids, labels = enc.examples[0]
-        start = last_completion_start(labels)
-        if start < 1:
-            continue
-        kept.append(i)
-        prompts.append(ids[:start])
-        examples.append((ids, labels))
+        if enc.examples and last_completion_start(enc.examples[0][1]) >= 1:
+            kept.append(i)
+            examples.append(enc.examples[0])
+    return len(rows), kept, examples
+
+
+def task_rows(lm: Any, examples: list[Any]) -> Labelled:
+    """A generation task's (prompt, reference) pairs tokenized as `eval` scores them (BOS, the left cut)."""
+    out = []
+    for seq, k in encode_requests(lm, [(e.prompt, e.target) for e in examples]):
+        out.append((seq, [-100] * (len(seq) - k) + seq[len(seq) - k :]))
+    return out
+
+
+def completion_outputs(
+    lm: Any, total: int, kept: list[int], examples: Labelled, gen: Generation, where: str
+) -> CompletionOutputs:
+    """One model's next-token distributions where each completion starts, the references' log-likelihoods, and
+    greedy answers to the first `gen.n` prompts."""
     if not kept:
-        raise PortLLMError(f"{path}: no row fits {lm.max_length} tokens with a prompt before its completion")
+        raise PortLLMError(f"{where}: no row fits {lm.max_length} tokens with a prompt before its completion")
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [ids[: last_completion_start(labels)] for ids, labels in examples]
+    outputs, _ = generate_ids(lm, prompts[: gen.n], gen.stop, gen.max_new_tokens) if gen.n else ([], 0)
     return CompletionOutputs(
-        len(rows), kept, _next_token_probs(lm, prompts), completion_logliks(lm.model, examples, pad)
+        total, kept, _next_token_probs(lm, prompts), completion_logliks(lm.model, examples, pad), outputs
     )
 
 
-def completion_signals(a: CompletionOutputs, b: CompletionOutputs, path: Path) -> OutputSignals:
-    """Next-token signals where the completions start, and the paired change in their log-likelihood (B − A)."""
+def completion_signals(a: CompletionOutputs, b: CompletionOutputs, path: Path | str) -> OutputSignals:
+    """Next-token signals where the completions start, the paired change in their log-likelihood (B − A), and
+    the share of greedy answers that differ."""
     if a.rows != b.rows:
         raise PortLLMError(f"{path}: the two bases tokenize its rows differently; forecast needs one tokenizer")
     change, lo, hi = paired_bootstrap(a.logliks, b.logliks, iters=2000)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    changed: dict[str, Any] = {}
+    if a.outputs:
+        flags = [float(x != y) for x, y in zip(a.outputs, b.outputs)]
+        share, clo, chi = paired_bootstrap([0.0] * len(flags), flags, iters=2000)
+        changed = {"outputs_changed": share, "outputs_changed_ci": (clo, chi), "generated": len(flags)}
     return replace(
         text_signals(a.probs, b.probs, path),
         kind="completions",
@@ -295,6 +384,7 @@ def completion_signals(a: CompletionOutputs, b: CompletionOutputs, path: Path) -
         loglik_change=change,
         loglik_change_ci=(lo, hi),
         rows_skipped=a.total - len(a.rows),
+        **changed,
     )
 
 
@@ -306,7 +396,7 @@ def text_lines(path: Path, n: int) -> list[str]:
     return texts
 
 
-def text_signals(pa: list[Any], pb: list[Any], path: Path) -> OutputSignals:
+def text_signals(pa: list[Any], pb: list[Any], path: Path | str) -> OutputSignals:
     """Next-token disagreement and KL between two models' next-token distributions on the same lines."""
     kl = [float((a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum()) for a, b in zip(pa, pb)]
     dis = sum(int(torch.argmax(a) != torch.argmax(b)) for a, b in zip(pa, pb))
@@ -314,17 +404,45 @@ def text_signals(pa: list[Any], pb: list[Any], path: Path) -> OutputSignals:
     return OutputSignals(str(path), "next-token", len(pa), dis / len(pa), sum(kl) / len(kl), sum(conf) / len(conf))
 
 
-def model_outputs(spec: str | Path, patch: str | Path, inputs: str, n: int, data, dtype: str, device: str) -> Any:
+@dataclass(frozen=True)
+class Inputs:
+    """What a forecast compares the two models on: a task (name or task file; `split` of it), a text file, or a
+    prompt/completion or chat JSONL; the first `n` items, `gen` for generation data's greedy answers."""
+
+    source: str
+    n: int = 200
+    data: str | Path | None = None
+    split: str = "eval"
+    gen: Generation = Generation()
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source)
+
+    @property
+    def kind(self) -> str:
+        """ "completions" (a JSONL), "text" (a plain text file) or "task"."""
+        if is_completions_file(self.path):
+            return "completions"
+        return "text" if self.path.is_file() and not is_task_file(self.path) else "task"
+
+
+def model_outputs(spec: str | Path, patch: str | Path, inputs: Inputs, dtype: str, device: str) -> Any:
     """One model's outputs on the inputs (next-token distributions for a text file, per-choice records for a
-    task). The model is freed before returning, so a forecast holds one model at a time, never two."""
+    multiple-choice task, completions for generation data). The model is freed before returning, so a forecast
+    holds one model at a time, never two."""
     lm = open_lm(spec, patch, dtype=dtype, device=device)
     try:
-        path = Path(inputs)
-        if is_completions_file(path):
-            return completion_outputs(lm, path, n)
-        if path.is_file() and not is_task_file(path):
-            return _next_token_probs(lm, [lm.tokenizer(t).input_ids for t in text_lines(path, n)])
-        task, examples = _examples(inputs, n, data)
+        if inputs.kind == "completions":
+            total, kept, rows = sft_rows(lm, inputs.path, inputs.n)
+            return completion_outputs(lm, total, kept, rows, inputs.gen, inputs.source)
+        if inputs.kind == "text":
+            return _next_token_probs(lm, [lm.tokenizer(t).input_ids for t in text_lines(inputs.path, inputs.n)])
+        task, examples = _examples(inputs.source, inputs.n, inputs.data, inputs.split)
+        if task.kind != "mc":
+            gen = replace(inputs.gen, max_new_tokens=task.max_new_tokens, stop=task.stop)
+            rows = task_rows(lm, examples)
+            return completion_outputs(lm, len(rows), list(range(len(rows))), rows, gen, task.name)
         return run_task(lm, task, examples).records
     finally:
         del lm
@@ -333,18 +451,15 @@ def model_outputs(spec: str | Path, patch: str | Path, inputs: str, n: int, data
             torch.cuda.empty_cache()
 
 
-def output_signals(
-    patch: str | Path, old: str | Path, base: str | Path, inputs: str, n: int, data, dtype: str, device: str
-) -> OutputSignals:
+def output_signals(patch: str | Path, old: str | Path, base: str | Path, inputs: Inputs, dtype: str, device: str):
     """θ+Δθ's and θ'+Δθ's outputs compared, scored one model after the other."""
-    a = model_outputs(old, patch, inputs, n, data, dtype, device)
-    b = model_outputs(base, patch, inputs, n, data, dtype, device)  # runtime attach equals the port (test_port)
-    path = Path(inputs)
-    if is_completions_file(path):
-        return completion_signals(a, b, path)
-    if path.is_file() and not is_task_file(path):
-        return text_signals(a, b, path)
-    task, examples = _examples(inputs, n, data)
+    a = model_outputs(old, patch, inputs, dtype, device)
+    b = model_outputs(base, patch, inputs, dtype, device)  # runtime attach equals the port (test_port)
+    if isinstance(a, CompletionOutputs):
+        return completion_signals(a, b, inputs.source)
+    if inputs.kind == "text":
+        return text_signals(a, b, inputs.path)
+    task, examples = _examples(inputs.source, inputs.n, inputs.data, inputs.split)
     return choice_signals(a, b, examples, task)
 
 
@@ -361,6 +476,19 @@ def _recorded_base(p: Any) -> str | None:
         return None
 
 
+def family_notes(old: str | Path, cal: Calibration, generation: bool) -> list[str]:
+    """Where the calibration in use was fitted, and a warning when the patch's base is of another family."""
+    source, fitted = (cal.gen_source, cal.gen_family) if generation else (cal.source, cal.family)
+    notes = [f"calibration: {source}"]
+    family = family_of(old)
+    if fitted and family != fitted:
+        notes.append(
+            f"warning: the calibration was fitted on {fitted} bases only; this patch's base is {family}: "
+            "its interval is not validated for this family"
+        )
+    return notes
+
+
 def forecast(
     patch: str | Path,
     base: str | Path,
@@ -372,8 +500,12 @@ def forecast(
     dtype: str = "float32",
     report: Any = None,
     device: str = "cpu",
+    split: str = "eval",
+    gen: Generation = Generation(),
 ) -> Forecast:
-    """Predict the accuracy lost and the negative-flip rate of porting `patch` onto `base`."""
+    """Predict the accuracy lost and the negative-flip rate of porting `patch` onto `base` (multiple choice), or
+    the change in the reference log-likelihood and the share of greedy answers that change (generation data).
+    `split`: which split of a task supplies the inputs; `gen`: the greedy answers generation data gets."""
     p = Patch.load(patch)
     cal = Calibration.load(calibration)
     notes: list[str] = []
@@ -390,16 +522,18 @@ def forecast(
     weights = weight_signals(p, base, old, report)
     outputs = None
     if inputs:
-        outputs = output_signals(patch, old, base, inputs, n, data, dtype, device)
+        outputs = output_signals(patch, old, base, Inputs(inputs, n, data, split, gen), dtype, device)
     if outputs is not None and outputs.loglik_change is not None:
         if outputs.rows_skipped:
             k = outputs.rows_skipped
             notes.append(f"{k} of {k + outputs.n} rows skipped: no prompt token fits before the completion")
-        notes.append(NO_POINTS_FOR_COMPLETIONS)
-        return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
+        notes += family_notes(old, cal, generation=True) + [NO_POINTS_FOR_COMPLETIONS]
+        g = GenerationForecast.of(outputs, cal)
+        return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes, g)
     if outputs is None or outputs.expected_change is None:
         notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
         return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
+    notes += family_notes(old, cal, generation=False)
     raw = -100 * outputs.expected_change
     loss = cal.loss(raw, weights.subspace_disturbance)
     lo_raw, hi_raw = (-100 * outputs.expected_change_ci[1], -100 * outputs.expected_change_ci[0])

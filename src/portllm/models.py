@@ -443,14 +443,6 @@ def _combine_sha256(idx: Index, digests: dict[str, str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def record_tensor_hashes(files: dict[Path, dict[str, str]]) -> None:
-    """Remember tensor hashes a writer took of the files it just wrote (shard -> tensor name -> sha256)."""
-    cache = _HashCache()
-    for f, digests in files.items():
-        cache.put(f, "tensors", digests)
-    cache.save()
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a whole file (a GGUF), remembered by file stat like `content_sha256`."""
     cache = _HashCache()
@@ -593,6 +585,15 @@ def read_config(d: Path) -> dict[str, Any]:
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, **cfg.get("text_config", {})} if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def family_of(spec: str | Path | BaseRef) -> str:
+    """A base's family as a forecast calibration names it: model type, width x depth, vocabulary
+    (SmolLM2-135M: "llama 576x30 v49152"). Bases of one family share a calibration's evidence; an 8B Llama is
+    not SmolLM2's family even though both are "llama"."""
+    c = _text_config(read_config(resolve_base(spec)))
+    get = lambda k: c.get(k, "?")  # noqa: E731
+    return f"{get('model_type')} {get('hidden_size')}x{get('num_hidden_layers')} v{get('vocab_size')}"
 
 
 def architecture_of(spec: str | Path | BaseRef) -> Architecture:

@@ -115,7 +115,10 @@ def check_cmd(
     base: str = typer.Option(..., "--base", help=f"target base: {SPEC_HELP}"),
     old: Optional[str] = typer.Option(None, "--from", help="the base the patch was made on, to measure drift"),
     inputs: Optional[str] = typer.Option(
-        None, "--inputs", help="with --from: forecast the loss on this task's unlabeled inputs (or a text file)"
+        None,
+        "--inputs",
+        help="with --from: forecast the loss on this task's unlabeled inputs (a task, a task file, a text file, or a "
+        "prompt/completion or chat .jsonl)",
     ),
     include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(200, "--n", min=1, help="with --inputs: how many inputs"),
@@ -171,7 +174,11 @@ def check_cmd(
             )
         out.print(d)
     if fc is not None:
-        out.print(f"forecast: {fc.sentence()}  [dim]({fc.calibration.source})[/dim]")
+        src = fc.calibration.gen_source if fc.generation else fc.calibration.source
+        out.print(f"forecast: {fc.sentence()}  ({src})", markup=False)
+        for note in fc.notes:
+            if note.startswith("warning:"):
+                out.print(note, markup=False)
         if tip := advice(fc.loss_points, patch_dir, base, old, inputs):
             out.print(f"advice: {tip}", markup=False)
     out.print(

@@ -15,7 +15,9 @@ from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 @app.command("sweep")
 def sweep_cmd(
-    plan: str = typer.Option("full", "--plan", help="full (the committed study, hours; resumable) or pilot"),
+    plan: str = typer.Option(
+        "full", "--plan", help="full (the committed study, hours; resumable), repair, generation or pilot"
+    ),
     base: str = typer.Option("smollm2-135m", "--base", help=f"the base θ: {SPEC_HELP}"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="only these of the plan's tasks, comma-separated"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="override the plan's seeds, e.g. 0,1,2"),
@@ -81,6 +83,9 @@ def sweep_cmd(
     if as_json:
         print_json(r)
         return
+    if p.kind == "generation":
+        _print_generation_sweep(r, out_dir)
+        return
     from ..sweep.report import by_level
 
     for task in dict.fromkeys(c["task"] for c in r["cells"]):
@@ -109,6 +114,37 @@ def sweep_cmd(
     out.print(f"[dim]report: {out_dir / 'report.md'}  {out_dir / 'report.json'}  charts: {out_dir / 'loss.png'}[/dim]")
 
 
+def _print_generation_sweep(r: dict, out_dir: Path) -> None:
+    """The generation sweep's cells as a table (mean over seeds per task and base) and its validation."""
+    t = Table(title="generation: what porting does to the completions (mean over seeds)")
+    for c in ("task", "base", "drift", "loglik change (nats/token)", "signal (train rows)", "answers changed"):
+        t.add_column(c, justify="right")
+    groups: dict[tuple, list] = {}
+    for c in r["cells"]:
+        groups.setdefault((c["task"], c["level"], c["drift"]), []).append(c)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for (task, level, drift), cs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        t.add_row(
+            task,
+            level,
+            f"{100 * drift:.2f}%",
+            f"{mean([c['measured']['loglik_change'] for c in cs]):+.4f}",
+            f"{mean([c['signals']['loglik_change'] for c in cs]):+.4f}",
+            f"{100 * mean([c['measured']['outputs_changed'] for c in cs]):.1f}%",
+        )
+    out.print(t)
+    v = r["forecast_validation"]
+    for what, unit in (("loglik", "nats/token"), ("changed", "points")):
+        x = v[what]["leave_one_task_out"]
+        if x.get("cells"):
+            out.print(
+                f"forecast of {what}, leave one task out ({x['cells']} cells): MAE {x['mae']:.4g} {unit}, "
+                f"Spearman ρ {x['spearman']}, 95% interval coverage {x['interval_coverage']:.0%}",
+                markup=False,
+            )
+    out.print(f"report: {out_dir / 'report.md'}  {out_dir / 'report.json'}  chart: {out_dir / 'generation.png'}")
+
+
 @app.command("forecast")
 def forecast_cmd(
     patch: Path = typer.Argument(..., help="patch directory"),
@@ -122,10 +158,19 @@ def forecast_cmd(
     ),
     include: Optional[list[Path]] = INCLUDE_PATH,
     n: int = typer.Option(200, "--n", min=1, help="how many inputs to compare the two models on"),
+    split: str = typer.Option(
+        "eval", "--split", help="with a task: which of its splits supplies the inputs (train or eval)"
+    ),
+    gen_n: int = typer.Option(
+        32, "--gen-n", min=0, help="generation data: how many of the prompts get greedy answers from both models"
+    ),
+    gen_tokens: int = typer.Option(
+        48, "--gen-tokens", min=1, help="generation data from a JSONL: new tokens per greedy answer (a task file's own)"
+    ),
     calibration: str = typer.Option(
         "builtin",
         "--calibration",
-        help="builtin (fitted on docs/sweep), raw (uncalibrated), or a sweep's calibration.json",
+        help="builtin (fitted on docs/sweep and docs/sweep/generation), raw (uncalibrated), or a calibration.json",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -134,11 +179,16 @@ def forecast_cmd(
 ) -> None:
     """Before any labelled evaluation: the points a port will lose and the share of answers that flip to wrong.
     With --inputs it scores θ+Δθ, frees it, then θ'+Δθ: one model in memory at a time."""
-    from ..forecast import forecast
+    from ..forecast import Generation, forecast
     from ..repair.advice import advice
 
+    if split not in ("train", "eval"):
+        raise PortLLMError(f"--split must be train or eval, got {split!r}")
     dev = resolve_device(device)
-    f = forecast(patch, base, old, inputs, n, data_dir, calibration, resolve_dtype(dtype, dev), device=dev)
+    gen = Generation(gen_n, gen_tokens)
+    f = forecast(
+        patch, base, old, inputs, n, data_dir, calibration, resolve_dtype(dtype, dev), device=dev, split=split, gen=gen
+    )
     tip = advice(f.loss_points, patch, base, old, inputs)
     if as_json:
         print_json(f.to_dict() | {"advice": tip})
@@ -160,11 +210,19 @@ def forecast_cmd(
             lo, hi = o.loglik_change_ci
             t.add_row("reference log-lik.", f"{o.loglik_a:.4f} -> {o.loglik_b:.4f}", "nats/token: θ+Δθ -> θ'+Δθ")
             t.add_row("its change", f"{o.loglik_change:+.4f} [{lo:+.4f}, {hi:+.4f}]", "paired 95% CI; not in points")
+        if o.outputs_changed is not None:
+            lo, hi = o.outputs_changed_ci
+            t.add_row(
+                f"greedy answers that change (n={o.generated})",
+                f"{o.outputs_changed:.1%} [{lo:.1%}, {hi:.1%}]",
+                "θ+Δθ vs θ'+Δθ, bootstrap 95% CI",
+            )
     out.print(t)
-    out.print(f"verdict: {f.sentence()}")
-    for note in f.notes[:-1] if f.loss_points is None else f.notes:
-        out.print(f"[dim]{note}[/dim]")
-    out.print(f"[dim]calibration: {f.calibration.source}[/dim]")
+    out.print(f"verdict: {f.sentence()}", markup=False)
+    said = f.notes[-1:] if f.loss_points is None and f.generation is None else []  # already in the verdict
+    for note in f.notes:
+        if note not in said:
+            out.print(note, style="dim", markup=False)
     if tip:
         out.print(f"advice: {tip}", markup=False)
 

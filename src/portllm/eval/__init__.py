@@ -23,7 +23,7 @@ from .comparison import (
     paired_records,
 )
 from .encode import bos_prefix, encode_pair, encode_text, prefix_token
-from .generation import cut_at_stop, generate
+from .generation import cut_at_stop, generate, generate_ids
 from .lm import LM, Progress, open_lm
 from .loglik import loglikelihoods
 from .metrics import (
@@ -66,6 +66,7 @@ __all__ = [
     "extract_strict",
     "flips",
     "generate",
+    "generate_ids",
     "loglikelihoods",
     "mc_records",
     "metric_diffs",

@@ -68,7 +68,7 @@ def loglikelihoods(
     n_tokens = 0
     param = lm.model.get_input_embeddings().weight  # the base's dtype (PEFT keeps adapters in fp32)
     pad = lm.tokenizer.pad_token_id
-    for batch in batches(trees, batch_size, token_budget(max_tokens, param.device)):
+    for batch in batches(trees, batch_size, token_budget(max_tokens, param.device, lm.model)):
         width = len(batch[0].tokens)
         keep = max(len(t.tokens) - min(o for tg in t.targets.values() for o, _ in tg) for t in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)

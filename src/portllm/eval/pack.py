@@ -7,6 +7,7 @@ row count and a padded-token budget.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -71,15 +72,51 @@ def pack_rows(reqs: list[tuple[int, list[int], int]], tree_limit: int) -> list[T
 
 
 CPU_BATCH_TOKENS = 640
+ACCELERATOR_BATCH_TOKENS = 1 << 16  # a device whose free memory torch cannot tell (mps): a fixed budget
+GPU_MEMORY_SHARE = 0.5  # of the memory free after loading that one scoring batch may take (fragmentation, caches)
+GPU_BUDGET_RANGE = (512, 1 << 18)
+PROBE_TOKENS = 256
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {device: budget}
 
 
-def token_budget(max_tokens: int | None, device: torch.device) -> int:
+def token_budget(max_tokens: int | None, device: torch.device, model: Any = None) -> int:
     """Padded tokens per forward pass. On CPU, throughput peaks when a batch's activations stay
     in cache: long BoolQ rows run ~1.7x faster a few at a time than sixteen at a time, while short
-    SST-2 rows still gain from sixteen (benchmarks/eval_batching.py)."""
+    SST-2 rows still gain from sixteen (benchmarks/eval_batching.py). On a CUDA device the budget is
+    measured on the model (`measured_budget`), not guessed."""
     if max_tokens:
         return max_tokens
-    return CPU_BATCH_TOKENS if device.type == "cpu" else 1 << 16
+    if device.type == "cpu":
+        return CPU_BATCH_TOKENS
+    if device.type == "cuda" and model is not None:
+        return measured_budget(model, device)
+    return ACCELERATOR_BATCH_TOKENS
+
+
+def budget_for(free_bytes: float, per_token_bytes: float) -> int:
+    """The tokens that fit in GPU_MEMORY_SHARE of the free memory at the measured cost per token, within
+    GPU_BUDGET_RANGE."""
+    lo, hi = GPU_BUDGET_RANGE
+    return int(min(hi, max(lo, GPU_MEMORY_SHARE * free_bytes / max(1.0, per_token_bytes))))
+
+
+def measured_budget(model: Any, device: torch.device) -> int:
+    """Padded tokens per forward pass on a CUDA device: one forward pass of PROBE_TOKENS tokens measures the
+    peak memory a token adds (activations and the logits of every position: an upper bound, as scoring keeps
+    only the continuations' logits), and the budget is what fits in the memory free after the model is
+    loaded (`budget_for`). Measured once per model and device."""
+    seen = _MEASURED.setdefault(model, {})
+    if str(device) not in seen:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        ids = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+        per_token = (torch.cuda.max_memory_allocated(device) - before) / PROBE_TOKENS
+        free, _ = torch.cuda.mem_get_info(device)
+        seen[str(device)] = budget_for(free, per_token)
+    return seen[str(device)]
 
 
 def batches(trees: list[Tree], rows: int, budget: int) -> Iterable[list[Tree]]:

@@ -120,7 +120,7 @@ def empty_result(lm: LM, limit: int | None, batch_size: int, max_tokens: int | N
     """An EvalResult naming the model and the batch settings, before any task is scored (eval and routed eval)."""
     device = lm.model.get_input_embeddings().weight.device
     return EvalResult(
-        lm.spec, lm.patch, lm.patch_fingerprint, lm.dtype, limit, batch_size, token_budget(max_tokens, device)
+        lm.spec, lm.patch, lm.patch_fingerprint, lm.dtype, limit, batch_size, token_budget(max_tokens, device, lm.model)
     )
 
 

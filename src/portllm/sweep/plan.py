@@ -70,6 +70,9 @@ class SweepPlan:
     dtype: str = "bfloat16"  # training; LoRA weights stay fp32
     eval_dtype: str = "float32"
     kl_texts: int = 64  # held-out wikitext lines for the KL of θ' against θ
+    kind: str = "mc"  # "mc": multiple-choice tasks (sweep/run.py); "generation": generation task files (generation.py)
+    signal_rows: int = 64  # generation: train rows whose completions give the forecast's signals
+    signal_outputs: int = 32  # generation: ... of which this many prompts get greedy answers
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +145,25 @@ PLANS: dict[str, SweepPlan] = {
         retune_levels=(1.0, 2.0),
         repair_levels=(0.5, 1.0, 2.0),
         repair_real=True,
+    ),
+    # generation data (issue 19): two user task files (not shipped tasks) scored by the reference completions'
+    # log-likelihood and greedy answers (32 new tokens) on 96 eval rows, 3 seeds, three interpolated levels (1.1%
+    # to 4.5%) and the real text update; the forecast's signals from 48 train rows, 24 of them answered greedily.
+    # Run from the repository root (the task files are paths).
+    "generation": SweepPlan(
+        "generation",
+        {
+            f"docs/your_task/{name}.yaml": TaskRecipe(
+                60, 1e-3, 160, 96, warm=False, correct=False, repair=False, retune_levels=()
+            )
+            for name in ("code_alpaca", "math_cot")
+        },
+        levels=(0.5, 1.0, 2.0),
+        real=(Evolution("text", 40, 1e-3, 128),),
+        retune_levels=(),
+        kind="generation",
+        signal_rows=48,
+        signal_outputs=24,
     ),
     # one task, one seed, three levels: a smoke run of the real pipeline (about 15 min)
     "pilot": SweepPlan(

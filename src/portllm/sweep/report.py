@@ -476,7 +476,9 @@ def forecast_fields(report: dict[str, Any]) -> dict[str, Any]:
     if sum(not is_control(c) for c in cells) >= 4:
         cal = fit(cells)
         run = f"portllm sweep --plan {report['plan']['name']} ({len(cells)} cells)"
-        report["calibration"] = cal.to_dict() | {"source": f"{run}: {cal.source}"}
+        families = {c.get("family") for c in cells}
+        family = report["base"].get("model_family") if len(families) == 1 else None  # models.family_of
+        report["calibration"] = cal.to_dict() | {"source": f"{run}: {cal.source}", "family": family}
     return report
 
 

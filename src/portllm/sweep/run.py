@@ -33,7 +33,7 @@ from ..eval import open_lm, read_run
 from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
 from ..forecast import choice_signals, weight_signals
 from ..interpolate import interpolate
-from ..models import architecture_of, cache_root, fingerprint, resolve_base
+from ..models import architecture_of, cache_root, family_of, fingerprint, resolve_base
 from ..patch import Patch
 from ..rescale import SCALES, choose_scale, scaled_patch
 from ..stats import Paired, majority, paired
@@ -170,7 +170,7 @@ class SweepContext:
                 steps.eval_step(model_dir, patch, task, limit, self.data, d, self.plan.eval_dtype)
 
         parts = (model_fp, sha, ported, task_key(task), limit, self.plan.eval_dtype)
-        return read_run(self.cache.directory("evals", parts, "results.json", make))[1][task]
+        return read_run(self.cache.directory("evals", parts, "results.json", make))[1][get_task(task).name]
 
 
 @dataclass
@@ -219,6 +219,10 @@ def sweep(
         raise PortLLMError("sweep needs the benchmark data: set --data-dir or PORTLLM_DATA")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if plan.kind == "generation":
+        from .generation import generation_sweep  # deferred: generation.py builds on this module
+
+        return generation_sweep(plan, base, out, data, cache, log, progress)
     t_start = time.perf_counter()
     ctx = SweepContext.open(plan, base, data, cache, log, progress)
     results = SweepResults(build_bases(ctx))
@@ -281,7 +285,7 @@ def prepare_task(ctx: SweepContext, name: str, r: TaskRecipe, levels: list[dict[
     zero = ctx.score(ctx.theta, ctx.fp, None, False, name, r.eval_limit)
     patches = {s: ctx.patch_on(ctx.theta, ctx.fp, name, r, s) for s in ctx.plan.seeds}
     with_patch = {s: ctx.score(ctx.theta, ctx.fp, patches[s], False, name, r.eval_limit) for s in ctx.plan.seeds}
-    return TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if _scores(r, lv)])
+    return TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if on_grid(r, lv)])
 
 
 def evaluate_cells(ctx: SweepContext, ts: TaskState, results: SweepResults) -> None:
@@ -463,7 +467,7 @@ def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path,
         c.setdefault("family", Path(base).name if os.sep in base else base)
     report = {
         "plan": plan.to_dict(),
-        "base": {"name": base, "fingerprint": ctx.fp},
+        "base": {"name": base, "fingerprint": ctx.fp, "model_family": family_of(ctx.theta)},
         "levels": [
             {k: v for k, v in lv.items() if k != "dir"} | {"agreement_with_base": results.behaviour.get(lv["label"])}
             for lv in results.levels
@@ -481,7 +485,7 @@ def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path,
     return finish(report, out)
 
 
-def _scores(r: TaskRecipe, lv: dict[str, Any]) -> bool:
+def on_grid(r: TaskRecipe, lv: dict[str, Any]) -> bool:
     """Is this base on the task's grid? (its recipe may narrow the plan's levels and real bases)"""
     if lv["t"] is not None:
         return r.levels is None or lv["t"] in r.levels
