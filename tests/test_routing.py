@@ -293,7 +293,7 @@ def test_study_writes_report(zoo, tmp_path):
     from portllm.routing.phatgoose import GateConfig
     from portllm.routing.study import StudyConfig, run_study
 
-    data = tiny.sentiment_data(tmp_path / "data", n_train=32, n_eval=10)
+    data = tiny.sentiment_data(tmp_path / "data", n_train=32, n_eval=14)  # 10 test rows, 4 dev rows (the merges)
     shutil.copy(data / "sst2" / "test.tsv", data / "sst2" / "dev.tsv")
     p2 = tmp_path / "p2"
     shutil.copytree(zoo["patches"][2], p2)
@@ -308,6 +308,7 @@ def test_study_writes_report(zoo, tmp_path):
         limit=10,
         merges=["linear", "ties"],
         gates=GateConfig(steps=2, batch_size=4, max_length=32),
+        dev=4,
     )
     logs = []
     rep = run_study(cfg, tmp_path / "out", tmp_path / "cache", data, log=logs.append)
@@ -361,7 +362,8 @@ def test_study_tunes_glider_on_a_dev_slice_disjoint_from_the_test_slice(zoo, tmp
         limit=6,
         merges=[],
         gates=GateConfig(steps=2, batch_size=4, max_length=32),
-        tune=4,
+        dev=4,
+        tune=True,
         tune_top_k=(1,),
         tune_alpha=(1.0, 10.0),
     )

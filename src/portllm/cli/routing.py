@@ -31,7 +31,9 @@ def describe_cmd(
         0, "--examples", min=0, help="average this many of the task's train prompts into the embedding"
     ),
     generate: Optional[str] = typer.Option(
-        None, "--generate-with", help=f"let this base write the description from 3 train prompts: {SPEC_HELP}"
+        None,
+        "--generate-with",
+        help=f"let this base write the description from 3 train inputs and their answers (no template): {SPEC_HELP}",
     ),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="benchmark data directory (default $PORTLLM_DATA)"
@@ -100,13 +102,28 @@ def study_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="results cache (default $PORTLLM_CACHE/routing/study)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    tune: int = typer.Option(
-        0, "--tune", min=0, help="choose glider's top-k and α on this many eval examples per task after --limit"
+    dev: int = typer.Option(
+        100,
+        "--dev",
+        min=0,
+        help="dev slice: this many eval examples per task after --limit; the best merge "
+        "(and with --tune glider's top-k and α) is chosen on it, never on the test rows",
+    ),
+    tune: bool = typer.Option(False, "--tune", help="choose glider's top-k and α on the dev slice"),
+    paraphrases: Optional[Path] = typer.Option(
+        None, "--paraphrases", help="paraphrased prompt wordings per held-in task (default: the shipped file)"
+    ),
+    no_paraphrases: bool = typer.Option(False, "--no-paraphrases", help="score the original wording only"),
+    descriptions: Optional[Path] = typer.Option(
+        None, "--descriptions", help="folder of hand-written descriptions, <patch name>.txt (default: the manifests')"
     ),
     device: str = typer.Option("cpu", "--device", help=f"{DEVICE_HELP}; a patch set runs on the CPU only for now"),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
-    """Held-in (mixed) and held-out suites: each router against the oracle, the best merge and the base."""
+    """Held-in (mixed; original and paraphrased wordings) and held-out suites: each router against the oracle,
+    the best merge (chosen on the dev slice) and the base."""
+    if paraphrases and no_paraphrases:
+        raise PortLLMError("give --paraphrases FILE or --no-paraphrases, not both")
     cfg = StudyConfig(
         base=base,
         patches=[p for p in patches.split(",") if p],
@@ -117,7 +134,11 @@ def study_cmd(
         alpha=alpha,
         merges=[m for m in merges.split(",") if m],
         batch_size=batch_size,
+        dev=dev,
         tune=tune,
+        paraphrases=not no_paraphrases,
+        paraphrase_file=str(paraphrases) if paraphrases else None,
+        descriptions=str(descriptions) if descriptions else None,
         dtype=patch_set_dtype("route-study", device, dtype),
     )
     rep = run_study(

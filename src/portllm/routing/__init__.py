@@ -6,7 +6,8 @@ per-request; the per-token routers: arrow, phatgoose, glider, mixture, and the o
 references), `serving` (the per-request routers of `portllm serve --router`: description, arrow-request),
 `embed` (all-MiniLM-L6-v2 for the global router), `describe` (a patch's description and embedding in its
 manifest), `phatgoose` (gate training, cached), `score` (routed evaluation through `eval.loglikelihoods`),
-`study` (the held-in / held-out report).
+`study` (the held-in / held-out report; `study_report` renders it), `wording` (eval templates' fixed text,
+the leak check on descriptions, paraphrased wordings).
 
     from portllm.routing import PatchSet, get_router, Request
     ps = PatchSet("smollm2-135m", ["zoo/sst2", "zoo/boolq"]).use(get_router("glider", top_k=2, alpha=10))
