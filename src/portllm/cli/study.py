@@ -204,7 +204,8 @@ def forecast_cmd(
         t.add_row("cos(drift, ΔW)", f"{w.cos:+.3f}", "negative: the update undoes part of the patch")
     if f.outputs:
         o = f.outputs
-        t.add_row(f"answers that change ({o.source}, n={o.n})", f"{o.disagreement:.1%}", "θ+Δθ vs θ'+Δθ")
+        what = "answers that change" if o.kind == "choices" else "next tokens that change (where answers start)"
+        t.add_row(f"{what} ({o.source}, n={o.n})", f"{o.disagreement:.1%}", "θ+Δθ vs θ'+Δθ")
         t.add_row("KL(θ+Δθ ‖ θ'+Δθ)", f"{o.mean_kl:.4f}", "mean over inputs")
         if o.loglik_change is not None:
             lo, hi = o.loglik_change_ci

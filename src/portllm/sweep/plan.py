@@ -147,7 +147,7 @@ PLANS: dict[str, SweepPlan] = {
         repair_real=True,
     ),
     # generation data (issue 19): two user task files (not shipped tasks) scored by the reference completions'
-    # log-likelihood and greedy answers (32 new tokens) on 96 eval rows, 3 seeds, three interpolated levels (1.1%
+    # log-likelihood and greedy answers (32 new tokens) on 96 eval rows, 3 seeds, four interpolated levels (0.57%
     # to 4.5%) and the real text update; the forecast's signals from 48 train rows, 24 of them answered greedily.
     # Run from the repository root (the task files are paths).
     "generation": SweepPlan(
@@ -158,7 +158,7 @@ PLANS: dict[str, SweepPlan] = {
             )
             for name in ("code_alpaca", "math_cot")
         },
-        levels=(0.5, 1.0, 2.0),
+        levels=(0.25, 0.5, 1.0, 2.0),
         real=(Evolution("text", 40, 1e-3, 128),),
         retune_levels=(),
         kind="generation",
