@@ -76,12 +76,12 @@ class Signals:
 
     def __init__(self, ctx: SweepContext, task: str, patch: Path, inputs: Inputs):
         self.ctx, self.task, self.patch, self.inputs = ctx, task, patch, inputs
+        self.sha = Patch.load(patch, verify=False).weights_sha256
         self._a: CompletionOutputs | None = None
 
     def on(self, lv: dict[str, Any]) -> dict[str, Any]:
-        sha = Patch.load(self.patch, verify=False).weights_sha256
         i = self.inputs
-        parts = (self.ctx.fp, lv["fingerprint"], sha, task_key(self.task), i.n, i.split, asdict(i.gen))
+        parts = (self.ctx.fp, lv["fingerprint"], self.sha, task_key(self.task), i.n, i.split, asdict(i.gen))
 
         def make() -> dict[str, Any]:
             dtype = self.ctx.plan.eval_dtype
@@ -152,7 +152,9 @@ def _slope(cells: list[dict[str, Any]], what: str) -> float:
     m, s, _, _ = TARGETS[what]
     xs, ys = [c["signals"][s] for c in cells], [c["measured"][m] for c in cells]
     den = sum(x * x for x in xs)
-    return sum(x * y for x, y in zip(xs, ys)) / den if den else 1.0
+    if not den:
+        raise PortLLMError(f"no {what} signal in any of the {len(cells)} cells: nothing to fit a calibration on")
+    return sum(x * y for x, y in zip(xs, ys)) / den
 
 
 def _residuals(cells: list[dict[str, Any]], what: str, a: float) -> list[float]:

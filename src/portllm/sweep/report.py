@@ -9,6 +9,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
+from ..models import family_of
 from .calibrate import fit, is_control, validate
 from .repaired import markdown as repair_markdown
 from .repaired import summary as repair_summary
@@ -478,7 +479,8 @@ def forecast_fields(report: dict[str, Any]) -> dict[str, Any]:
         run = f"portllm sweep --plan {report['plan']['name']} ({len(cells)} cells)"
         families = {c.get("family") for c in cells}
         family = report["base"].get("model_family") if len(families) == 1 else None  # models.family_of
-        report["calibration"] = cal.to_dict() | {"source": f"{run}: {cal.source}", "family": family}
+        mc = {k: v for k, v in cal.to_dict().items() if not k.startswith("gen_")}  # generation's: its own sweep
+        report["calibration"] = mc | {"source": f"{run}: {cal.source}", "family": family}
     return report
 
 
@@ -508,6 +510,8 @@ def rerender(report_json: str | Path, out: str | Path | None = None) -> dict[str
     src = Path(report_json)
     report = json.loads(src.read_text())
     before = [measured(c) for c in report["cells"]]
+    if "model_family" not in report["base"]:  # reports written before it was recorded: read from the base's config
+        report["base"]["model_family"] = family_of(report["base"]["name"])
     for c in report["cells"]:
         c.setdefault("family", report["base"]["name"])
         c.setdefault("signals_inputs", SIGNALS_SAME_AS_SCORED)
