@@ -71,7 +71,11 @@ class SweepPlan:
     eval_dtype: str = "float32"
     kl_texts: int = 64  # held-out wikitext lines for the KL of θ' against θ
     kind: str = "mc"  # "mc": multiple-choice tasks (sweep/run.py); "generation": generation task files (generation.py)
-    signal_rows: int = 64  # generation: train rows whose completions give the forecast's signals
+    # the forecast's output signals come from inputs a user has and that are never scored: the first
+    # `signal_rows` rows of the task's train split (MC: minus any whose prompt is also a scored item; generation:
+    # their reference completions); "eval" = the scored items themselves (the protocol before issue 21)
+    signal_split: str = "train"
+    signal_rows: int = 200
     signal_outputs: int = 32  # generation: ... of which this many prompts get greedy answers
     notes: list[str] = field(default_factory=list)
 
@@ -164,6 +168,20 @@ PLANS: dict[str, SweepPlan] = {
         kind="generation",
         signal_rows=48,
         signal_outputs=24,
+    ),
+    # the second model family (issue 21): Gemma-3-270M (tied embeddings, GQA, a 262k vocabulary), two tasks whose
+    # patches learn on it (SST-2 held-out; CommonsenseQA, whose loss only drops after ~60 steps on Gemma, hence
+    # 200), 3 seeds, three interpolated levels and a real continued-pretraining base, a re-tune at the largest t.
+    # Signals from the train split, as every MC plan. Run with --base gemma3-270m (docs/sweep/gemma/NOTES.md).
+    "gemma": SweepPlan(
+        "gemma",
+        {
+            "sst2_heldout": TaskRecipe(60, 1e-3, 128, 500, warm=False, correct=False, repair=False),
+            "commonsense_qa": TaskRecipe(200, 1e-3, 96, 500, warm=False, correct=False, repair=False),
+        },
+        levels=(0.0, 0.5, 1.0, 2.0),
+        real=(Evolution("text", 40, 1e-3, 128),),
+        retune_levels=(2.0,),
     ),
     # one task, one seed, three levels: a smoke run of the real pipeline (about 15 min)
     "pilot": SweepPlan(

@@ -29,7 +29,7 @@ import torch
 
 from .. import steps
 from ..errors import PortLLMError
-from ..eval import open_lm, read_run
+from ..eval import open_lm, read_run, run_task
 from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
 from ..forecast import choice_signals, weight_signals
 from ..interpolate import interpolate
@@ -172,6 +172,20 @@ class SweepContext:
         parts = (model_fp, sha, ported, task_key(task), limit, self.plan.eval_dtype)
         return read_run(self.cache.directory("evals", parts, "results.json", make))[1][get_task(task).name]
 
+    def signal_records(self, model_dir: Path, model_fp: str, patch: Path, ts: TaskState) -> Records:
+        """The model with `patch` attached at runtime (what `forecast` compares; equal to the port, test_port)
+        on the task's signal inputs: per-choice records whose gold labels the forecast never reads."""
+        sha = Patch.load(patch, verify=False).weights_sha256
+        idx = [e.idx for e in ts.signal_examples]
+
+        def make() -> Records:
+            self.log(f"  signals: {ts.name} on {model_fp[:12]} + patch ({len(idx)} {self.plan.signal_split} inputs)")
+            lm = open_lm(model_dir, patch, dtype=self.plan.eval_dtype)
+            return run_task(lm, ts.task, ts.signal_examples).records
+
+        parts = (model_fp, sha, task_key(ts.name), self.plan.signal_split, idx, self.plan.eval_dtype)
+        return self.cache.json("signals", parts, make)
+
 
 @dataclass
 class TaskState:
@@ -186,6 +200,8 @@ class TaskState:
     patches: dict[int, Path]  # seed -> Δθ trained on θ
     with_patch: dict[int, Records]  # seed -> θ+Δθ
     levels: list[dict[str, Any]]  # the bases this task is scored on
+    signal_examples: list[Example] = field(default_factory=list)  # the forecast's inputs (plan.signal_split)
+    signal_with_patch: dict[int, Records] = field(default_factory=dict)  # seed -> θ+Δθ on them
 
     @property
     def first_seed(self) -> int:
@@ -285,7 +301,23 @@ def prepare_task(ctx: SweepContext, name: str, r: TaskRecipe, levels: list[dict[
     zero = ctx.score(ctx.theta, ctx.fp, None, False, name, r.eval_limit)
     patches = {s: ctx.patch_on(ctx.theta, ctx.fp, name, r, s) for s in ctx.plan.seeds}
     with_patch = {s: ctx.score(ctx.theta, ctx.fp, patches[s], False, name, r.eval_limit) for s in ctx.plan.seeds}
-    return TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if on_grid(r, lv)])
+    ts = TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if on_grid(r, lv)])
+    if ctx.plan.signal_split != "eval":
+        ts.signal_examples = signal_examples(t, ctx.plan.signal_split, ctx.data, ctx.plan.signal_rows, examples)
+        ts.signal_with_patch = {s: ctx.signal_records(ctx.theta, ctx.fp, patches[s], ts) for s in ctx.plan.seeds}
+    return ts
+
+
+def signal_examples(task: Task, split: str, data: Path, n: int, scored: list[Example]) -> list[Example]:
+    """The first n examples of `split` whose prompt is not also one of the scored items' (SST-2's train and
+    held-out parts share a few short phrases): the forecast's inputs never include an item it is judged on."""
+    if split == "eval":
+        raise PortLLMError("signal inputs from the eval split are the scored items; use the train split")
+    seen = {tuple(e.contexts) for e in scored}
+    kept = [e for e in load_examples(task, split, data) if tuple(e.contexts) not in seen][:n]
+    if not kept:
+        raise PortLLMError(f"{task.name}: its {split} split has no inputs outside the scored items for the forecast")
+    return kept
 
 
 def evaluate_cells(ctx: SweepContext, ts: TaskState, results: SweepResults) -> None:
@@ -322,7 +354,12 @@ def _cell(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], s: int, ev: Reco
     ws = ctx.cache.json(
         "weights", (patch.name, lv["fingerprint"]), lambda: asdict(weight_signals(patch, lv["dir"], ctx.theta))
     )
-    sig = choice_signals(target, ported, ts.examples, ts.task)
+    if ts.signal_examples:
+        on_evolved = ctx.signal_records(lv["dir"], lv["fingerprint"], patch, ts)
+        sig = choice_signals(ts.signal_with_patch[s], on_evolved, ts.signal_examples, ts.task)
+        inputs = f"{ctx.plan.signal_split} split, first {len(ts.signal_examples)} inputs not among the scored items"
+    else:
+        sig, inputs = choice_signals(target, ported, ts.examples, ts.task), SIGNALS_SAME_AS_SCORED
     return {
         "task": ts.name,
         "seed": s,
@@ -344,7 +381,7 @@ def _cell(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], s: int, ev: Reco
         "pos_flips": pr.positive_flips,
         "neg_flip_rate": pr.negative_flips / pr.n,
         "identical_predictions": all(x["pred"] == y["pred"] for x, y in zip(target, ported)),
-        "signals_inputs": SIGNALS_SAME_AS_SCORED,  # choice_signals ran on ts.examples, the scored items
+        "signals_inputs": inputs,
         "forecast": {
             "raw_loss": -sig.expected_change,
             "raw_neg_flip_rate": sig.expected_neg_flip_rate,
