@@ -87,6 +87,7 @@ class OutputSignals:
 
 BUILTIN_CALIBRATION = Path(__file__).with_name("forecast_calibration.json")
 BUILTIN_GEN_CALIBRATION = Path(__file__).with_name("forecast_calibration_generation.json")
+MC_FIELDS = ("a", "b", "c", "flip_a", "flip_b", "flip_c", "residual_sd_points", "source")  # a family's fit
 NO_POINTS_FOR_COMPLETIONS = (
     "no loss in points for generation data (points need answer options): the change in the reference "
     "log-likelihood and the share of greedy answers that change are forecast instead"
@@ -117,6 +118,10 @@ class Calibration:
     gen_changed_sd_points: float | None = None
     gen_source: str = "raw (uncalibrated): the changes measured on these rows"
     gen_family: str | None = None
+    cells: int | None = None  # sweep cells (off the t = 0 control) it was fitted on; None: not recorded
+    # one fit per base family (models.family_of) on that family's cells alone, when the sweep had several or
+    # recorded its one (calibration.json's "families"); `for_family` chooses among them
+    families: dict[str, Calibration] = field(default_factory=dict)
 
     def loss(self, raw_points: float, disturbance: float) -> float:
         return self.a * raw_points + self.b * disturbance + self.c
@@ -145,9 +150,42 @@ class Calibration:
                 raise PortLLMError(f"calibration {f}: expected a JSON object; omit --calibration")
             d |= part
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            cal = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "families"})
         except TypeError as e:
             raise PortLLMError(f"calibration {path}: unreadable ({e}); omit --calibration") from None
+        return replace(cal, families=cal.family_fits(d.get("families") or {}, path))
+
+    def family_fits(self, families: Any, path: Any) -> dict[str, Calibration]:
+        """calibration.json's "families" ({model family: its MC fit and cell count}) as Calibrations that keep
+        this one's generation fields."""
+        if not isinstance(families, dict) or not all(isinstance(v, dict) for v in families.values()):
+            raise PortLLMError(f"calibration {path}: 'families' must map a model family to its fit; omit --calibration")
+        out = {}
+        for name, v in families.items():
+            if missing := [k for k in MC_FIELDS if k not in v]:
+                raise PortLLMError(f"calibration {path}: family {name} lacks {', '.join(missing)}; omit --calibration")
+            mc = {k: v[k] for k in (*MC_FIELDS, "cells") if k in v}
+            out[name] = replace(self, **mc, family=name, families={})
+        return out
+
+    def for_family(self, family: str) -> tuple[Calibration, str]:
+        """The calibration for a patch made on a base of `family` (models.family_of), and the note that says
+        which: the family's own fit where it has one; else this (pooled) one, saying plainly that the family was
+        never in the calibration, so its interval is not validated for it."""
+        if family in self.families:
+            own = self.families[family]
+            n = "?" if own.cells is None else own.cells
+            return own, f"calibration: fitted on {family} bases ({n} cells): {own.source}"
+        fitted = sorted(self.families) or ([self.family] if self.family else [])
+        if fitted == [family]:
+            return self, f"calibration: {self.source}"
+        if not fitted:
+            return self, f"calibration: {self.source} (the base family it was fitted on is not recorded)"
+        return self, (
+            f"calibration: {self.source}; warning: this patch's base family, {family}, was never in the "
+            f"calibration (fitted on {' and '.join(fitted)} bases only): its forecast and interval are not "
+            "validated for this family"
+        )
 
 
 @dataclass
@@ -533,7 +571,11 @@ def forecast(
     if outputs is None or outputs.expected_change is None:
         notes.append("the loss in points needs a task's unlabeled inputs: pass --inputs TASK")
         return Forecast(str(patch), str(base), str(old), weights, outputs, None, None, None, cal, notes)
-    notes += family_notes(old, cal, generation=False)
+    if cal.families:  # a fit per base family: the patch's own family's, or the pooled one and why
+        cal, note = cal.for_family(family_of(old))
+        notes.append(note)
+    else:
+        notes += family_notes(old, cal, generation=False)
     raw = -100 * outputs.expected_change
     loss = cal.loss(raw, weights.subspace_disturbance)
     lo_raw, hi_raw = (-100 * outputs.expected_change_ci[1], -100 * outputs.expected_change_ci[0])

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 from ..errors import PortLLMError
+from ..models import family_of
 from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 
 
@@ -37,12 +38,19 @@ def sweep_cmd(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help=f"scoring dtype (default: the plan's, float32): {DTYPE_HELP}"
     ),
+    join: Optional[list[Path]] = typer.Option(
+        None,
+        "--join",
+        help="another base family's sweep report.json: its cells join the forecast's validation (leave one family "
+        "out), calibration (one fit per family) and charts (repeatable)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print report.json instead of tables"),
 ) -> None:
     """Drift levels × tasks × seeds: what porting loses as the base drifts, and the forecast's validation."""
     from dataclasses import replace
 
     from ..sweep import PLANS, sweep
+    from ..sweep.report import read_joins
 
     if resolve_device(device) != "cpu":  # an absent device fails inside, with its own line
         raise PortLLMError(
@@ -52,6 +60,11 @@ def sweep_cmd(
     if plan not in PLANS:
         raise PortLLMError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
     p = PLANS[plan]
+    joins = tuple(join or ())
+    if joins:  # refused now, not after hours of sweeping
+        if p.kind == "generation":
+            raise PortLLMError("--join joins multiple-choice sweeps; the generation sweep has no cells to join to")
+        read_joins({"name": base, "model_family": family_of(base)}, joins)
     if tasks:
         names = [t for t in tasks.split(",") if t]
         missing = [t for t in names if t not in p.tasks]
@@ -79,22 +92,27 @@ def sweep_cmd(
     if dtype is not None:
         p = replace(p, eval_dtype=resolve_dtype(dtype, "cpu"))  # the eval cache keys by it
     log = log_line if not as_json else (lambda m: None)
-    r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal)
+    r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal, join=joins)
     if as_json:
         print_json(r)
         return
     if p.kind == "generation":
         _print_generation_sweep(r, out_dir)
         return
+    _print_sweep(r, out_dir)
+
+
+def _print_sweep(r: dict, out_dir: Path) -> None:
+    """Each (base family, task): the loss, flips and gain by level; then the forecast's held-out figures."""
     from ..sweep.report import by_level
 
-    for task in dict.fromkeys(c["task"] for c in r["cells"]):
-        t = Table(title=f"{task}: what porting loses as the base drifts (mean over seeds, 95% band)")
+    for family, task in dict.fromkeys((c.get("family"), c["task"]) for c in r["cells"]):
+        t = Table(title=f"{task} on {family}: what porting loses as the base drifts (mean over seeds, 95% band)")
         for c in ("level", "drift", "loss (points)", "neg. flip rate", "gain over θ' (points)"):
             t.add_column(c, justify="right")
-        loss = by_level(r, task, lambda c: c["loss"])
-        nfr = {x["level"]: x for x in by_level(r, task, lambda c: c["neg_flip_rate"])}
-        gain = {x["level"]: x for x in by_level(r, task, lambda c: c["evolved+patch"] - c["evolved"])}
+        loss = by_level(r, task, lambda c: c["loss"], family)
+        nfr = {x["level"]: x for x in by_level(r, task, lambda c: c["neg_flip_rate"], family)}
+        gain = {x["level"]: x for x in by_level(r, task, lambda c: c["evolved+patch"] - c["evolved"], family)}
         for x in loss:
             n, g = nfr[x["level"]], gain[x["level"]]
             t.add_row(
@@ -106,12 +124,23 @@ def sweep_cmd(
             )
         out.print(t)
     v = r["forecast_validation"]
-    if v.get("cells"):
-        out.print(
-            f"forecast, out of sample ({v['cells']} cells): Spearman ρ {v['spearman_loss']}, "
-            f"neg-flip-rate MAE {v['mae_neg_flip_rate_points']} points"
-        )
+    for key in ("leave_one_task_out", "leave_one_family_out", "leave_one_level_out"):
+        x = v.get(key) or {}
+        if x.get("cells"):
+            rho, loss, nfr, cov = (_num(x[k], f) for k, f in zip(_FIGURES, (".3f", ".2f", ".2f", ".0%")))
+            out.print(
+                f"forecast, {key.replace('_', ' ')} ({x['cells']} cells): Spearman ρ {rho}, loss MAE {loss}, "
+                f"neg-flip-rate MAE {nfr} points, 95% interval coverage {cov}",
+                markup=False,
+            )
     out.print(f"[dim]report: {out_dir / 'report.md'}  {out_dir / 'report.json'}  charts: {out_dir / 'loss.png'}[/dim]")
+
+
+_FIGURES = ("spearman_loss", "mae_loss_points", "mae_neg_flip_rate_points", "interval_coverage")
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def _print_generation_sweep(r: dict, out_dir: Path) -> None:

@@ -256,6 +256,31 @@ def fit(cells: list[Cell]) -> Calibration:
     return Calibration(a, b, 0.0, fa, fb, 0.0, sd, src)
 
 
+def fit_families(cells: list[Cell], families: dict[str, str]) -> Calibration:
+    """The pooled calibration (every cell but the controls, of every family) with, in `.families`, one fitted on
+    each base family's cells alone (its residual sd out of sample within the family, as `fit` does): a family
+    fitted on its own bases can differ from the pool, and `forecast` should use the one it was validated on.
+    `families` maps a cell's "family" (the base name its sweep was given) to its model family (models.family_of);
+    base names of one model family are fitted together. A family with < 2 cells off the control gets no fit of
+    its own, and the pooled source says so. With one model family the pooled fit names it as its `family`."""
+    if unknown := sorted({str(c.get("family")) for c in cells if c.get("family") not in families}):
+        raise PortLLMError(f"cells of {', '.join(unknown)} have no model family; pass it in `families`")
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(families[c["family"]], []).append(c)
+    pooled = fit(cells)
+    count = {f: sum(not is_control(c) for c in cs) for f, cs in groups.items()}
+    own = {f: replace(fit(cs), family=f, cells=count[f]) for f, cs in groups.items() if count[f] >= MIN_TRAIN}
+    if len(groups) == 1:
+        return replace(pooled, family=next(iter(groups)), cells=sum(count.values()), families=own)
+    src = f"{pooled.source}; pooled over {len(groups)} base families: " + "; ".join(
+        f"{f} ({n} cells)" for f, n in count.items()
+    )
+    if short := [f for f in groups if f not in own]:
+        src += f"; too few cells for a fit of its own: {', '.join(short)}"
+    return replace(pooled, family=None, cells=sum(count.values()), source=src, families=own)
+
+
 def _protocol(cells: list[Cell], protocol: Protocol, what: str, groups: set, text: str) -> dict[str, Any]:
     """One protocol's figures, or null figures and the reason where the cells have < 2 groups to leave out."""
     if len(groups) < 2:

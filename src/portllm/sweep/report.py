@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import PortLLMError
+from ..forecast import MC_FIELDS
 from ..models import family_of
-from .calibrate import fit, is_control, validate
+from .calibrate import fit_families, is_control, validate
 from .repaired import markdown as repair_markdown
 from .repaired import summary as repair_summary
 
@@ -77,10 +80,6 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _by_level_sorted(r: dict[str, Any]) -> list[dict[str, Any]]:
-    return sorted(r["levels"], key=lambda x: x["drift"])
-
-
 def _intro(r: dict[str, Any]) -> list[str]:
     p = r["plan"]
     return [
@@ -91,29 +90,44 @@ def _intro(r: dict[str, Any]) -> list[str]:
         f"{len(p['seeds'])} seeds per task.",
         "Loss = acc(θ+Δθ) − acc(θ'+Δθ) on the same examples (paired); negative flips: right with θ+Δθ, "
         "wrong after the port. Bands: 95% across seeds.",
+    ] + [
+        f"Joined: the sweep `{j['plan']}` on base `{j['base']['name']}` ({j['base'].get('model_family', '?')}), "
+        f"from `{j['report']}`: its cells and re-tunes are in every table, chart and figure below."
+        for j in r.get("joined", [])
     ]
 
 
 def _bases(r: dict[str, Any]) -> list[str]:
-    """The evolved bases: drift, KL and agreement with θ; then the drift per layer type."""
+    """The evolved bases of each base family (this sweep's, then each joined one's)."""
+    if not r.get("joined"):
+        return _bases_of(r["levels"], "")
+    lines = _bases_of(r["levels"], f" of {r['base']['name']} ({r['base'].get('model_family', '?')})")
+    for j in r["joined"]:
+        lines += _bases_of(j["levels"], f" of {j['base']['name']} ({j['base'].get('model_family', '?')})")
+    return lines
+
+
+def _bases_of(levels: list[dict[str, Any]], title: str) -> list[str]:
+    """One family's evolved bases: drift, KL and agreement with θ; then the drift per layer type."""
+    levels = sorted(levels, key=lambda x: x["drift"])
     lines = [
         "",
-        "## Evolved bases",
+        f"## Evolved bases{title}",
         "",
         "| level | evolution | projection drift | KL on held-out text | agreement with θ zero-shot |",
         "|---|---|---|---|---|",
     ]
-    for lv in _by_level_sorted(r):
+    for lv in levels:
         agree = lv.get("agreement_with_base") or {}
         ag = ", ".join(f"{t} {100 * v:.1f}%" for t, v in agree.items())
         kl = "-" if lv.get("kl_text") is None else f"{lv['kl_text']:.4f}"
         lines.append(f"| {lv['label']} | {lv['evolution']} | {100 * lv['drift']:.2f}% | {kl} | {ag} |")
-    seen = {k for lv in r["levels"] for k in lv.get("drift_by_type") or {}}
+    seen = {k for lv in levels for k in lv.get("drift_by_type") or {}}
     types = sorted(seen, key=lambda k: (not k.endswith("_proj"), k))  # the patched projections first
     if types:
         lines += ["", "Relative drift ‖θ'−θ‖/‖θ‖ per layer type (%):", ""]
         lines += ["| level | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
-        for lv in _by_level_sorted(r):
+        for lv in levels:
             d = lv.get("drift_by_type") or {}
             lines.append(
                 f"| {lv['label']} | " + " | ".join("-" if k not in d else f"{100 * d[k]:.2f}" for k in types) + " |"
@@ -165,16 +179,19 @@ def _task(r: dict[str, Any], task: str, family: str | None = None) -> list[str]:
 def _retunes(r: dict[str, Any]) -> list[str]:
     if not r["retunes"]:
         return []
+    several = len({x.get("family") for x in r["retunes"]}) > 1  # joined sweeps: which base each row is on
     lines = [
         "",
         "## Ported against re-tuned (paired, seed 0)",
         "",
-        "| task | level | drift | ported | re-tuned | ported − re-tuned [95% CI] | McNemar p |",
-        "|---|---|---|---|---|---|---|",
+        ("| base " if several else "") + "| task | level | drift | ported | re-tuned | ported − re-tuned [95% CI] "
+        "| McNemar p |",
+        ("|---" if several else "") + "|---|---|---|---|---|---|---|",
     ]
     for x in r["retunes"]:
         lines.append(
-            f"| {x['task']} | {x['level']} | {100 * x['drift']:.2f}% | {100 * x['ported']:.1f} | "
+            (f"| {x['family']} " if several else "")
+            + f"| {x['task']} | {x['level']} | {100 * x['drift']:.2f}% | {100 * x['ported']:.1f} | "
             f"{100 * x['retuned']:.1f} | {100 * x['ported_minus_retuned']:+.1f} "
             f"[{100 * x['ci'][0]:+.1f}, {100 * x['ci'][1]:+.1f}] | {x['mcnemar_p']:.3g} |"
         )
@@ -293,7 +310,33 @@ def _forecast(r: dict[str, Any]) -> list[str]:
             f"{_coverage(x['interval_coverage'], x['interval_half_width_points'])} | "
             f"{_coverage(x.get('interval_coverage_nested'), x.get('interval_half_width_nested_points'))} |"
         )
-    return lines + ["", "Goals (issue 21), on held-out cells:", ""] + _goals(v)
+    h = v[v["headline"]]
+    if h.get("interval_coverage") is not None:
+        lines += [
+            "",
+            f"95% interval coverage ({v['headline'].replace('_', ' ')}): {100 * h['interval_coverage']:.1f}% of "
+            f"{h['interval_cells']} held-out cells.",
+        ]
+    return lines + ["", "Goals (issue 21), on held-out cells:", ""] + _goals(v) + _calibrations(r.get("calibration"))
+
+
+def _calibrations(cal: dict[str, Any] | None) -> list[str]:
+    """The calibration.json `forecast --calibration` reads: the pooled fit, then one line per base family's own
+    fit (what `forecast` uses for a patch made on that family)."""
+    if not cal:
+        return []
+
+    def fit(x: dict[str, Any]) -> str:
+        sd = "-" if x["residual_sd_points"] is None else f"{x['residual_sd_points']:.2f}"
+        return (
+            f"loss = {x['a']:.3f}·raw {x['b']:+.2f}·disturbance, neg. flips = {x['flip_a']:.3f}·raw flips "
+            f"{x['flip_b']:+.3f}·disagreement; residual sd {sd} points out of sample"
+        )
+
+    lines = ["", "Calibration (calibration.json):", "", f"- pooled: {fit(cal)} ({cal['source']})"]
+    for family, x in (cal.get("families") or {}).items():
+        lines.append(f"- {family}, {x['cells']} cells: {fit(x)} ({x['source']})")
+    return lines
 
 
 def _coverage(cov: float | None, half: float | None) -> str:
@@ -331,12 +374,13 @@ def _footer(r: dict[str, Any]) -> list[str]:
     ]
 
 
-_STYLES = (("-", "o"), ("--", "^"), (":", "D"))  # one (line, marker) per base family
+_STYLES = (("-", "o", "s"), ("--", "^", "D"), (":", "v", "P"))  # per base family: line, marker, real base marker
 
 
-def draw_series(ax: Any, rows: list[dict[str, Any]], label: str, color: Any, style: tuple[str, str]) -> None:
+def draw_series(ax: Any, rows: list[dict[str, Any]], label: str, color: Any, style: tuple[str, ...]) -> None:
     """The interpolated levels as one line with its seed band; the real evolved bases as their own hollow
-    squares with their band as error bars, never joined to the line (equal drift is not the same update)."""
+    markers (style[2], default squares) with their band as error bars, never joined to the line (equal drift is
+    not the same update)."""
     line = [x for x in rows if not x["real"]]
     real = [x for x in rows if x["real"]]
     d = [100 * x["drift"] for x in line]
@@ -348,7 +392,7 @@ def draw_series(ax: Any, rows: list[dict[str, Any]], label: str, color: Any, sty
             [100 * x["drift"] for x in real],
             m,
             yerr=[[a - 100 * x["lo"] for a, x in zip(m, real)], [100 * x["hi"] - a for a, x in zip(m, real)]],
-            fmt="s",
+            fmt=style[2] if len(style) > 2 else "s",
             mfc="none",
             color=color,
             capsize=3,
@@ -357,10 +401,25 @@ def draw_series(ax: Any, rows: list[dict[str, Any]], label: str, color: Any, sty
         )
 
 
+def legend_handles(r: dict[str, Any], color: dict, style: dict) -> list[Any]:
+    """One legend for a chart: a colour per task, then per base family its line and marker and its real evolved
+    bases' hollow marker (a family's style is the same in every panel, so one legend says it all)."""
+    from matplotlib.lines import Line2D  # deferred with the rest of matplotlib
+
+    handles = [Line2D([], [], color=c, lw=2, label=t) for t, c in color.items()]
+    for family, (line, marker, real) in style.items():
+        name = "interpolated levels" if len(style) == 1 else f"{family}: interpolated levels"
+        handles.append(Line2D([], [], color="black", linestyle=line, marker=marker, label=name))
+        if any(c.get("family") == family and c.get("t") is None for c in r["cells"]):
+            name = "real evolved base" if len(style) == 1 else f"{family}: real evolved base"
+            handles.append(Line2D([], [], color="black", marker=real, mfc="none", linestyle="none", label=name))
+    return handles
+
+
 def charts(r: dict[str, Any], out: Path) -> None:
     """loss.png (four panels against drift, bands across seeds; interpolated levels as lines, real evolved bases
-    as separate markers, one line style per base family) and forecast.png (out-of-sample forecast vs measured,
-    with each cell's 95% interval, controls left out)."""
+    as separate hollow markers; a colour per task, a line style and marker per base family) and forecast.png
+    (out-of-sample forecast vs measured, with each cell's 95% interval, controls left out)."""
     import matplotlib  # deferred: only drawing charts needs it, and the Agg backend must be set first
 
     matplotlib.use("Agg")
@@ -370,53 +429,56 @@ def charts(r: dict[str, Any], out: Path) -> None:
     tasks = list(dict.fromkeys(c["task"] for c in r["cells"]))
     color = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tasks)}
     style = {f: _STYLES[i % len(_STYLES)] for i, f in enumerate(families)}
-
-    def name(task: str, family: Any) -> str:
-        return f"{task} · {family}" if len(families) > 1 else task
-
     panels = [
         ("loss = acc(θ+Δθ) − acc(θ'+Δθ) (points)", lambda c: c["loss"]),
         ("negative-flip rate (%)", lambda c: c["neg_flip_rate"]),
         ("gain of θ'+Δθ over θ' zero-shot (points)", lambda c: c["evolved+patch"] - c["evolved"]),
-        ("ported − re-tuned (points)", None),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (title, key) in zip(axes.flat, panels):
         for family in families:
             for task in tasks:
-                if key is not None:
-                    rows = by_level(r, task, key, family)
-                    if rows:
-                        draw_series(ax, rows, name(task, family), color[task], style[family])
-                    continue
-                xs = [x for x in r["retunes"] if x["task"] == task and x.get("family", families[0]) == family]
-                if xs:
-                    ax.errorbar(
-                        [100 * x["drift"] for x in xs],
-                        [100 * x["ported_minus_retuned"] for x in xs],
-                        yerr=[
-                            [100 * (x["ported_minus_retuned"] - x["ci"][0]) for x in xs],
-                            [100 * (x["ci"][1] - x["ported_minus_retuned"]) for x in xs],
-                        ],
-                        marker=style[family][1],
-                        linestyle=style[family][0],
-                        color=color[task],
-                        capsize=3,
-                        label=name(task, family),
-                    )
-        ax.axhline(0, color="grey", lw=0.8)
+                if rows := by_level(r, task, key, family):
+                    draw_series(ax, rows, f"{task} · {family}", color[task], style[family])
         ax.set_title(title, fontsize=10)
+    _retune_panel(axes.flat[3], r, color, style)
+    for ax in axes.flat:
+        ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("relative drift of the projection matrices (%)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("Where does a ported patch break? (lines: interpolated levels; squares: real evolved bases)")
+    axes.flat[0].legend(handles=legend_handles(r, color, style), fontsize=7)
+    fig.suptitle("Where does a ported patch break? (lines: interpolated levels; hollow markers: real evolved bases)")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
-    _forecast_chart(r, out, plt, color, style, name)
+    _forecast_chart(r, out, plt, color, style)
 
 
-def _forecast_chart(r: dict[str, Any], out: Path, plt: Any, color: dict, style: dict, name: Any) -> None:
+def _retune_panel(ax: Any, r: dict[str, Any], color: dict, style: dict) -> None:
+    """Ported − re-tuned per (family, task) with its paired 95% CI; series at one drift are dodged apart."""
+    series = [
+        (f, t, xs)
+        for f in style
+        for t in color
+        if (xs := [x for x in r["retunes"] if x["task"] == t and x.get("family", f) == f])
+    ]
+    for k, (family, task, xs) in enumerate(series):
+        dx = 0.04 * (k - (len(series) - 1) / 2)
+        ax.errorbar(
+            [100 * x["drift"] + dx for x in xs],
+            [100 * x["ported_minus_retuned"] for x in xs],
+            yerr=[
+                [100 * (x["ported_minus_retuned"] - x["ci"][0]) for x in xs],
+                [100 * (x["ci"][1] - x["ported_minus_retuned"]) for x in xs],
+            ],
+            marker=style[family][1],
+            linestyle=style[family][0],
+            color=color[task],
+            capsize=3,
+        )
+    ax.set_title("ported − re-tuned (points; series at one drift set slightly apart)", fontsize=10)
+
+
+def _forecast_chart(r: dict[str, Any], out: Path, plt: Any, color: dict, style: dict) -> None:
     v = r.get("forecast_validation") or {}
     fig, ax = plt.subplots(figsize=(5.8, 4.8))
     for family in style:
@@ -446,7 +508,6 @@ def _forecast_chart(r: dict[str, Any], out: Path, plt: Any, color: dict, style: 
                 ms=4,
                 elinewidth=0.6,
                 alpha=0.8,
-                label=name(task, family),
             )
     lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
     ax.plot(lim, lim, color="grey", lw=0.8)
@@ -454,33 +515,109 @@ def _forecast_chart(r: dict[str, Any], out: Path, plt: Any, color: dict, style: 
     ax.set_ylabel("measured loss (points)")
     head = str(v.get("headline", "out of sample")).replace("_", " ")
     ax.set_title(f"forecast vs measured, {head} ({v.get('controls', 0)} controls left out)", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    from matplotlib.lines import Line2D  # deferred with the rest of matplotlib
+
+    handles = [Line2D([], [], color=c, lw=2, label=t) for t, c in color.items()]
+    if len(style) > 1:  # a marker per family; this chart has no lines
+        handles += [Line2D([], [], color="k", marker=m, linestyle="none", label=f) for f, (_, m, _) in style.items()]
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "forecast.png", dpi=110)
     plt.close(fig)
 
 
-def finish(report: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Validate and fit the forecast on the report's cells, then write OUT/calibration.json, report.json,
-    report.md and the charts."""
-    write(forecast_fields(report), out)
+def finish(report: dict[str, Any], out: Path, join: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """Join other base families' sweeps (`join`: their report.json files), validate and fit the forecast on the
+    report's cells, then write OUT/calibration.json, report.json, report.md and the charts."""
+    write(forecast_fields(join_reports(report, join)), out)
+    return report
+
+
+def family_name(base: str) -> str:
+    """The family a sweep's cells name: the base as given (a directory: its last part), as run.py records it."""
+    return Path(base).name if os.sep in base else base
+
+
+MC_CELL = ("task", "seed", "level", "drift", "loss", "neg_flip_rate", "forecast")  # what a joined cell must have
+
+
+def read_joins(own: dict[str, Any], paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The joined sweeps' reports, refused (one line each) where a file is missing or not a multiple-choice sweep's
+    report.json, or where its base family (base name or model family) is this sweep's or another joined one's:
+    leave one family out must never hold out a family that is still in training. `own`: this sweep's base dict."""
+    taken = {family_name(own["name"]): own.get("model_family")}
+    out = []
+    for path in paths:
+        where = f"joined report {path}"
+        try:
+            j = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            what = e.__class__.__name__
+            raise PortLLMError(f"{where}: unreadable ({what}); give a report.json `portllm sweep` wrote") from None
+        ok = isinstance(j, dict) and all(isinstance(j.get(k), t) for k, t in (("plan", dict), ("base", dict)))
+        ok = ok and isinstance(j.get("levels"), list) and isinstance(j.get("cells"), list) and "name" in j["base"]
+        if ok and j["plan"].get("kind", "mc") == "generation":
+            raise PortLLMError(f"{where}: a generation sweep's report; only multiple-choice sweeps can be joined")
+        if not ok or not all(isinstance(c, dict) and all(k in c for k in MC_CELL) for c in j["cells"]):
+            raise PortLLMError(f"{where}: not a sweep's report.json (plan, base, levels and scored cells)")
+        name = family_name(j["base"]["name"])
+        if "model_family" not in j["base"]:  # written before it was recorded: read from the base's config
+            j["base"]["model_family"] = family_of(j["base"]["name"])
+        model = j["base"]["model_family"]
+        if name in taken or model in taken.values():
+            raise PortLLMError(f"{where}: its base {name} ({model}) is already in this report; join one per family")
+        taken[name] = model
+        out.append(j | {"path": str(path)})
+    return out
+
+
+def join_reports(report: dict[str, Any], join: Iterable[str | Path]) -> dict[str, Any]:
+    """Add the joined sweeps' own cells and re-tunes (each naming its family; cells a joined report had joined
+    itself are left there) and `report["joined"]`; this sweep's cells and re-tune rows that name no family gain
+    its own. The cell and re-tune lists are new: the caller's (a running sweep's) are never extended."""
+    own = family_name(report["base"]["name"])
+    for x in report["cells"] + report["retunes"]:
+        x.setdefault("family", own)
+    cells, retunes, joined = list(report["cells"]), list(report["retunes"]), []
+    for j in read_joins(report["base"], join):
+        name = family_name(j["base"]["name"])
+        for c in j["cells"]:
+            c.setdefault("family", name)
+            c.setdefault("signals_inputs", SIGNALS_SAME_AS_SCORED)
+        for x in j.get("retunes") or []:
+            x.setdefault("family", name)
+        cells += [c for c in j["cells"] if c["family"] == name]
+        retunes += [x for x in j.get("retunes") or [] if x["family"] == name]
+        joined.append({"report": j["path"], "base": j["base"], "levels": j["levels"], "plan": j["plan"]["name"]})
+    report |= {"cells": cells, "retunes": retunes}
+    report.pop("joined", None)
+    if joined:
+        report["joined"] = joined
     return report
 
 
 def forecast_fields(report: dict[str, Any]) -> dict[str, Any]:
     """Fill `forecast_validation` and `calibration` from `report["cells"]` (each cell gains its out-of-sample
-    forecast); the calibration's source names the run."""
+    forecast); the calibration is pooled over the base families with one fit per family (calibration.json's
+    "families"), each source naming its run."""
     cells = report["cells"]
     report["forecast_validation"] = validate(cells) if len({c["level"] for c in cells}) >= 3 else {"cells": 0}
     report["calibration"] = None
     if sum(not is_control(c) for c in cells) >= 4:
-        cal = fit(cells)
-        run = f"portllm sweep --plan {report['plan']['name']} ({len(cells)} cells)"
-        families = {c.get("family") for c in cells}
-        family = report["base"].get("model_family") if len(families) == 1 else None  # models.family_of
-        mc = {k: v for k, v in cal.to_dict().items() if not k.startswith("gen_")}  # generation's: its own sweep
-        report["calibration"] = mc | {"source": f"{run}: {cal.source}", "family": family}
+        bases = [report["base"]] + [j["base"] for j in report.get("joined", [])]
+        cal = fit_families(cells, {family_name(b["name"]): b["model_family"] for b in bases})
+        plans = [report["plan"]["name"]] + [j["plan"] for j in report.get("joined", [])]
+        joins = "".join(f" --join {j['report']}" for j in report.get("joined", []))
+        run = f"portllm sweep --plan {report['plan']['name']}{joins} ({len(cells)} cells)"
+        runs = {b["model_family"]: f"portllm sweep --plan {p} --base {b['name']}" for b, p in zip(bases, plans)}
+        report["calibration"] = {k: getattr(cal, k) for k in MC_FIELDS} | {
+            "source": f"{run}: {cal.source}",
+            "family": cal.family,
+            "families": {
+                f: {k: getattr(x, k) for k in MC_FIELDS} | {"source": f"{runs[f]}: {x.source}", "cells": x.cells}
+                for f, x in cal.families.items()
+            },
+        }
     return report
 
 
@@ -502,19 +639,25 @@ def measured(c: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in c.items() if k not in ("forecast", "family", "signals_inputs")} | {"forecast": f}
 
 
-def rerender(report_json: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Re-validate and re-draw a written sweep from its report.json alone, computing no model output: cells
-    gain `family` (the report's base) and `signals_inputs` where they lack them, every measured value is kept,
-    and the forecast's predictions, validation, calibration, report.md and charts are made anew (into OUT,
-    default: beside report.json)."""
+def rerender(report_json: str | Path, out: str | Path | None = None, join: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """Re-validate and re-draw a written sweep from its report.json alone (and `join`: other base families'
+    sweeps' report.json files), computing no model output: cells gain `family` (the report's base) and
+    `signals_inputs` where they lack them, every measured value is kept, and the forecast's predictions,
+    validation, calibration, report.md and charts are made anew (into OUT, default: beside report.json). Cells a
+    report had joined are re-read only from `join`, so a re-made joined sweep is seen as it is now."""
     src = Path(report_json)
     report = json.loads(src.read_text())
+    own = family_name(report["base"]["name"])
+    report["cells"] = [c for c in report["cells"] if c.get("family", own) == own]
+    report["retunes"] = [x for x in report.get("retunes", []) if x.get("family", own) == own]
     before = [measured(c) for c in report["cells"]]
     if "model_family" not in report["base"]:  # reports written before it was recorded: read from the base's config
         report["base"]["model_family"] = family_of(report["base"]["name"])
     for c in report["cells"]:
-        c.setdefault("family", report["base"]["name"])
+        c.setdefault("family", own)
         c.setdefault("signals_inputs", SIGNALS_SAME_AS_SCORED)
+    join_reports(report, join)
+    before += [measured(c) for c in report["cells"][len(before) :]]
     forecast_fields(report)
     if any(c.get("repaired_by_inputs") for c in report["cells"]):
         report["repair"] = repair_summary(report["cells"], report.get("retunes", []))

@@ -43,7 +43,7 @@ from .cache import SweepCache
 from .plan import PLANS, Evolution, SweepPlan, TaskRecipe
 from .repaired import repairs, retune_wall
 from .repaired import summary as repair_summary
-from .report import SIGNALS_SAME_AS_SCORED, finish
+from .report import SIGNALS_SAME_AS_SCORED, finish, read_joins
 
 Log = Callable[[str], None]
 Records = list[dict[str, Any]]  # one eval run's per-example records of one task
@@ -227,12 +227,17 @@ def sweep(
     cache: str | Path | None = None,
     log: Log = print,
     progress: bool = False,
+    join: tuple[str | Path, ...] = (),
 ) -> dict[str, Any]:
-    """Run (or resume) the grid and write OUT/report.json, OUT/report.md, OUT/*.png, OUT/calibration.json."""
+    """Run (or resume) the grid and write OUT/report.json, OUT/report.md, OUT/*.png, OUT/calibration.json.
+    `join`: other base families' sweep report.json files whose cells join the validation and calibration."""
     plan = PLANS[plan] if isinstance(plan, str) else plan
     data = data_dir(data)
     if data is None:
         raise PortLLMError("sweep needs the benchmark data: set --data-dir or PORTLLM_DATA")
+    if join and plan.kind == "generation":
+        raise PortLLMError("--join is for multiple-choice sweeps: a generation sweep has its own calibration")
+    read_joins({"name": base, "model_family": family_of(resolve_base(base))}, join)  # refused before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if plan.kind == "generation":
@@ -250,7 +255,7 @@ def sweep(
         if plan.warm_steps and recipe.warm:
             results.warm += warm_start(ctx, ts)
         # a report after every task, so a run stopped mid-way still shows what it measured
-        report = write_report(ctx, results, base, out, t_start)
+        report = write_report(ctx, results, base, out, t_start, join)
     return report
 
 
@@ -303,7 +308,8 @@ def prepare_task(ctx: SweepContext, name: str, r: TaskRecipe, levels: list[dict[
     with_patch = {s: ctx.score(ctx.theta, ctx.fp, patches[s], False, name, r.eval_limit) for s in ctx.plan.seeds}
     ts = TaskState(name, r, t, examples, maj, zero, patches, with_patch, [lv for lv in levels if on_grid(r, lv)])
     if ctx.plan.signal_split != "eval":
-        ts.signal_examples = signal_examples(t, ctx.plan.signal_split, ctx.data, ctx.plan.signal_rows, examples)
+        n = r.signal_rows or ctx.plan.signal_rows
+        ts.signal_examples = signal_examples(t, ctx.plan.signal_split, ctx.data, n, examples)
         ts.signal_with_patch = {s: ctx.signal_records(ctx.theta, ctx.fp, patches[s], ts) for s in ctx.plan.seeds}
     return ts
 
@@ -496,7 +502,9 @@ def warm_start(ctx: SweepContext, ts: TaskState) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path, t_start: float) -> dict[str, Any]:
+def write_report(
+    ctx: SweepContext, results: SweepResults, base: str, out: Path, t_start: float, join: tuple = ()
+) -> dict[str, Any]:
     """Validate and fit the forecast's calibration on the cells so far (`report.finish`); write OUT/report.json,
     report.md, calibration.json and the charts. Every cell names its base family: the base as given."""
     plan, cells = ctx.plan, results.cells
@@ -519,7 +527,7 @@ def write_report(ctx: SweepContext, results: SweepResults, base: str, out: Path,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "wall_s": time.perf_counter() - t_start,
     }
-    return finish(report, out)
+    return finish(report, out, join)
 
 
 def on_grid(r: TaskRecipe, lv: dict[str, Any]) -> bool:
