@@ -341,9 +341,9 @@ def test_in_place_port_gives_the_bytes_of_read_update_write(world, tmp_path, mon
     assert all(not torch.equal(kernel_w[k], base_w[k]) for k in patched)
     monkeypatch.undo()
 
-    def read_update_write(self, files, headers):
-        for f, h in zip(files, headers):
-            self.shard(f, h)
+    def read_update_write(self):
+        for f, h in zip(self.copy.files, self.copy.headers):
+            self.rewrite(f, h)
 
     def cross_device(src, dst, count, *offsets):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -363,3 +363,144 @@ def test_in_place_port_gives_the_bytes_of_read_update_write(world, tmp_path, mon
         assert sorted(p.name for p in (tmp_path / name).glob("*.safetensors")) == shards, name
         for shard in shards:
             assert (tmp_path / "kernel" / shard).read_bytes() == (tmp_path / name / shard).read_bytes(), name
+
+
+def test_each_run_goes_to_disk_as_soon_as_it_is_final(world, tmp_path, monkeypatch):
+    """Every byte range of every shard is handed to the disk (writeback started) once its run is updated, before
+    the shard's fsync, so the fsync waits only for what the disk has not yet taken; the bytes are unchanged."""
+    import importlib
+
+    from portllm import stream
+
+    port_mod = importlib.import_module("portllm.port")
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    monkeypatch.setattr(port_mod.BaseCopy, "RUN", 4096)  # several runs per shard
+    events = []
+    real_wb, real_fsync = stream.start_writeback, os.fsync
+
+    def start_writeback(fd, start, n):
+        events.append(("wb", os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), start, start + n))
+        return real_wb(fd, start, n)
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(stream, "start_writeback", start_writeback)
+    monkeypatch.setattr(os, "fsync", fsync)
+    port(world["patch"], base, tmp_path / "out")
+    monkeypatch.undo()
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        f = tmp_path / "out" / shard
+        data_start = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+        mine = [e for e in events if e[1] == shard]
+        synced = mine.index(("fsync", shard))
+        ranges = sorted((a, b) for kind, _, a, b in (e for e in mine[:synced] if e[0] == "wb"))
+        assert len(ranges) > 1, shard
+        end = data_start
+        for a, b in ranges:  # the runs tile the data section: every byte asked for, before the fsync
+            assert a == end, shard
+            end = b
+        assert end == f.stat().st_size, shard
+    port(world["patch"], base, tmp_path / "plain")
+    for shard in shards:
+        assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "plain" / shard).read_bytes()
+
+
+def test_timings_show_the_wait_for_the_last_fsync(world, tmp_path, monkeypatch):
+    """`sync_wait` is the time the port spent waiting for fsyncs at the end (durability's visible cost): with
+    every fsync made slow, at least the last shard's."""
+    base = tiny.make_base(tmp_path / "sharded", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        import time
+
+        time.sleep(0.3)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    res = port(world["patch"], base, tmp_path / "out")
+    assert res.timings.sync_wait >= 0.25
+
+
+# ---------------------------------------------------------------- the copy starts first (issue 18)
+
+
+def _spy_copy(monkeypatch, delay=0.0, fail=None):
+    """Record each kernel copy of a run (on the write thread); slow each down, or make it raise `fail`."""
+    import time
+
+    from portllm import stream
+
+    calls = []
+    real = stream._copy_range
+
+    def spy(*a):
+        calls.append(a)
+        time.sleep(delay)
+        if fail is not None:
+            raise fail
+        return real(*a)
+
+    monkeypatch.setattr(stream, "_copy_range", spy)
+    return calls
+
+
+def _write_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("portllm-write")]
+
+
+def test_the_copy_of_the_base_is_under_way_before_the_check(world, tmp_path, monkeypatch):
+    """Every run of every shard is queued for its kernel copy before the patch is checked (and before torch is needed:
+    tests/test_lazy_import.py); the output is the same as ever."""
+    import importlib
+
+    from portllm.stream import WriteBehind
+
+    check_mod = importlib.import_module("portllm.check")
+    queued, at_check = [], []
+    real_run, real_check = WriteBehind.copy_run, check_mod.check
+
+    def copy_run(self, writer, infos, src):
+        queued.append(sum(i.nbytes for i in infos))
+        return real_run(self, writer, infos, src)
+
+    def checked(*a, **k):
+        at_check.append(sum(queued))
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(WriteBehind, "copy_run", copy_run)
+    monkeypatch.setattr(check_mod, "check", checked)
+    res = port(world["patch"], world["new"], tmp_path / "o")
+    base_bytes = sum(info.nbytes for _, info in weight_index(world["new"]).values())
+    assert at_check == [base_bytes]
+    assert 0 < res.timings.overlap < res.timings.total
+    monkeypatch.undo()
+    port(world["patch"], world["new"], tmp_path / "again")
+    for f in (tmp_path / "o").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "again" / f.name).read_bytes()
+
+
+def test_a_refused_port_stops_its_copy_and_leaves_nothing(world, tmp_path, monkeypatch):
+    """The copy began before the check refused the patch: the copy is stopped and its temporary directory removed."""
+    other = tiny.make_base(tmp_path / "wide", hidden=48)
+    calls = _spy_copy(monkeypatch, delay=0.2)
+    with pytest.raises(PortLLMError, match="refusing to port|cannot port"):
+        port(world["patch"], other, tmp_path / "outs" / "o")
+    assert calls  # it had begun
+    assert list((tmp_path / "outs").iterdir()) == []
+    assert _write_threads() == []
+
+
+def test_a_failed_copy_is_a_one_line_error_and_leaves_nothing(world, tmp_path, monkeypatch):
+    _spy_copy(monkeypatch, fail=RuntimeError("the copy thread died\nsecond line"))
+    with pytest.raises(PortLLMError) as e:
+        port(world["patch"], world["new"], tmp_path / "outs" / "o")
+    assert "RuntimeError: the copy thread died" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "outs").iterdir()) == []
+    assert _write_threads() == []

@@ -318,12 +318,10 @@ def test_port_never_adds_to_integer_tensors(world, tmp_path, monkeypatch):
     """Even past check (a forced or future path), the merge refuses to add ΔW to a non-float tensor."""
     import importlib
 
-    port_mod = importlib.import_module("portllm.port")
-
     q = _quantized(world["new"], tmp_path / "q", "I8")
     rep = check(world["patch"], q)
     rep.findings = [f for f in rep.findings if f.topic != "quantization"]
-    monkeypatch.setattr(port_mod, "check", lambda *a, **k: rep)
+    monkeypatch.setattr(importlib.import_module("portllm.check"), "check", lambda *a, **k: rep)
     with pytest.raises(PortLLMError, match="I8"):
         port(world["patch"], q, tmp_path / "out")
     assert not (tmp_path / "out").exists()

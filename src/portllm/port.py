@@ -9,6 +9,10 @@ The merged model behaves as PEFT's runtime attach of the patch does. On a base w
 tied to its input embedding (SmolLM2, Gemma), a patch that replaces or adapts one of the two
 changes only that one at runtime (PEFT wraps one module; the other keeps the shared weight), so
 the merged model is written untied: both tensors stored, `tie_word_embeddings` false.
+
+A merged port starts copying the base's shards (`BaseCopy`) before it imports torch, loads the patch or checks it:
+this module imports nothing that needs torch until `port` runs, and the copy, most of a port's time as it is of a
+`cp -r`, runs while they load. A port refused after that stops the copy and removes its temporary directory.
 """
 
 from __future__ import annotations
@@ -19,46 +23,52 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .atomic import atomic_dir
-from .check import FLOAT_DTYPES, CheckReport, check
 from .errors import PortLLMError
 from .models import BaseRef, copy_side_files, fingerprint, weight_files
-from .patch import Patch, now
 from .progress import Bar
 from .resources import Usage, measure
-from .sign import TrustedKey, Verification, load_patch, signature_record
 from .stream import Header, ShardWriter, TensorInfo, WriteBehind, read_header, read_tensor
 
+if TYPE_CHECKING:
+    import torch
+
+    from .check import CheckReport
+    from .patch import Patch
+    from .sign import TrustedKey, Verification
+
 PROVENANCE = "portllm_provenance.json"
-ADDABLE = FLOAT_DTYPES  # dtypes ΔW can be added to; F8 and integers hold scaled (quantized) values
 
 
 @dataclass
 class PortTimings:
     """Where a merged port's time went, in seconds (`benchmarks/port_speed.py` prints it).
 
-    The loop maps (`read`: a shard's bytes, copied in the kernel, mapped; read into memory only in the shards of
-    an untie) and adds; `write` (into the page cache: the kernel copies, or writes from memory) and
-    `sync` (fsync of each shard, so that the output is on disk before it is renamed into place) are the busy
-    seconds of the threads beside it, and `wait` is what the loop spent blocked on them: the part of their cost
-    the wall time shows. `check` includes hashing a base this machine has not hashed before (later ports find
-    it in the cache). The output itself is not hashed: see `PortResult`.
+    The loop maps (`read`: a shard's bytes, copied in the kernel, mapped; read into memory only in the shards of an
+    untie) and adds; `write` (into the page cache: the kernel copies, or writes from memory) and `sync` (fsync of each
+    shard, so that the output is on disk before it is renamed into place) are the busy seconds of the threads beside it,
+    `wait` is what the loop spent blocked on them (the part of their cost the wall time shows) and `sync_wait` what it
+    then spent waiting for the last fsyncs: durability's visible cost. `check` includes importing torch and hashing a
+    base this machine has not hashed before (later ports find it in the cache); the copy runs beside it from the
+    port's start (`overlap`: its seconds before the loop began). The output itself is not hashed: see `PortResult`.
     """
 
-    check: float = 0.0  # loading the patch, resolving the base, the compatibility check
+    check: float = 0.0  # resolving the base, importing torch, loading the patch, the compatibility check
+    overlap: float = 0.0  # the copy's seconds before the merge loop began: torch's import and the check beside it
     read: float = 0.0
     add: float = 0.0
     write: float = 0.0
     sync: float = 0.0
     wait: float = 0.0
+    sync_wait: float = 0.0
     finish: float = 0.0  # provenance, the output's fingerprint, the rename into place
     total: float = 0.0
 
@@ -112,48 +122,127 @@ def port(
     """Carry `patch` onto `base`, writing `out` atomically; refuses incompatible patches unless forced.
 
     With `require_signature` (or `trusted` keys), a patch that is unsigned, altered since signing or signed
-    by another key is refused before any tensor is read and before anything is written.
+    by another key is refused before any of its tensors is read, and nothing is left written (the copy of the
+    base's own bytes, begun meanwhile, is stopped and removed).
     """
     t0 = time.perf_counter()
-    with measure() as usage:
-        patch, verification = load_patch(patch, require_signature, trusted)
-        ref = BaseRef.of(base)  # resolved once: check, the merge and the provenance share it
-        rep = check(patch, ref)
-        # a quantized base cannot take ΔW into its values, whatever --force says; an adapter for it is fine
-        errors = rep.blocking("attach" if as_adapter else "merge")
-        if errors:
-            # --force overrides identity/vocabulary errors, never a missing target or a quantized merge
-            hard = rep.blocking("shapes") + [f for f in errors if f.topic == "quantization"]
-            if not force:
-                hint = "" if hard else "; pass --force to port anyway"
-                rep.require("attach" if as_adapter else "merge", f"refusing to port {patch.path}", hint)
-            if hard:
-                raise PortLLMError(f"cannot port {patch.path} even with --force: {hard[0].topic}: {hard[0].detail}")
-        checked = time.perf_counter()
-        target = rep.target_info
-        event = {
-            "event": "ported",
-            "time": now(),
-            "mode": "adapter" if as_adapter else "merged",
-            "from": {"name": patch.source_name, "fingerprint": patch.source_fingerprint},
-            "base": {"name": ref.name, "fingerprint": target.fingerprint},
-            "scale": scale,
-            "forced": bool(force and errors),
-            "tool_version": __version__,
-        }
-        signed = signature_record(patch.path)  # the source's signature stays on record in the derived output
-        if signed:
-            event["signature"] = dict(signed, verified=verification is not None)
-        if as_adapter:
-            patch.restamped(target, event, scale).save(out, overwrite=overwrite)
-            result = PortResult(Path(out), "adapter", rep, applied=len(patch.modules))
-        else:
-            result = _merge_streaming(patch, ref, Path(out), scale, overwrite, event, rep, progress)
+    with ExitStack() as stack:
+        copy = None
+        if not as_adapter:  # before anything imports torch: the base's bytes are on their way while it loads
+            ref = BaseRef.of(base)  # resolved once: the copy, check, the merge and the provenance share it
+            copy = stack.enter_context(BaseCopy(ref, stack.enter_context(atomic_dir(out, overwrite=overwrite))))
+        with measure() as usage:
+            # deferred: torch (the check, the patch format and its signatures import it)
+            from .check import check
+            from .patch import now
+            from .sign import load_patch, signature_record
+
+            patch, verification = load_patch(patch, require_signature, trusted)
+            ref = copy.ref if copy else BaseRef.of(base)
+            rep = check(patch, ref)
+            # a quantized base cannot take ΔW into its values, whatever --force says; an adapter for it is fine
+            errors = rep.blocking("attach" if as_adapter else "merge")
+            if errors:
+                # --force overrides identity/vocabulary errors, never a missing target or a quantized merge
+                hard = rep.blocking("shapes") + [f for f in errors if f.topic == "quantization"]
+                if not force:
+                    hint = "" if hard else "; pass --force to port anyway"
+                    rep.require("attach" if as_adapter else "merge", f"refusing to port {patch.path}", hint)
+                if hard:
+                    raise PortLLMError(f"cannot port {patch.path} even with --force: {hard[0].topic}: {hard[0].detail}")
+            checked = time.perf_counter()
+            target = rep.target_info
+            event = {
+                "event": "ported",
+                "time": now(),
+                "mode": "adapter" if as_adapter else "merged",
+                "from": {"name": patch.source_name, "fingerprint": patch.source_fingerprint},
+                "base": {"name": ref.name, "fingerprint": target.fingerprint},
+                "scale": scale,
+                "forced": bool(force and errors),
+                "tool_version": __version__,
+            }
+            signed = signature_record(patch.path)  # the source's signature stays on record in the derived output
+            if signed:
+                event["signature"] = dict(signed, verified=verification is not None)
+            if copy is None:
+                patch.restamped(target, event, scale).save(out, overwrite=overwrite)
+                result = PortResult(Path(out), "adapter", rep, applied=len(patch.modules))
+            else:
+                result = _merge_streaming(patch, copy, Path(out), scale, event, rep, progress)
     result.usage = usage
     result.verification = verification
     result.timings.check = checked - t0
     result.timings.total = time.perf_counter() - t0
+    if copy is not None:
+        result.timings.finish = time.perf_counter() - copy.finishing  # the rename into place included
+        usage.wall_s = result.timings.total  # the copy began before `measure` (whose import of torch it overlaps)
     return result
+
+
+@dataclass
+class BaseCopy:
+    """The base's shards copied into the output's temporary directory on the write thread, from a merged port's first
+    moment: a kernel copy of every byte, as `cp` makes, `RUN` bytes at a time, queued at once. torch's import, loading
+    the patch and the check run meanwhile; the merge then waits for each run and updates its patched tensors in place
+    (`_Merge`). A context manager: leaving it on an error stops the copy (the run under way finishes, the rest is
+    dropped) and closes every output file, so that the temporary directory can go.
+    """
+
+    RUN = 64 << 20
+
+    ref: BaseRef
+    tmp: Path
+
+    def __post_init__(self) -> None:
+        self.started = time.perf_counter()
+        self.finishing = 0.0  # when the merge loop was done: the `finish` stage starts there
+        self.files = weight_files(self.ref.path)
+        self.headers = [read_header(f) for f in self.files]
+        self.behind = WriteBehind()
+        self.writers: list[ShardWriter] = []  # every output shard's, closed by `stop`
+        # shard name -> its writer and its runs, in file order: the tensors of each and its copy
+        self.shards: dict[str, tuple[ShardWriter, list[tuple[list[TensorInfo], Future]]]] = {}
+        try:
+            for f, h in zip(self.files, self.headers):
+                infos = sorted(h.tensors.values(), key=lambda t: t.start)
+                layout = [(t.name, t.dtype, t.shape) for t in infos]
+                writer = ShardWriter(self.tmp / f.name, layout, h.metadata, self.behind)
+                self.writers.append(writer)
+                runs = [(part, self.behind.copy_run(writer, part, f)) for part in _runs(infos, self.RUN)]
+                self.shards[f.name] = (writer, runs)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self) -> BaseCopy:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.stop()
+
+    def stop(self) -> None:
+        self.behind.close()  # threads stopped first: no write is under way when the files are closed
+        for w in self.writers:
+            w.abort()
+
+    def wait(self, runs: list[Future], shard: str) -> None:
+        """Until the copy of `runs` (of `shard`) is done. A copy that failed other than as a file system fails (an
+        OSError, which `atomic_dir` words), or that was stopped, is a one-line error."""
+        try:
+            self.behind.wait(runs)
+        except (OSError, PortLLMError, KeyboardInterrupt):
+            raise
+        except CancelledError:
+            raise PortLLMError(
+                f"the copy of {self.ref.name}'s shards stopped before {shard}; nothing was written"
+            ) from None
+        except Exception as e:
+            why = str(e).splitlines()[0] if str(e) else "no message"
+            raise PortLLMError(
+                f"copying {shard} of {self.ref.name} failed ({e.__class__.__name__}: {why}); nothing was written"
+            ) from e
 
 
 @dataclass
@@ -183,47 +272,37 @@ class _Update:
 
 
 def _merge_streaming(
-    patch: Patch,
-    ref: BaseRef,
-    out: Path,
-    scale: float,
-    overwrite: bool,
-    event: dict[str, Any],
-    rep: CheckReport,
-    progress: bool,
+    patch: Patch, copy: BaseCopy, out: Path, scale: float, event: dict[str, Any], rep: CheckReport, progress: bool
 ) -> PortResult:
-    files = weight_files(ref.path)
-    headers = [read_header(f) for f in files]
+    import torch  # deferred: torch (loaded by the check by now)
+
+    ref, tmp = copy.ref, copy.tmp
     result = PortResult(out, "merged", rep)
     update = _Update(patch, scale, result)
-    _refuse_quantized_targets(ref, headers, update)
+    _refuse_quantized_targets(ref, copy.headers, update)
     untie = _untie(patch, ref)
-    total = sum(len(h.tensors) for h in headers) + (1 if untie and untie[1] not in ref.index else 0)
+    total = sum(len(h.tensors) for h in copy.headers) + (1 if untie and untie[1] not in ref.index else 0)
     timings = result.timings
     threads = torch.get_num_threads()
-    with Bar(progress, total, "porting") as bar, atomic_dir(out, overwrite=overwrite) as tmp:
+    with Bar(progress, total, "porting") as bar:
         index_file = _write_side_files(ref, tmp, untie)
-        behind = WriteBehind()
-        merge = _Merge(ref, tmp, update, untie, index_file, behind, timings, bar)
+        merge = _Merge(copy, update, untie, index_file, timings, bar)
         # the merge loop keeps one core; writing and fsync run on their own threads beside it. torch's pool
         # would compete with them, and on a busy machine turns each small block update into a slow barrier
         torch.set_num_threads(1)
-        try:
-            merge.run(files, headers)
-            behind.finish()
-        except BaseException:
-            behind.close()  # threads stopped first: no write is under way when the files are closed
-            for w in merge.writers:
-                w.abort()
-            raise
+        timings.overlap = time.perf_counter() - copy.started
+        try:  # on an error `BaseCopy` stops the threads, then closes every shard's file
+            merge.run()
+            copy.behind.finish()
         finally:
             torch.set_num_threads(threads)
-        timings.write, timings.sync, timings.wait = behind.write_s, behind.sync_s, behind.wait_s
-        t0 = time.perf_counter()
-        result.result_fingerprint = fingerprint(tmp)  # sampled: reads 64 small slices of each tensor
-        _write_provenance(tmp, patch, event, rep, result, untie)
-        _fsync_side_files(tmp)
-    timings.finish = time.perf_counter() - t0
+    behind = copy.behind
+    timings.write, timings.sync, timings.wait = behind.write_s, behind.sync_s, behind.wait_s
+    timings.sync_wait = behind.sync_wait_s
+    copy.finishing = time.perf_counter()
+    result.result_fingerprint = fingerprint(tmp)  # sampled: reads 64 small slices of each tensor
+    _write_provenance(tmp, patch, event, rep, result, untie)
+    _fsync_side_files(tmp)
     return result
 
 
@@ -241,10 +320,12 @@ def _runs(infos: list[TensorInfo], size: int) -> list[list[TensorInfo]]:
 
 
 def _refuse_quantized_targets(ref: BaseRef, headers: list[Header], update: _Update) -> None:
-    """Before anything is written: never add ΔW to (or replace) raw quantized or integer values."""
+    """Before any tensor is updated: never add ΔW to (or replace) raw quantized or integer values."""
+    from .check import FLOAT_DTYPES  # deferred: torch. ΔW adds to these; F8 and integers hold scaled values
+
     for h in headers:
         for info in h.tensors.values():
-            if update.touches(info.name) and info.dtype not in ADDABLE:
+            if update.touches(info.name) and info.dtype not in FLOAT_DTYPES:
                 raise PortLLMError(
                     f"cannot port onto {ref.name}: {info.name} is stored as {info.dtype} (quantized or integer "
                     "values, ΔW cannot be added to them); use an unquantized (bf16/fp32) base"
@@ -267,55 +348,50 @@ def _write_side_files(ref: BaseRef, tmp: Path, untie: tuple[str, str] | None) ->
 class _Merge:
     """Writes the output shards: copies of the base's bytes updated in place, or read, updated and written.
 
-    In place (every shard but those holding an untied embedding or head): the `WriteBehind` thread copies the
-    shard's bytes in the kernel, as `cp` does, `RUN` bytes at a time and up to `AHEAD` runs ahead; each patched
-    tensor is then updated where it lies in the output's page cache, through a shared mapping. A tensor is
-    never read into this process nor written from it: one copy of each byte, as `cp` makes, plus the update.
-    A run is updated once the run after it is copied too, so no page it shares with its neighbour is written
-    while it is updated. The update is the same function on the same values in either path (an fp32 tensor
-    not aligned as our buffers are is updated on an aligned copy: `_update_in_place`), so the bytes are the same.
+    In place (every shard but those holding an untied embedding or head): `BaseCopy` has the `WriteBehind` thread copy
+    the shard's bytes in the kernel, as `cp` does, a run of tensors at a time; each patched tensor is then updated
+    where it lies in the output's page cache, through a shared mapping. A tensor is never read into this process
+    nor written from it: one copy of each byte, as `cp` makes, plus the update. A run is updated once the run after it
+    is copied too, so no page it shares with its neighbour is written while it is updated. Once updated, a run's
+    writeback starts (`WRITEBACK`): the fsync before the rename, which makes the output all or nothing even after a
+    power cut, then waits only for what the disk has not yet taken. The update is the same function on the same values
+    in either path (an fp32 tensor not aligned as our buffers are is updated on an aligned copy: `_update_in_place`), so
+    the bytes are the same.
 
     Read, update, write (the untie shards): read buffers are reused, `SLOTS` of them (one being filled, the
     others waiting to be written): a fresh allocation per tensor costs page faults and zeroing of every byte.
     """
 
     SLOTS = 3
-    RUN = 64 << 20
-    AHEAD = 3
+    WRITEBACK = True
     ALIGN = 64  # torch's CPU allocator aligns every buffer to 64 bytes
 
-    ref: BaseRef
-    tmp: Path
+    copy: BaseCopy
     update: _Update
     untie: tuple[str, str] | None
     index_file: Path | None
-    behind: WriteBehind
     timings: PortTimings
     bar: Bar
 
     def __post_init__(self) -> None:
+        self.ref, self.tmp, self.behind = self.copy.ref, self.copy.tmp, self.copy.behind
         self.slots: list[list[Any]] = [[None, []] for _ in range(self.SLOTS)]  # [buffer, futures using it]
         self.turn = 0
-        self.writers: list[ShardWriter] = []
 
-    def run(self, files: list[Path], headers: list[Header]) -> None:
+    def run(self) -> None:
         """Every output shard, in the base's file order."""
         runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]] = deque()  # copied or being copied
         emb, head = self.untie or (None, None)
-        for f, h in zip(files, headers):
+        for f, h in zip(self.copy.files, self.copy.headers):
+            writer, copied = self.copy.shards[f.name]
             if self.untie and (emb in h.tensors or head in h.tensors):
                 while runs:
                     self._update_run(runs)
-                self.shard(f, h)
+                self.rewrite(f, h)
                 continue
-            infos = sorted(h.tensors.values(), key=lambda t: t.start)
-            layout = [(t.name, t.dtype, t.shape) for t in infos]
-            writer = ShardWriter(self.tmp / f.name, layout, h.metadata, self.behind)
-            self.writers.append(writer)
-            parts = _runs(infos, self.RUN)
-            for k, part in enumerate(parts):
-                runs.append((writer, part, self.behind.copy_run(writer, part, f), k == len(parts) - 1))
-                while len(runs) > self.AHEAD:
+            for k, (part, fut) in enumerate(copied):
+                runs.append((writer, part, fut, k == len(copied) - 1))
+                while len(runs) > 1:  # a run is updated once the run after it is copied too
                     self._update_run(runs)
         while runs:
             self._update_run(runs)
@@ -324,7 +400,7 @@ class _Merge:
         """Update the patched tensors of the oldest copied run in place; close its shard after its last run."""
         writer, part, copied, last = runs.popleft()
         after = [runs[0][2]] if runs and runs[0][0] is writer else []  # the next run, where it shares a page
-        self.behind.wait([copied, *after])
+        self.copy.wait([copied, *after], writer.path.name)
         for info in part:
             if self.update.touches(info.name):
                 t0 = time.perf_counter()
@@ -333,6 +409,8 @@ class _Merge:
                     self._update_in_place(info.name, w)
                     del w
             self.bar.advance()
+        if self.WRITEBACK and part:  # the run is final: the disk can take it now rather than all at once in the fsync
+            self.behind.writeback(writer, *writer.span(part[0].name, part[-1].name))
         if last:
             writer.close()  # every byte is in place: its fsync runs on the fsync thread
 
@@ -340,6 +418,8 @@ class _Merge:
         """`_Update` on the mapped bytes `w`. An fp32 weight takes its update from a GEMM straight into it, whose
         kernel may round differently at another alignment: one not aligned as torch's own buffers are is updated
         on an aligned copy. Other dtypes are updated through an aligned fp32 block, element by element."""
+        import torch  # deferred: torch (loaded by the check by now)
+
         t0 = time.perf_counter()
         align = self.ALIGN if w.dtype == torch.float32 else w.element_size()
         work = w if w.data_ptr() % align == 0 else w.clone()
@@ -349,6 +429,13 @@ class _Merge:
         if new is not w:
             w.copy_(new)
         self.timings.add += time.perf_counter() - t0
+
+    def rewrite(self, f: Path, h: Header) -> None:
+        """The output shard of `f` written anew (`shard`) over its copy, once that copy is done."""
+        writer, copied = self.copy.shards[f.name]
+        self.copy.wait([fut for _, fut in copied], f.name)
+        writer.abort()
+        self.shard(f, h)
 
     def shard(self, f: Path, h: Header) -> None:
         """One output shard read, updated and written; an untied head goes right after its embedding."""
@@ -362,7 +449,7 @@ class _Merge:
             if self.index_file is not None:
                 _add_to_index(self.index_file, head, f.name, e.nbytes)
         writer = ShardWriter(self.tmp / f.name, layout, h.metadata, self.behind)
-        self.writers.append(writer)
+        self.copy.writers.append(writer)  # closed by `BaseCopy` on an error
         with open(f, "rb") as fh:
             for info in infos:
                 if self._copies(info, emb, head):  # the base's bytes: a kernel copy, no read
@@ -389,6 +476,8 @@ class _Merge:
 
     def _slot(self, nbytes: int) -> list[Any]:
         """The next read buffer, once the tensors last read into it are written."""
+        import torch  # deferred: torch (loaded by the check by now)
+
         slot = self.slots[self.turn % len(self.slots)]
         self.turn += 1
         self.behind.wait(slot[1])

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 
 class Bar:
     def __init__(self, enabled: bool, total: int, label: str, start: int = 0, **fields: Any):
         self._p = None
         if not enabled:
             return
+        # deferred: rich takes ~80 ms to import, and a port or eval run without a bar need not pay it
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         cols = [TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn()]
         cols += [TextColumn(f"{k} {{task.fields[{k}]}}") for k in fields]
         cols += [TimeElapsedColumn(), TimeRemainingColumn()]

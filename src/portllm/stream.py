@@ -7,6 +7,7 @@ held in RSS) and write a shard tensor by tensor, knowing the header up front.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -17,30 +18,57 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import PortLLMError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype -> (bytes per element, torch's name). Headers, layouts and kernel copies need only the sizes:
+# this module does not import torch until a tensor is made (`portllm port` copies the base while torch loads)
+DTYPE_SPECS: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module names it only from 3.13 on
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait for it
+
+
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype -> torch dtype (`DTYPES`), built on first use."""
+    import torch  # deferred: torch
+
+    return {k: getattr(torch, name) for k, (_, name) in DTYPE_SPECS.items()}
+
+
+@cache
+def dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype (`DTYPE_NAMES`)."""
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES` and `DTYPE_NAMES`, the maps to and from torch's dtypes, import torch: made on first use."""
+    if name == "DTYPES":
+        return torch_dtypes()
+    if name == "DTYPE_NAMES":
+        return dtype_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,7 @@ def _entry_problem(spec: Any, data_size: int) -> str | None:
     if not isinstance(spec, dict):
         return "not a JSON object"
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SPECS:
         return f"unsupported dtype {_brief(dtype)}"
     if not isinstance(shape, list) or not all(_is_index(s, 1 << 62) for s in shape):
         return f"shape {_brief(shape)} is not a list of non-negative integers"
@@ -155,7 +183,9 @@ def read_tensor(
     `into` (uint8, at least `info.nbytes`) is a buffer to read into and view, reused by a caller that reads
     many tensors: a fresh allocation per tensor costs page faults and zeroing of every byte, as much as the read.
     """
-    dtype = DTYPES[info.dtype]
+    import torch  # deferred: torch
+
+    dtype = torch_dtypes()[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     if into is not None and (into.dtype != torch.uint8 or into.numel() < info.nbytes or not into.is_contiguous()):
@@ -205,17 +235,19 @@ class WriteBehind:
     """What a streaming writer leaves to background threads, in order: writing each tensor into its shard and
     fsyncing each finished shard.
 
-    File writes and fsync release the GIL, so both overlap the caller's next read and add, and the output is
-    durable before it is renamed into place: `finish` returns only once every shard is on disk. Nothing is
-    hashed here: a full content hash of the output is taken on first use (`models.content_sha256`), not by
-    every write. The caller must leave a tensor's memory alone until the future `write` returned is done
-    (`wait`), which also bounds the memory in flight. The first error of the writer (a full disk) stops its
-    later writes and is raised by `wait`/`finish`. `write_s` and `sync_s` are the threads' busy seconds,
-    `wait_s` the caller's time blocked on them.
+    File writes and fsync release the GIL, so both overlap the caller's next read and add, and the output is durable
+    before it is renamed into place: `finish` returns only once every shard is on disk. `writeback` lets the disk start
+    on a finished byte range at once (the fsync thread asks the kernel), so that the fsync of a shard finds most of its
+    pages already written, not all of them at the end. Nothing is hashed here: a full content hash of the output is
+    taken on first use (`models.content_sha256`), not by every write. The caller must leave a tensor's memory alone
+    until the future `write` returned is done (`wait`), which also bounds the memory in flight. The first error of the
+    writer (a full disk) stops its later writes and is raised by `wait`/`finish`. `write_s` and `sync_s` are the
+    threads' busy seconds, `wait_s` the caller's time blocked on them before `finish`, `sync_wait_s` its time in
+    `finish` (the part of the fsyncs that nothing else overlapped).
     """
 
     def __init__(self) -> None:
-        self.write_s = self.sync_s = self.wait_s = 0.0
+        self.write_s = self.sync_s = self.wait_s = self.sync_wait_s = 0.0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="portllm-write")
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="portllm-fsync")
         self._pending: list[Future] = []  # writes and copies, in submission order
@@ -253,11 +285,13 @@ class WriteBehind:
             self.wait_s += time.perf_counter() - t0
 
     def finish(self) -> None:
-        """Wait for every write and fsync."""
+        """Wait for every write and fsync (the time counted in `sync_wait_s`)."""
+        waited = self.wait_s
         try:
             self.wait(self._pending)
             self.wait([fut for fut, _ in self._syncing])
         finally:
+            self.sync_wait_s, self.wait_s = self.wait_s - waited, waited
             self.close()
 
     def close(self) -> None:
@@ -285,6 +319,16 @@ class WriteBehind:
             raise self._failed
         writer.close()
 
+    def writeback(self, writer: ShardWriter, start: int, end: int) -> None:
+        """Start writing bytes `start`..`end` of `writer`'s file to disk, on the fsync thread, without waiting for
+        the disk: a hint (the shard's fsync still writes and waits for every page, and reports any error)."""
+        self._syncer.submit(self._writeback, writer, start, end)
+
+    def _writeback(self, writer: ShardWriter, start: int, end: int) -> None:
+        t0 = time.perf_counter()
+        start_writeback(writer.fileno(), start, end - start)
+        self.sync_s += time.perf_counter() - t0
+
     def sync(self, f: BinaryIO) -> None:
         """fsync and close `f` (flushed) on the fsync thread; `finish` waits for it."""
         self._syncing.append((self._syncer.submit(self._fsync, f), f))
@@ -298,8 +342,32 @@ class WriteBehind:
         self.sync_s += time.perf_counter() - t0
 
 
+def _sync_file_range() -> Any:
+    """libc's sync_file_range (Linux), or None where there is none: Python's os module does not wrap it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, start: int, n: int) -> None:
+    """Ask the kernel to start writing the dirty pages of bytes `start`..`start + n` of `fd` now, not when its
+    flusher gets to them. Only a hint, and ignored where the call does not exist or fails: the data is on disk
+    only once the file is fsynced, and the fsync reports what went wrong."""
+    if _SYNC_FILE_RANGE is not None and n > 0:
+        _SYNC_FILE_RANGE(fd, start, n, SYNC_FILE_RANGE_WRITE)
+
+
 def tensor_bytes(t: torch.Tensor) -> Any:
     """A tensor's bytes as a buffer (no copy when contiguous): what a safetensors file stores for it."""
+    import torch  # deferred: torch
+
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
@@ -348,7 +416,7 @@ class ShardWriter:
         return n
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        n = self._next(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+        n = self._next(name, dtype_names()[tensor.dtype], tuple(tensor.shape))
         if n:
             _write_all(self._f.fileno(), memoryview(tensor_bytes(tensor)).cast("B"))
         self._i += 1
@@ -381,19 +449,29 @@ class ShardWriter:
             finally:
                 os.close(fd)
 
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def span(self, first: str, last: str) -> tuple[int, int]:
+        """The file's byte range from the start of tensor `first` to the end of tensor `last`."""
+        (_, a), (j, b) = self._offsets[first], self._offsets[last]
+        return self._data_start + a, self._data_start + b + self._expected[j][3]
+
     @contextmanager
     def mapped(self, name: str) -> Iterator[torch.Tensor]:
         """Tensor `name`, already written, as a writable tensor over the file's own pages (a shared mapping):
         changed in place, with no read into this process's memory and no write back from it. Its address is
         aligned as its offset in the file is, so to its dtype only if the file's layout is. Its pages are this
         process's until the caller drops the tensor (and every view of it)."""
+        import torch  # deferred: torch
+
         i, offset = self._offsets[name]
         _, dtype, shape, n = self._expected[i]
         if i >= self._i:
             raise PortLLMError(f"internal: {name!r} is mapped in {self.path.name} before it is written")
         start = self._data_start + offset
         if n == 0:
-            yield torch.empty(shape, dtype=DTYPES[dtype])
+            yield torch.empty(shape, dtype=torch_dtypes()[dtype])
             return
         page = start - start % mmap.PAGESIZE
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # the pages are in the page cache: map them all
@@ -404,7 +482,9 @@ class ShardWriter:
             pass
         # the tensor holds the mapping (never closed here: a view kept elsewhere would point at nothing); it is
         # unmapped when the last view of it goes
-        view = torch.frombuffer(m, dtype=torch.uint8, count=n, offset=start - page).view(DTYPES[dtype]).view(shape)
+        view = (
+            torch.frombuffer(m, dtype=torch.uint8, count=n, offset=start - page).view(torch_dtypes()[dtype]).view(shape)
+        )
         del m
         yield view
 
@@ -432,7 +512,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _itemsize(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    return DTYPE_SPECS[dtype][0]
 
 
 def _write_all(fd: int, view: memoryview) -> None:
