@@ -602,10 +602,95 @@ def architecture_of(spec: str | Path | BaseRef) -> Architecture:
 
 
 def tokenizer_summary(d: Path) -> dict[str, Any] | None:
-    """What a patch needs to know of a tokenizer to notice later that it changed."""
+    """What a patch needs to know of a tokenizer to notice later that it changed (`summarize_tokenizer`'s dict).
+
+    Loading a tokenizer imports transformers, over a second: most of a small port's check. So the summary is
+    remembered (`tokenizers.json` under the cache root) by `tokenizer_key`, the sha256 of the tokenizer files'
+    bytes and of the transformers and tokenizers versions that read them; a later call costs a stat per file.
+    """
     if not has_tokenizer(d):
         return None
-    from transformers import AutoTokenizer
+    key = tokenizer_key(d)
+    cache = _SummaryCache()
+    hit = cache.entries.get(key) if key else None
+    if isinstance(hit, dict):
+        return hit
+    summary = summarize_tokenizer(d)
+    if key and tokenizer_key(d) == key:  # a file rewritten meanwhile: the summary may be of either; not stored
+        cache.put(key, summary)
+    return summary
+
+
+TOKENIZER_SUMMARY_FORMAT = "portllm-tok1"  # part of every key: change it when `summarize_tokenizer` changes
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
+
+
+def tokenizer_files(d: Path) -> list[Path]:
+    """Every file transformers may read to build the tokenizer in `d`: all of its files but the weights (and
+    portllm's own `portllm_*` records), and `additional_chat_templates/`. Which vocabulary files it reads depends
+    on the tokenizer class (tokenizer.json, tokenizer.model, vocab.json + merges.txt, vocab.txt, spiece.model, ...)
+    and config.json names the class where tokenizer_config.json does not: a superset keys the summary without
+    importing transformers to ask."""
+    skip = lambda f: f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) or f.name.startswith("portllm_")  # noqa: E731
+    top = [f for f in d.iterdir() if f.is_file() and not skip(f)]
+    extra = d / "additional_chat_templates"
+    return sorted(top + ([f for f in extra.rglob("*") if f.is_file()] if extra.is_dir() else []))
+
+
+def tokenizer_key(d: Path) -> str | None:
+    """sha256 of `tokenizer_files(d)` (names and bytes; each file's hash remembered by file stat) and of the
+    versions of transformers and tokenizers, which decide what those bytes load as. None when a file cannot be
+    read (one transformers may never open): the summary is then computed, not remembered."""
+    import importlib.metadata  # deferred: 30 ms at start-up; torch has imported it by the time a check asks
+
+    versions = []
+    for pkg in ("transformers", "tokenizers"):
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{pkg} missing")
+    h = hashlib.sha256(f"{TOKENIZER_SUMMARY_FORMAT}|{'|'.join(versions)}\n".encode())
+    hashes = _HashCache()
+    try:
+        for f in tokenizer_files(d):
+            h.update(f"{f.relative_to(d).as_posix()}\0{hashes.get(f, 'file', lambda f=f: sha256_file(f))}\n".encode())
+    except OSError:
+        return None
+    finally:
+        hashes.save()
+    return "sha256:" + h.hexdigest()
+
+
+class _SummaryCache:
+    """Tokenizer summaries by `tokenizer_key`: `tokenizers.json` under the cache root, best effort (a read-only or
+    corrupt cache costs a recomputation; concurrent writers may drop each other's entries, never mix them)."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self.file = cache_root() / "tokenizers.json"
+        try:
+            raw = json.loads(self.file.read_text())
+            self.entries: dict[str, Any] = raw["entries"] if raw.get("version") == 1 else {}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
+            self.entries = {}
+
+    def put(self, key: str, summary: dict[str, Any]) -> None:
+        self.entries[key] = summary
+        while len(self.entries) > self.MAX:
+            del self.entries[next(iter(self.entries))]
+        try:
+            write_text_atomic(self.file, json.dumps({"version": 1, "entries": self.entries}))
+        except PortLLMError:
+            pass  # a read-only cache: the summary is recomputed next time
+
+
+def summarize_tokenizer(d: Path) -> dict[str, Any]:
+    """The summary itself, from the tokenizer as transformers loads it: its token strings (whole and in blocks of
+    1024, so that a check can say how much changed), special tokens and chat template."""
+    from transformers import AutoTokenizer  # deferred: transformers (seconds), needed only on a cache miss
 
     try:  # never remote code: a tokenizer_config.json naming some repo's class is refused, not fetched and run
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
