@@ -14,11 +14,12 @@ from portllm.sweep import Evolution, SweepPlan, TaskRecipe, sweep
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    data = tiny.sentiment_data(root / "data", text=True)
-    # the toy's few words repeat every eval sentence in train; another wording keeps the forecast's train-split
-    # signal inputs apart from the scored items, as real data is
-    train = data / "sst2" / "train.tsv"
-    train.write_text(train.read_text().replace("the movie was", "that film is"))
+    data = tiny.sentiment_data(root / "data", n_eval=24 + 64, text=True)
+    # the first 24 eval rows are scored (PLAN's eval_limit), the next 64 are the forecast's unscored inputs; the
+    # toy's few words would repeat every scored sentence there, so they get another wording (real data does not)
+    test = data / "sst2" / "test.tsv"
+    head, *rows = test.read_text().splitlines()
+    test.write_text("\n".join([head, *rows[:24], *(r.replace("the movie was", "that film is") for r in rows[24:])]))
     base = tiny.make_base(root / "base", bpe=True, vocab_size=320, hidden=32, layers=2, initializer_range=0.3)
     return {"root": root, "data": data, "base": base}
 
@@ -105,7 +106,7 @@ def test_sweep_writes_every_artefact_and_the_control_is_exact(toy, ran):
     md = (out / "report.md").read_text()
     assert "## sst2" in md and "Forecast, validated the way a user meets it" in md and "t=2" in md
     assert {c["family"] for c in cells} == {str(toy["base"].name)}
-    assert {c["signals_inputs"] for c in cells} == {"train split, first 64 inputs not among the scored items"}
+    assert {c["signals_inputs"] for c in cells} == {"eval-unscored: 64 inputs, none of them scored"}
     assert "training-free correction" in md
     assert "per layer type" in md and "| q_proj |" in md
 
@@ -328,22 +329,30 @@ def test_validation_leaves_levels_and_tasks_out_on_synthetic_cells():
 
 
 def test_the_forecast_signals_never_see_a_scored_item(toy, tmp_path, monkeypatch):
-    """Every cell's signals come from train inputs none of which is a scored eval item, even where the train
-    file repeats one (placed first here, so a filter that forgot it would take it)."""
+    """Every cell's signals come from unscored inputs, none of them a scored eval item, even where the unscored
+    part repeats one (placed first there, so a filter that forgot it would take it); from train rows likewise."""
     from portllm.sweep import run
     from portllm.tasks import get_task, load_examples
 
     data = tmp_path / "data"
     shutil.copytree(toy["data"], data)
-    scored = (data / "sst2" / "test.tsv").read_text().splitlines()[1]
-    train = data / "sst2" / "train.tsv"
-    head, *rows = train.read_text().splitlines()
-    train.write_text("\n".join([head, scored, *rows]) + "\n")
+    test = data / "sst2" / "test.tsv"
+    head, *rows = test.read_text().splitlines()
+    scored_row = rows[0]
+    test.write_text("\n".join([head, *rows[:24], scored_row, *rows[24:]]) + "\n")
     seen: list = []
     real = run.choice_signals
     monkeypatch.setattr(run, "choice_signals", lambda a, b, ex, t: seen.append(ex) or real(a, b, ex, t))
     plan = replace(PLAN, seeds=(0,), levels=(0.0, 1.0), retune_levels=(), correct_levels=(), signal_rows=16)
     sweep(plan, str(toy["base"]), tmp_path / "out", data, tmp_path / "cache", log=lambda _: None)
-    evals = {tuple(e.contexts) for e in load_examples(get_task("sst2"), "eval", data, PLAN.tasks["sst2"].eval_limit)}
+    scored = load_examples(get_task("sst2"), "eval", data, PLAN.tasks["sst2"].eval_limit)
+    evals = {tuple(e.contexts) for e in scored}
     assert len(seen) == 2 and all(len(ex) == 16 for ex in seen)
     assert all(tuple(e.contexts) not in evals for ex in seen for e in ex)
+    assert all(e.idx >= 24 for ex in seen for e in ex)  # rows after the scored ones
+    train = data / "sst2" / "train.tsv"
+    head, *rows = train.read_text().splitlines()
+    other = [r.replace("the movie was", "that film is") for r in rows]
+    train.write_text("\n".join([head, scored_row, *other]) + "\n")
+    kept = run.signal_examples(get_task("sst2"), "train", data, 8, scored)
+    assert len(kept) == 8 and all(tuple(e.contexts) not in evals for e in kept)

@@ -72,10 +72,12 @@ class SweepPlan:
     eval_dtype: str = "float32"
     kl_texts: int = 64  # held-out wikitext lines for the KL of θ' against θ
     kind: str = "mc"  # "mc": multiple-choice tasks (sweep/run.py); "generation": generation task files (generation.py)
-    # the forecast's output signals come from inputs a user has and that are never scored: the first
-    # `signal_rows` rows of the task's train split (MC: minus any whose prompt is also a scored item; generation:
-    # their reference completions); "eval" = the scored items themselves (the protocol before issue 21)
-    signal_split: str = "train"
+    # the forecast's output signals come from inputs a user has and that are never scored (MC; generation reads
+    # the train split's reference completions): "eval-unscored", the eval split's rows after the scored ones
+    # (inputs the patch never saw, as `forecast --inputs TASK` reads by default), or "train", the rows the patch
+    # was trained on (memorised where the train set is small); each minus any prompt that is also a scored item.
+    # "eval" = the scored items themselves (the protocol before issue 21)
+    signal_split: str = "eval-unscored"
     signal_rows: int = 200
     signal_outputs: int = 32  # generation: ... of which this many prompts get greedy answers
     notes: list[str] = field(default_factory=list)

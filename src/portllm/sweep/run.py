@@ -314,15 +314,24 @@ def prepare_task(ctx: SweepContext, name: str, r: TaskRecipe, levels: list[dict[
     return ts
 
 
+UNSCORED = "eval-unscored"  # plan.signal_split: the eval split's rows after the scored ones
+
+
 def signal_examples(task: Task, split: str, data: Path, n: int, scored: list[Example]) -> list[Example]:
-    """The first n examples of `split` whose prompt is not also one of the scored items' (SST-2's train and
-    held-out parts share a few short phrases): the forecast's inputs never include an item it is judged on."""
+    """The forecast's n inputs, none of them a scored item (not even by its prompt: SST-2's train and held-out
+    parts share a few short phrases). `split`: "train" (what the patch was trained on: a small train set is
+    memorised, and θ+Δθ is over-confident there), or "eval-unscored" (the eval split's rows after the scored
+    ones: inputs the patch never saw, as `forecast --inputs TASK` reads by default)."""
     if split == "eval":
-        raise PortLLMError("signal inputs from the eval split are the scored items; use the train split")
+        raise PortLLMError("signal inputs from the eval split are the scored items; use train or eval-unscored")
+    rows = load_examples(task, "eval", data)[len(scored) :] if split == UNSCORED else load_examples(task, split, data)
     seen = {tuple(e.contexts) for e in scored}
-    kept = [e for e in load_examples(task, split, data) if tuple(e.contexts) not in seen][:n]
-    if not kept:
-        raise PortLLMError(f"{task.name}: its {split} split has no inputs outside the scored items for the forecast")
+    kept = [e for e in rows if tuple(e.contexts) not in seen][:n]
+    if len(kept) < min(n, 50):
+        raise PortLLMError(
+            f"{task.name}: {len(kept)} {split} inputs outside the scored items; the forecast's signals need "
+            f"{min(n, 50)}: score fewer eval rows or use the train split"
+        )
     return kept
 
 
@@ -363,7 +372,7 @@ def _cell(ctx: SweepContext, ts: TaskState, lv: dict[str, Any], s: int, ev: Reco
     if ts.signal_examples:
         on_evolved = ctx.signal_records(lv["dir"], lv["fingerprint"], patch, ts)
         sig = choice_signals(ts.signal_with_patch[s], on_evolved, ts.signal_examples, ts.task)
-        inputs = f"{ctx.plan.signal_split} split, first {len(ts.signal_examples)} inputs not among the scored items"
+        inputs = f"{ctx.plan.signal_split}: {len(ts.signal_examples)} inputs, none of them scored"
     else:
         sig, inputs = choice_signals(target, ported, ts.examples, ts.task), SIGNALS_SAME_AS_SCORED
     return {
