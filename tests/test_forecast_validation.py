@@ -167,7 +167,7 @@ def test_the_chart_never_joins_a_real_base_to_the_interpolated_line():
     assert real[0][0] == pytest.approx([1.5]) and real[1]["linestyle"] == "none"
 
 
-DOCS = Path(__file__).parents[1] / "docs" / "sweep" / "report.json"
+DOCS = Path(__file__).parents[1] / "docs" / "sweep" / "full" / "report.json"
 
 
 @pytest.mark.skipif(not DOCS.is_file(), reason="needs the committed sweep")

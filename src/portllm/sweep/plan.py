@@ -88,7 +88,8 @@ class SweepPlan:
 
 PLANS: dict[str, SweepPlan] = {
     # about 4.3 h on a 2-core CPU in all (sst2_heldout ~2.9 h, arc_easy 45 min, commonsense_qa 43 min, one
-    # torch thread, docs/sweep/NOTES.md); resumes from its cache
+    # torch thread, docs/sweep/full/NOTES.md, made with signals on the scored items: signal_split="eval"); resumes
+    # from its cache
     "full": SweepPlan(
         "full",
         {
@@ -192,7 +193,7 @@ PLANS: dict[str, SweepPlan] = {
     # the second model family (issue 21): Gemma-3-270M (tied embeddings, GQA, a 262k vocabulary), two tasks whose
     # patches learn on it (SST-2 held-out; CommonsenseQA, whose loss only drops after ~60 steps on Gemma, hence
     # 200), 3 seeds, four interpolated levels and a real continued-pretraining base, a re-tune at the largest t.
-    # Signals from the train split, as every MC plan. Run with --base gemma3-270m (docs/sweep/gemma/NOTES.md).
+    # Signals from the eval split's unscored rows, as every MC plan. Run with --base gemma3-270m (docs/sweep/NOTES.md).
     "gemma": SweepPlan(
         "gemma",
         {
