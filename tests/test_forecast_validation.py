@@ -56,10 +56,10 @@ def _loto(cells):
     pred, insample = [], []
     for c in cells:
         train = [d for d in cells if d["task"] != c["task"]]
-        x = np.array([[100 * d["forecast"]["raw_loss"], d["forecast"]["subspace_disturbance"]] for d in train])
+        x = np.array([[100 * d["forecast"]["raw_loss"]] for d in train])  # the shipped form
         y = np.array([100 * d["loss"] for d in train])
         w = np.linalg.lstsq(x, y, rcond=None)[0]
-        pred.append(float(w @ [100 * c["forecast"]["raw_loss"], c["forecast"]["subspace_disturbance"]]))
+        pred.append(float(w @ [100 * c["forecast"]["raw_loss"]]))
         insample.append(float((y - x @ w).std(ddof=2)))
     return np.array(pred), np.array(insample)
 

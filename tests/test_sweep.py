@@ -57,13 +57,13 @@ def _held_out_forecast(cells):
         held = cells[i]
         train = [cells[j] for j in used if cells[j]["level"] != held["level"] and cells[j]["seed"] != held["seed"]]
         f = [c["forecast"] for c in train]
-        x = np.array([[100 * g["raw_loss"], g["subspace_disturbance"]] for g in f])
+        x = np.array([[100 * g["raw_loss"]] for g in f])  # the shipped form: one signal per figure
         ab = np.linalg.lstsq(x, np.array([100 * c["loss"] for c in train]), rcond=None)[0]
-        fx = np.array([[100 * g["raw_neg_flip_rate"], 100 * g["disagreement"]] for g in f])
+        fx = np.array([[100 * g["raw_neg_flip_rate"]] for g in f])
         fab = np.linalg.lstsq(fx, np.array([100 * c["neg_flip_rate"] for c in train]), rcond=None)[0]
         g = held["forecast"]
-        pred[i] = ab @ [100 * g["raw_loss"], g["subspace_disturbance"]]
-        fpred[i] = max(0.0, fab @ [100 * g["raw_neg_flip_rate"], 100 * g["disagreement"]])
+        pred[i] = ab @ [100 * g["raw_loss"]]
+        fpred[i] = max(0.0, fab @ [100 * g["raw_neg_flip_rate"]])
     return [pred.get(i) for i in range(len(cells))], [fpred.get(i) for i in range(len(cells))]
 
 
@@ -225,8 +225,9 @@ def test_forecast_validation_matches_an_independent_computation(ran):
     assert v["mae_neg_flip_rate_points"] > 0.1
     _check_validation(moved, v)
     # the calibration written beside the report: the same least squares on every cell
-    x = np.array([[100 * c["forecast"]["raw_loss"], c["forecast"]["subspace_disturbance"]] for c in cells])
-    a, b = np.linalg.lstsq(x, np.array([100 * c["loss"] for c in cells]), rcond=None)[0]
+    x = np.array([[100 * c["forecast"]["raw_loss"]] for c in cells])
+    (a,) = np.linalg.lstsq(x, np.array([100 * c["loss"] for c in cells]), rcond=None)[0]
+    b = 0.0
     cal = json.loads((ran["out"] / "calibration.json").read_text())
     assert (cal["a"], cal["b"]) == pytest.approx((a, b), rel=1e-6, abs=1e-9)
 
@@ -309,7 +310,7 @@ def test_validation_leaves_levels_and_tasks_out_on_synthetic_cells():
                     "level": level,
                     "t": t,
                     "loss": 2 * raw,
-                    "neg_flip_rate": 0.5 * raw + 0.5 * dis,
+                    "neg_flip_rate": 0.5 * raw,
                     "forecast": {
                         "raw_loss": raw,
                         "subspace_disturbance": 0.0,
@@ -319,8 +320,12 @@ def test_validation_leaves_levels_and_tasks_out_on_synthetic_cells():
                 }
             )
     f = fit(cells)
-    assert f.a == pytest.approx(2) and f.flip_a == pytest.approx(0.5) and f.flip_b == pytest.approx(0.5)
+    assert f.a == pytest.approx(2) and f.flip_a == pytest.approx(0.5) and f.b == f.flip_b == 0  # one signal each
     v = validate(cells)
+    assert v["form"] == "raw" and set(v["forms"]) == {"raw", "raw+weights+disagreement"}
+    for form in v["forms"].values():  # both forms hold the exact map here; each is scored out of sample
+        assert form["leave_one_task_out"]["cells"] == 6 and form["leave_one_task_out"]["mae_loss_points"] < 1e-6
+    assert v["forms"]["raw"]["leave_one_family_out"]["cells"] == 0  # one family: nothing to leave out
     assert v["controls"] == 2 and v["headline"] == "leave_one_task_out"
     assert v["cells"] == 6 and v["spearman_loss"] == pytest.approx(1) and v["mae_neg_flip_rate_points"] < 1e-6
     assert v["leave_one_task_out"]["tasks"] == 2 and v["leave_one_task_out"]["cells"] == 6

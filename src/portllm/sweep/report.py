@@ -317,7 +317,34 @@ def _forecast(r: dict[str, Any]) -> list[str]:
             f"95% interval coverage ({v['headline'].replace('_', ' ')}): {100 * h['interval_coverage']:.1f}% of "
             f"{h['interval_cells']} held-out cells.",
         ]
+    lines += _forms(v)
     return lines + ["", "Goals (issue 21), on held-out cells:", ""] + _goals(v) + _calibrations(r.get("calibration"))
+
+
+def _forms(v: dict[str, Any]) -> list[str]:
+    """Each model form's out-of-sample figures, the shipped one first: the choice between them stays visible."""
+    forms = v.get("forms") or {}
+    if not forms:
+        return []
+    lines = [
+        "",
+        f"Model forms (the shipped one: **{v.get('form')}**), out of sample; ρ / loss MAE / neg.-flip-rate MAE:",
+        "",
+        "| form | leave one task out | leave one family out | leave one level out |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(forms, key=lambda n: n != v.get("form")):
+        row = [name]
+        for key in ("leave_one_task_out", "leave_one_family_out", "leave_one_level_out"):
+            x = forms[name][key]
+            row.append(
+                "-"
+                if not x["cells"]
+                else f"{_num(x['spearman_loss'], '.2f')} / {x['mae_loss_points']:.2f} / "
+                f"{x['mae_neg_flip_rate_points']:.2f} ({x['cells']} cells)"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _calibrations(cal: dict[str, Any] | None) -> list[str]:
