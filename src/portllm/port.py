@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,6 +257,7 @@ class _Update:
     def __post_init__(self) -> None:
         self.by_weight = {m.weight_name: m for m in self.patch.modules.values()}
         self.full = self.patch.full_weights
+        self.lock = threading.Lock()  # the merge's worker threads count side by side
 
     def touches(self, name: str) -> bool:
         return name in self.by_weight or name in self.full
@@ -263,10 +265,12 @@ class _Update:
     def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """The tensor to write for `name`; a LoRA update is added into `w` itself (the caller's own buffer)."""
         if name in self.by_weight:
-            self.result.applied += 1
+            with self.lock:
+                self.result.applied += 1
             return self.by_weight[name].add_to(w, self.scale)
         if name in self.full:
-            self.result.replaced += 1
+            with self.lock:
+                self.result.replaced += 1
             return self.full[name].to(w.dtype)
         return w
 
@@ -365,6 +369,7 @@ class _Merge:
     SLOTS = 3
     WRITEBACK = True
     ALIGN = 64  # torch's CPU allocator aligns every buffer to 64 bytes
+    WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
     copy: BaseCopy
     update: _Update
@@ -377,42 +382,75 @@ class _Merge:
         self.ref, self.tmp, self.behind = self.copy.ref, self.copy.tmp, self.copy.behind
         self.slots: list[list[Any]] = [[None, []] for _ in range(self.SLOTS)]  # [buffer, futures using it]
         self.turn = 0
+        self.lock = threading.Lock()  # the timings, summed over the worker threads
+        # runs whose patched tensors are being updated by the workers: (writer, tensors, their updates, last run)
+        self.updating: deque[tuple[ShardWriter, list[TensorInfo], list[Future], bool]] = deque()
 
     def run(self) -> None:
-        """Every output shard, in the base's file order."""
+        """Every output shard, in the base's file order. The patched tensors of the in-place shards are updated by
+        `WORKERS` threads (torch lets go of the GIL in its kernels, and the page-populating call is made without
+        it), each tensor whole on one thread; the loop hands them out a run at a time and finishes the runs in order.
+        On an error the workers finish the tensor in hand and drop the rest (`BaseCopy` then removes the output)."""
+        with ThreadPoolExecutor(self.WORKERS, thread_name_prefix="portllm-update") as pool:
+            try:
+                self._run(pool)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _run(self, pool: ThreadPoolExecutor) -> None:
         runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]] = deque()  # copied or being copied
         emb, head = self.untie or (None, None)
         for f, h in zip(self.copy.files, self.copy.headers):
             writer, copied = self.copy.shards[f.name]
             if self.untie and (emb in h.tensors or head in h.tensors):
                 while runs:
-                    self._update_run(runs)
+                    self._update_run(runs, pool)
+                while self.updating:
+                    self._finish_run()
                 self.rewrite(f, h)
                 continue
             for k, (part, fut) in enumerate(copied):
                 runs.append((writer, part, fut, k == len(copied) - 1))
                 while len(runs) > 1:  # a run is updated once the run after it is copied too
-                    self._update_run(runs)
+                    self._update_run(runs, pool)
         while runs:
-            self._update_run(runs)
+            self._update_run(runs, pool)
+        while self.updating:
+            self._finish_run()
 
-    def _update_run(self, runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]]) -> None:
-        """Update the patched tensors of the oldest copied run in place; close its shard after its last run."""
+    def _update_run(self, runs: deque[tuple[ShardWriter, list[TensorInfo], Future, bool]], pool: Any) -> None:
+        """Hand the patched tensors of the oldest copied run to the workers; finish the runs they are done with."""
         writer, part, copied, last = runs.popleft()
         after = [runs[0][2]] if runs and runs[0][0] is writer else []  # the next run, where it shares a page
         self.copy.wait([copied, *after], writer.path.name)
-        for info in part:
-            if self.update.touches(info.name):
-                t0 = time.perf_counter()
-                with writer.mapped(info.name) as w:
-                    self.timings.read += time.perf_counter() - t0
-                    self._update_in_place(info.name, w)
-                    del w
-            self.bar.advance()
+        todo = [pool.submit(self._update_mapped, writer, i.name) for i in part if self.update.touches(i.name)]
+        self.updating.append((writer, part, todo, last))
+        # at most two runs in the workers' hands: enough to keep every worker busy at a run's end
+        while self.updating and (len(self.updating) > 2 or all(f.done() for f in self.updating[0][2])):
+            self._finish_run()
+
+    def _finish_run(self) -> None:
+        """Once the oldest run's tensors are updated: start its writeback; close its shard after its last run."""
+        writer, part, todo, last = self.updating.popleft()
+        for fut in todo:
+            fut.result()  # a worker's error is raised here, in the loop
+        self.bar.advance(len(part))
         if self.WRITEBACK and part:  # the run is final: the disk can take it now rather than all at once in the fsync
             self.behind.writeback(writer, *writer.span(part[0].name, part[-1].name))
         if last:
             writer.close()  # every byte is in place: its fsync runs on the fsync thread
+
+    def _update_mapped(self, writer: ShardWriter, name: str) -> None:
+        """One patched tensor, updated where it lies in the output's page cache (on a worker thread)."""
+        t0 = time.perf_counter()
+        with writer.mapped(name) as w:
+            mapped = time.perf_counter()
+            self._update_in_place(name, w)
+            del w
+        with self.lock:
+            self.timings.read += mapped - t0
+            self.timings.add += time.perf_counter() - mapped
 
     def _update_in_place(self, name: str, w: torch.Tensor) -> None:
         """`_Update` on the mapped bytes `w`. An fp32 weight takes its update from a GEMM straight into it, whose
@@ -420,7 +458,6 @@ class _Merge:
         on an aligned copy. Other dtypes are updated through an aligned fp32 block, element by element."""
         import torch  # deferred: torch (loaded by the check by now)
 
-        t0 = time.perf_counter()
         align = self.ALIGN if w.dtype == torch.float32 else w.element_size()
         work = w if w.data_ptr() % align == 0 else w.clone()
         new = self.update(name, work)
@@ -428,7 +465,6 @@ class _Merge:
             raise PortLLMError(f"internal: the update of {name!r} does not match its planned layout")
         if new is not w:
             w.copy_(new)
-        self.timings.add += time.perf_counter() - t0
 
     def rewrite(self, f: Path, h: Header) -> None:
         """The output shard of `f` written anew (`shard`) over its copy, once that copy is done."""

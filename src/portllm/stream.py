@@ -356,6 +356,33 @@ def _sync_file_range() -> Any:
 _SYNC_FILE_RANGE = _sync_file_range()
 
 
+def _madvise() -> Any:
+    """libc's madvise through ctypes, which lets go of the GIL for the call (Python's `mmap.madvise` holds it), so
+    that the merge's worker threads make their pages writable side by side; None where libc has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+
+
+def populate_write(m: mmap.mmap) -> None:
+    """Make every page of the shared mapping `m` writable at once, in one call, rather than one write fault per page
+    (MADV_POPULATE_WRITE, Linux 5.14+). A hint: where the kernel or libc lacks it, the pages fault in as written."""
+    if _MADVISE is None:
+        return
+    view = (ctypes.c_char * len(m)).from_buffer(m)
+    try:
+        _MADVISE(ctypes.addressof(view), len(m), MADV_POPULATE_WRITE)  # an error return is ignored: a hint
+    finally:
+        del view  # the buffer export must go before the mapping can be closed
+
+
 def start_writeback(fd: int, start: int, n: int) -> None:
     """Ask the kernel to start writing the dirty pages of bytes `start`..`start + n` of `fd` now, not when its
     flusher gets to them. Only a hint, and ignored where the call does not exist or fails: the data is on disk
@@ -476,10 +503,7 @@ class ShardWriter:
         page = start - start % mmap.PAGESIZE
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # the pages are in the page cache: map them all
         m = mmap.mmap(self._f.fileno(), start + n - page, flags=flags, offset=page)
-        try:  # and writable at once, in one call, not one write fault per page (Linux 5.14+; a hint elsewhere)
-            m.madvise(MADV_POPULATE_WRITE)
-        except OSError:
-            pass
+        populate_write(m)
         # the tensor holds the mapping (never closed here: a view kept elsewhere would point at nothing); it is
         # unmapped when the last view of it goes
         view = (
