@@ -230,6 +230,10 @@ def bench_case(label: str, base: Path, work: Path, reps: int, methods: tuple[str
         res[m] = dict(med, wall_s=statistics.median(walls), runs_wall_s=walls)
     res["params"] = sum(math.prod(info.shape) for _, info in weight_index(base).values())
     ratios = {"wall_portllm_over_copy": res["portllm"]["wall_s"] / res["copy"]["wall_s"]}
+    # each round's own pair (they ran back to back): a copy that is slow in one round is slow for both there
+    rounds = [p["wall_s"] / c["wall_s"] for p, c in zip(runs["portllm"], runs["copy"])]
+    ratios["wall_portllm_over_copy_rounds"] = rounds
+    ratios["wall_portllm_over_copy_paired_median"] = statistics.median(rounds)
     if "peft" in res:
         ratios["rss_portllm_over_peft"] = res["portllm"]["peak_rss_mb"] / res["peft"]["peak_rss_mb"]
         ratios["wall_portllm_over_peft"] = res["portllm"]["wall_s"] / res["peft"]["wall_s"]
@@ -326,7 +330,11 @@ def report(console, results: dict, methods: tuple[str, ...], reps: int) -> None:
     )
     for case, r in results.items():
         q = r["ratios"]
-        line = f"{case}: portllm/copy wall {q['wall_portllm_over_copy']:.2f}x"
+        rounds = q["wall_portllm_over_copy_rounds"]
+        line = (
+            f"{case}: portllm/copy wall {q['wall_portllm_over_copy']:.2f}x (round by round: median "
+            f"{q['wall_portllm_over_copy_paired_median']:.2f}x, {min(rounds):.2f}x to {max(rounds):.2f}x)"
+        )
         if "wall_portllm_over_peft" in q:
             line += (
                 f", portllm/PEFT wall {q['wall_portllm_over_peft']:.2f}x, "
@@ -344,9 +352,10 @@ def report(console, results: dict, methods: tuple[str, ...], reps: int) -> None:
             q["rss_portllm_over_peft"] <= 0.30
             and q["wall_portllm_over_peft"] <= 1.0
             and q["wall_portllm_over_copy"] <= 2.0
+            and q["wall_portllm_over_copy_paired_median"] <= 2.0
         )
         console.print(
-            f"targets on 1.5B (RSS <= 0.30x PEFT, wall <= PEFT, wall <= 2x copy): "
+            f"targets on 1.5B (RSS <= 0.30x PEFT, wall <= PEFT, wall <= 2x copy in medians and round by round): "
             f"{'[green]met[/green]' if ok else '[red]NOT met[/red]'}"
         )
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The patch zoo on SmolLM2-135M-Instruct (θ): one LoRA patch per task, each scored beside θ zero-shot on the
 # first 500 eval examples. Cached: a patch or an eval that exists is not redone.  Usage: train_zoo.sh ZOO_DIR
+# ZOO_TRAIN_ARGS / ZOO_EVAL_ARGS (env): extra flags, e.g. "--device cuda" (benchmarks/gpu_device.sh zoo)
 set -euo pipefail
 ZOO=${1:?usage: train_zoo.sh ZOO_DIR}
 mkdir -p "$ZOO"
@@ -17,10 +18,10 @@ while read -r task steps len; do
   [ -z "$task" ] && continue
   if [ ! -f "$ZOO/$task/portllm.json" ]; then
     portllm train --base smollm2-135m --task "$task" --out "$ZOO/$task" --steps "$steps" --lr 1e-3 \
-      --max-length "$len" --dtype bfloat16 --seed 0 --eval-limit 0
+      --max-length "$len" --dtype bfloat16 --seed 0 --eval-limit 0 ${ZOO_TRAIN_ARGS:-}
   fi
   [ -f "$ZOO/eval/base/$task/results.json" ] || \
-    portllm eval --model smollm2-135m --tasks "$task" --limit 500 --out "$ZOO/eval/base/$task"
+    portllm eval --model smollm2-135m --tasks "$task" --limit 500 --out "$ZOO/eval/base/$task" ${ZOO_EVAL_ARGS:-}
   [ -f "$ZOO/eval/patch/$task/results.json" ] || \
-    portllm eval --model smollm2-135m --patch "$ZOO/$task" --tasks "$task" --limit 500 --out "$ZOO/eval/patch/$task"
+    portllm eval --model smollm2-135m --patch "$ZOO/$task" --tasks "$task" --limit 500 --out "$ZOO/eval/patch/$task" ${ZOO_EVAL_ARGS:-}
 done <<< "$RECIPES"
