@@ -291,8 +291,9 @@ def _merge_streaming(
     with Bar(progress, total, "porting") as bar:
         index_file = _write_side_files(ref, tmp, untie)
         merge = _Merge(copy, update, untie, index_file, timings, bar)
-        # the merge loop keeps one core; writing and fsync run on their own threads beside it. torch's pool
-        # would compete with them, and on a busy machine turns each small block update into a slow barrier
+        # each update runs single-threaded on its worker (`_Merge.WORKERS` of them, one tensor each); writing and
+        # fsync run on their own threads. torch's intra-op pool would compete with them all, and on a busy machine
+        # turns each small block update into a slow barrier
         torch.set_num_threads(1)
         timings.overlap = time.perf_counter() - copy.started
         try:  # on an error `BaseCopy` stops the threads, then closes every shard's file
