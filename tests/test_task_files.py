@@ -306,3 +306,25 @@ def test_cli_eval_on_a_task_file_and_by_include_path(models, tmp_path):
     assert list(json.loads(r.stdout)["tasks"]) == ["toy_review", "sst2"]
     r = portllm(*args[:-1], env={"PORTLLM_TASKS_PATH": str(tmp_path / "mine"), "PORTLLM_DATA": str(tmp_path)})
     assert r.returncode == 0, r.stderr
+
+
+def test_social_iqa_gold_is_the_index_of_the_answer_text(tmp_path):
+    """The shipped social_iqa definition reads common-bench's layout (options as a list, the answer as the text of
+    one): gold is that option's index, never a position guessed; an answer that is no option is a one-line error
+    naming the row."""
+    rows = [
+        {"context": f"C{i}", "question": f"Q{i}?", "options": ["a", "b", "c"], "answer": "abc"[i % 3]}
+        for i in range(1200)
+    ]
+    write_rows(tmp_path / "socialiqa/dev.jsonl", rows)
+    task = get_task("social_iqa")
+    ev = load_examples(task, "eval", tmp_path)
+    assert len(ev) == 1000 and len(load_examples(task, "train", tmp_path)) == 200  # rows 0-999 / 1000-
+    assert [e.gold for e in ev[:6]] == [0, 1, 2, 0, 1, 2]
+    assert ev[4].contexts[0] == "C4\nQuestion: Q4?\nAnswer:" and ev[4].continuations == (" a", " b", " c")
+    # an option written twice scores the same twice and argmax takes the first: gold is the first too
+    write_rows(tmp_path / "socialiqa/dev.jsonl", [dict(rows[0], options=["c", "b", "c"], answer="c")] * 1200)
+    assert load_examples(task, "eval", tmp_path, limit=1)[0].gold == 0
+    write_rows(tmp_path / "socialiqa/dev.jsonl", [dict(rows[0], answer="d")] * 1200)
+    with pytest.raises(PortLLMError, match=r"dev.jsonl:1: answer 'd' is not one of the options"):
+        load_examples(task, "eval", tmp_path)

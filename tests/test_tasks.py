@@ -27,7 +27,7 @@ from portllm.tasks import (
 DATA = Path(os.environ.get("PORTLLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data directory not present")
 
-KNOWN_OVERLAP = {"sst2_heldout": 75, "cola": 16}  # documented in tasks/defs/{sst2_heldout,cola}.yaml
+KNOWN_OVERLAP = {"sst2_heldout": 75, "cola": 16, "social_iqa": 11}  # documented in tasks/defs/<task>.yaml
 EXPECTED = {  # task: (train n, eval n, eval label counts)
     "boolq": (1270, 2000, {1: 1256, 0: 744}),
     "sst2": (60614, 872, {1: 444, 0: 428}),
@@ -44,6 +44,7 @@ EXPECTED = {  # task: (train n, eval n, eval label counts)
     "openbookqa": (4957, 500, {0: 138, 2: 132, 1: 126, 3: 104}),
     "cola": (8551, 1043, {1: 721, 0: 322}),
     "commonsense_qa": (500, 721, {1: 155, 2: 148, 0: 142, 3: 141, 4: 135}),
+    "social_iqa": (954, 1000, {2: 337, 0: 337, 1: 326}),
 }
 
 
@@ -52,6 +53,8 @@ def _key(row):
         str(row.get(k))
         for k in (
             "question",
+            "context",
+            "options",
             "passage",
             "premise",
             "hypothesis",
@@ -220,7 +223,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, task, rel, text, error):
 
 def test_every_shipped_definition_loads():
     files = sorted(DEFS.glob("*.yaml"))
-    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 15
+    assert sorted(f.stem for f in files) == sorted(TASKS) and len(files) == 16
     for f in files:
         t = load_task_file(f)
         assert t.name == f.stem and t.source == str(f)
@@ -272,7 +275,7 @@ def test_a_dropped_in_definition_is_a_usable_task(tmp_path):
         (("kind: mc", "kind: ranking"), r"toy_nli.yaml: kind: unknown kind 'ranking'"),
         (("metric: acc\n", "metric: f1\n"), r"toy_nli.yaml: metric: unknown metric 'f1'"),
         (("metric: acc\n", "metric: exact_match\n"), r"toy_nli.yaml: metric: exact_match does not score a mc task"),
-        (("kind: mc", "kind: mc\nbuilder: magic"), r"toy_nli.yaml: builder: unknown hook 'magic'; known: arc_choices"),
+        (("kind: mc", "kind: mc\nbuilder: magic"), r"toy_nli.yaml: builder: unknown hook 'magic'; known: answer_text_choices, arc_choices"),
         (("kind: mc", "kind: mc\nprompts: x"), r"toy_nli.yaml: prompts: unknown key"),
         (('["no", "yes"]', "[no, yes]"), r"toy_nli.yaml: choices\[0\]: expected a template string \(quote yes/no"),
         (("{{ premise }}", "{{ passage }}"), r"toy_nli.yaml: prompt: unknown variable 'passage'"),

@@ -97,6 +97,19 @@ def _labeled(row: dict[str, Any], v: Vars) -> Vars:
     return {"stem": row["question"], "options": [str(x) for x in texts], "answer_index": labels.index(key)}
 
 
+@hook("answer_text_choices", needs=("answer",), provides=("options", "answer_index"))
+def _answer_text(row: dict[str, Any], v: Vars) -> Vars:
+    """Choices as a list `options` and the answer as the text of one of them (Social IQa, common-bench's layout)."""
+    opts, answer = row.get("options"), v["answer"]
+    if not isinstance(opts, list) or not opts or not all(_scalar(o) for o in opts) or not isinstance(answer, str):
+        raise row_error(row, "row needs options (a list of texts) and answer (the text of one of them)")
+    texts = [str(o) for o in opts]
+    if answer not in texts:
+        raise row_error(row, f"answer {answer[:40]!r} is not one of the options")
+    # an option written twice (a few Social IQa rows) scores the same twice, and argmax takes the first: so does gold
+    return {"options": texts, "answer_index": texts.index(answer)}
+
+
 @hook("obqa_choices", needs=("choice_text", "answer_key"), provides=("options", "answer_index"))
 def _obqa(row: dict[str, Any], v: Vars) -> Vars:
     """OpenBookQA's TSV packs the four choices into one '(A) ... (B) ... (C) ... (D) ...' string."""
