@@ -275,7 +275,10 @@ def test_a_dropped_in_definition_is_a_usable_task(tmp_path):
         (("kind: mc", "kind: ranking"), r"toy_nli.yaml: kind: unknown kind 'ranking'"),
         (("metric: acc\n", "metric: f1\n"), r"toy_nli.yaml: metric: unknown metric 'f1'"),
         (("metric: acc\n", "metric: exact_match\n"), r"toy_nli.yaml: metric: exact_match does not score a mc task"),
-        (("kind: mc", "kind: mc\nbuilder: magic"), r"toy_nli.yaml: builder: unknown hook 'magic'; known: answer_text_choices, arc_choices"),
+        (
+            ("kind: mc", "kind: mc\nbuilder: magic"),
+            r"toy_nli.yaml: builder: unknown hook 'magic'; known: answer_text_choices, arc_choices",
+        ),
         (("kind: mc", "kind: mc\nprompts: x"), r"toy_nli.yaml: prompts: unknown key"),
         (('["no", "yes"]', "[no, yes]"), r"toy_nli.yaml: choices\[0\]: expected a template string \(quote yes/no"),
         (("{{ premise }}", "{{ passage }}"), r"toy_nli.yaml: prompt: unknown variable 'passage'"),
