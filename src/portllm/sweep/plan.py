@@ -144,7 +144,20 @@ PLANS: dict[str, SweepPlan] = {
                 retune_levels=(2.0,),
                 warm=False,
                 correct=False,
-                repair_inputs=("task",),
+                repair_inputs=("task", "self"),  # as docs/sweep/repair/report.json was made
+            ),
+            # added 2026-12-04 (issue 22: every learned task): the full plan's ARC-Easy recipe; evals ~3 min each
+            "arc_easy": TaskRecipe(
+                120,
+                1e-3,
+                128,
+                500,
+                levels=(0.5, 1.0, 2.0),
+                real=("text",),
+                retune_levels=(2.0,),
+                warm=False,
+                correct=False,
+                repair_inputs=("task", "self"),
             ),
         },
         seeds=(0,),
@@ -153,6 +166,9 @@ PLANS: dict[str, SweepPlan] = {
         retune_levels=(1.0, 2.0),
         repair_levels=(0.5, 1.0, 2.0),
         repair_real=True,
+        # this study's forecast figures are not a headline (docs/sweep's are): its signals stay on the scored items,
+        # as when it was first made (2026-12-03), so its cells are the same cache entries
+        signal_split="eval",
     ),
     # generation data (issue 19): two user task files (not shipped tasks) scored by the reference completions'
     # log-likelihood and greedy answers (32 new tokens) on 96 eval rows, 3 seeds, four interpolated levels (0.57%
