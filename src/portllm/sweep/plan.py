@@ -7,7 +7,7 @@ further real evolved bases (other corpora, other strengths) are added as cells o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -86,32 +86,26 @@ class SweepPlan:
         return asdict(self)
 
 
+# The full plan's task recipes. Other plans narrow them with `replace` (levels, re-tunes, repair inputs), so the
+# fields that make a patch's, base's or eval's cache key stay the same entries across plans.
+_SST2_HELDOUT = TaskRecipe(60, 1e-3, 128, 1000)
+# ARC-Easy's patch learned +19.6 points (docs/routing); BoolQ's only reached the majority class.
+# Its evals cost ~4 min per 500 here: five bases (0 to 4.52% and the real text update), 3 seeds.
+_ARC_EASY = TaskRecipe(
+    120, 1e-3, 128, 500, levels=(0.0, 0.5, 1.0, 2.0), real=("text",), retune_levels=(2.0,), warm=False, correct=False
+)
+# CommonsenseQA's patch learned 25.4 -> 49.6 (majority 21.2; zoo, 500 examples); evals ~1 min
+_COMMONSENSE_QA = TaskRecipe(
+    120, 1e-3, 96, None, levels=(0.0, 0.5, 1.0, 2.0), real=("text",), retune_levels=(2.0,), warm=False
+)
+
 PLANS: dict[str, SweepPlan] = {
     # about 4.3 h on a 2-core CPU in all (sst2_heldout ~2.9 h, arc_easy 45 min, commonsense_qa 43 min, one
     # torch thread, docs/sweep/full/NOTES.md, made with signals on the scored items: signal_split="eval"); resumes
     # from its cache
     "full": SweepPlan(
         "full",
-        {
-            "sst2_heldout": TaskRecipe(60, 1e-3, 128, 1000),
-            # ARC-Easy's patch learned +19.6 points (docs/routing); BoolQ's only reached the majority class.
-            # Its evals cost ~4 min per 500 here: five bases (0 to 4.52% and the real text update), 3 seeds.
-            "arc_easy": TaskRecipe(
-                120,
-                1e-3,
-                128,
-                500,
-                levels=(0.0, 0.5, 1.0, 2.0),
-                real=("text",),
-                retune_levels=(2.0,),
-                warm=False,
-                correct=False,
-            ),
-            # CommonsenseQA's patch learned 25.4 -> 49.6 (majority 21.2; zoo, 500 examples); evals ~1 min
-            "commonsense_qa": TaskRecipe(
-                120, 1e-3, 96, None, levels=(0.0, 0.5, 1.0, 2.0), real=("text",), retune_levels=(2.0,), warm=False
-            ),
-        },
+        {"sst2_heldout": _SST2_HELDOUT, "arc_easy": _ARC_EASY, "commonsense_qa": _COMMONSENSE_QA},
         real=(Evolution("text", 40, 1e-3, 128), Evolution("instruct", 40, 4e-4, 128)),
         warm_steps=(10, 30),
         correct_levels=(1.0, 2.0),
@@ -119,46 +113,22 @@ PLANS: dict[str, SweepPlan] = {
     ),
     # the repair study: the full plan's recipes (so its patches, bases and evals are the same cache entries),
     # seed 0, the levels where a plain port frays (1.13%, 2.26%, 4.52% and the real text update), and
-    # `portllm repair` from three kinds of unlabeled inputs at each (docs/sweep/repair)
+    # `portllm repair` from three kinds of unlabeled inputs at each (docs/sweep/repair); ARC-Easy added 2026-12-04
     "repair": SweepPlan(
         "repair",
         {
-            "sst2_heldout": TaskRecipe(
-                60,
-                1e-3,
-                128,
-                1000,
+            "sst2_heldout": replace(
+                _SST2_HELDOUT,
                 levels=(0.5, 1.0, 2.0),
                 real=("text",),
                 retune_levels=(1.0, 2.0),
                 warm=False,
                 correct=False,
             ),
-            "commonsense_qa": TaskRecipe(
-                120,
-                1e-3,
-                96,
-                None,
-                levels=(1.0, 2.0),
-                real=("text",),
-                retune_levels=(2.0,),
-                warm=False,
-                correct=False,
-                repair_inputs=("task", "self"),  # as docs/sweep/repair/report.json was made
+            "commonsense_qa": replace(
+                _COMMONSENSE_QA, levels=(1.0, 2.0), correct=False, repair_inputs=("task", "self")
             ),
-            # added 2026-12-04 (issue 22: every learned task): the full plan's ARC-Easy recipe; evals ~3 min each
-            "arc_easy": TaskRecipe(
-                120,
-                1e-3,
-                128,
-                500,
-                levels=(0.5, 1.0, 2.0),
-                real=("text",),
-                retune_levels=(2.0,),
-                warm=False,
-                correct=False,
-                repair_inputs=("task", "self"),
-            ),
+            "arc_easy": replace(_ARC_EASY, levels=(0.5, 1.0, 2.0), repair_inputs=("task", "self")),
         },
         seeds=(0,),
         levels=(0.5, 1.0, 2.0),
@@ -167,7 +137,7 @@ PLANS: dict[str, SweepPlan] = {
         repair_levels=(0.5, 1.0, 2.0),
         repair_real=True,
         # this study's forecast figures are not a headline (docs/sweep's are): its signals stay on the scored items,
-        # as when it was first made (2026-12-03), so its cells are the same cache entries
+        # as when it was first made (2026-12-03; report.md says so), so its cells are the same cache entries
         signal_split="eval",
     ),
     # generation data (issue 19): two user task files (not shipped tasks) scored by the reference completions'
