@@ -225,7 +225,8 @@ def test_a_gpu_that_cannot_be_used_is_refused_not_ignored(monkeypatch, tmp_path)
     for args, command in (
         (["route-gates", str(tmp_path / "p"), "--base", "x"], "route-gates"),
         (["route-study", "--patches", str(tmp_path / "p")], "route-study"),
-        (["sweep", "--plan", "nosuch"], "sweep"),  # a plan that fails fast if the check is gone
+        (["sweep", "--plan", "generation"], "sweep"),
+        (["sweep", "--plan", "full"], "sweep"),  # its rescale correction; with --no-correct it runs on the GPU
     ):
         e = CliRunner().invoke(app, [*args, "--device", "cuda"]).exception
         assert isinstance(e, PortLLMError), (args, e)

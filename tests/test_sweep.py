@@ -361,3 +361,75 @@ def test_the_forecast_signals_never_see_a_scored_item(toy, tmp_path, monkeypatch
     train.write_text("\n".join([head, scored_row, *other]) + "\n")
     kept = run.signal_examples(get_task("sst2"), "train", data, 8, scored)
     assert len(kept) == 8 and all(tuple(e.contexts) not in evals for e in kept)
+
+
+class Stop(Exception):
+    """Raised by a stand-in where the real step would start working on its device."""
+
+
+def test_the_sweep_device_reaches_every_step_and_keeps_its_own_cache(toy, tmp_path, monkeypatch):
+    """`sweep --device cuda`: training, evolving, scoring, signals, KL and repairs are asked for on that device (no
+    step quietly on the CPU), and its artefacts live apart from the CPU's (other bits: never mixed)."""
+    from types import SimpleNamespace
+
+    import portllm.sweep.repaired as repaired
+    import portllm.sweep.run as run
+    from portllm import steps
+
+    ctx = run.SweepContext.open(PLAN, str(toy["base"]), toy["data"], tmp_path / "c", lambda m: None, False, "cuda:0")
+    assert ctx.cache.root == tmp_path / "c" / "on-cuda"
+    assert ctx.train_config(PLAN.tasks["sst2"], 0).device == "cuda:0"
+    seen: list[tuple[str, object]] = []
+
+    def stop(name, device):
+        seen.append((name, device))
+        raise Stop
+
+    monkeypatch.setattr(run, "evolve", lambda *a, **k: stop("evolve", a[3].device))
+    monkeypatch.setattr(run, "open_lm", lambda *a, **k: stop("open_lm", k.get("device")))
+    monkeypatch.setattr(steps, "eval_step", lambda *a, **k: stop("eval", k.get("device")))
+    monkeypatch.setattr(steps, "repair_step", lambda *a, **k: stop("repair", k.get("device")))
+    monkeypatch.setattr(repaired.Patch, "load", lambda *a, **k: SimpleNamespace(weights_sha256="0" * 64))
+    ts = SimpleNamespace(
+        name="sst2", recipe=PLAN.tasks["sst2"], first_seed=0, patches={0: tmp_path / "p"}, with_patch={0: []},
+        task=None, signal_examples=[],
+    )  # fmt: skip
+    lv = {"label": "t=1", "dir": toy["base"], "fingerprint": "f" * 32}
+    calls = (
+        lambda: ctx.evolved(PLAN.direction),
+        lambda: ctx.score(toy["base"], "f" * 32, None, False, "sst2", 24),
+        lambda: ctx.signal_records(toy["base"], "f" * 32, tmp_path / "p", ts),
+        lambda: run.text_kl(toy["base"], toy["base"], toy["data"], 2, "float32", ctx.device),
+        lambda: repaired.repairs(ctx, ts, lv, []),
+    )
+    for call in calls:
+        with pytest.raises(Stop):
+            call()
+    assert seen == [("evolve", "cuda:0"), ("eval", "cuda:0"), ("open_lm", "cuda:0"), ("open_lm", "cuda:0"),
+                    ("repair", "cuda:0")]  # fmt: skip
+
+
+def test_what_runs_only_on_the_cpu_is_refused_on_a_device_before_any_work():
+    from portllm.errors import PortLLMError
+    from portllm.sweep import PLANS
+    from portllm.sweep.run import _runs_on
+
+    _runs_on(PLANS["gemma-repair"], "cuda:0")  # no correction, multiple choice: runs there
+    _runs_on(PLANS["full"], "cpu")
+    for name, why in (("full", "rescale correction"), ("generation", "generation plan")):
+        with pytest.raises(PortLLMError, match=why):
+            _runs_on(PLANS[name], "cuda:0")
+
+
+def test_repair_inputs_narrow_the_plan_and_each_task_without_falling_back():
+    from portllm.errors import PortLLMError
+    from portllm.sweep import PLANS
+    from portllm.sweep.plan import only_repair_inputs
+
+    p = only_repair_inputs(PLANS["repair"], ("text",))
+    assert p.repair_inputs == ("text",) and p.tasks["sst2_heldout"].repair_inputs is None  # the plan's: text
+    assert p.tasks["commonsense_qa"].repair_inputs == ()  # it never had text: nothing, not the plan's
+    keep = only_repair_inputs(PLANS["gemma-repair"], ("task", "self"))
+    assert keep.tasks == PLANS["gemma-repair"].tasks and keep.repair_inputs == ("task", "self")
+    with pytest.raises(PortLLMError, match="repairs from task, text, self"):
+        only_repair_inputs(PLANS["repair"], ("nope",))

@@ -17,13 +17,21 @@ from ._app import INCLUDE_PATH, SPEC_HELP, app, err, log_line, out, print_json
 @app.command("sweep")
 def sweep_cmd(
     plan: str = typer.Option(
-        "full", "--plan", help="full (the committed study, hours; resumable), repair, generation or pilot"
+        "full",
+        "--plan",
+        help="full (the committed study, hours; resumable), repair, smollm2, gemma, gemma-repair, generation or pilot",
     ),
     base: str = typer.Option("smollm2-135m", "--base", help=f"the base θ: {SPEC_HELP}"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="only these of the plan's tasks, comma-separated"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="override the plan's seeds, e.g. 0,1,2"),
     levels: Optional[str] = typer.Option(None, "--levels", help="override the drift levels t, e.g. 0,0.5,1,2"),
     real: bool = typer.Option(True, "--real/--no-real", help="include the plan's other real evolved bases"),
+    repair_inputs: Optional[str] = typer.Option(
+        None,
+        "--repair-inputs",
+        help="only these kinds of the plan's repair inputs (task, text, self), comma-separated: e.g. task first, "
+        "the rest in a later run from the same cache",
+    ),
     retune: bool = typer.Option(True, "--retune/--no-retune", help="re-tune θ' at the plan's levels"),
     warm: bool = typer.Option(True, "--warm/--no-warm", help="measure warm-start vs cold re-tuning"),
     correct: bool = typer.Option(
@@ -33,7 +41,10 @@ def sweep_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data (default $PORTLLM_DATA)"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="step cache (default $PORTLLM_CACHE/sweep)"),
     device: str = typer.Option(
-        "cpu", "--device", help=f"{DEVICE_HELP}; the sweep runs every step on the CPU only for now"
+        "cpu",
+        "--device",
+        help=f"{DEVICE_HELP}; training, scoring, signals and repairs run there (ports and drift on the CPU; the "
+        "rescale correction and the generation plan on the CPU only). Default cpu: the committed studies' device",
     ),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help=f"scoring dtype (default: the plan's, float32): {DTYPE_HELP}"
@@ -50,13 +61,10 @@ def sweep_cmd(
     from dataclasses import replace
 
     from ..sweep import PLANS, sweep
+    from ..sweep.plan import only_repair_inputs
     from ..sweep.report import read_joins
 
-    if resolve_device(device) != "cpu":  # an absent device fails inside, with its own line
-        raise PortLLMError(
-            f"sweep runs on the CPU only for now (its scoring, rescale and repair steps are not threaded to a "
-            f"device); drop --device {device}"
-        )
+    dev = resolve_device(device)  # an absent device fails inside, with its own line
     if plan not in PLANS:
         raise PortLLMError(f"unknown plan {plan!r}; choose from {', '.join(PLANS)}")
     p = PLANS[plan]
@@ -81,6 +89,8 @@ def sweep_cmd(
             p = replace(p, levels=tuple(float(t) for t in levels.split(",") if t))
         except ValueError:
             raise PortLLMError(f"--levels must be numbers separated by commas, got {levels!r}") from None
+    if repair_inputs:
+        p = only_repair_inputs(p, tuple(k for k in repair_inputs.split(",") if k))
     p = replace(
         p,
         real=p.real if real else (),
@@ -90,9 +100,9 @@ def sweep_cmd(
         correct_real=p.correct_real and correct,
     )
     if dtype is not None:
-        p = replace(p, eval_dtype=resolve_dtype(dtype, "cpu"))  # the eval cache keys by it
+        p = replace(p, eval_dtype=resolve_dtype(dtype, dev))  # the eval cache keys by it
     log = log_line if not as_json else (lambda m: None)
-    r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal, join=joins)
+    r = sweep(p, base, out_dir, data_dir, cache, log=log, progress=err.is_terminal, join=joins, device=dev)
     if as_json:
         print_json(r)
         return

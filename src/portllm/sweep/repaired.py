@@ -48,14 +48,16 @@ def repairs(ctx: Any, ts: Any, lv: dict[str, Any], ported: list[dict]) -> dict[s
     target = [float(x["correct"]) for x in ts.with_patch[seed]]
     plain = [float(x["correct"]) for x in ported]
     out = {}
-    for kind in ts.recipe.repair_inputs or plan.repair_inputs:
+    for kind in plan.repair_inputs if ts.recipe.repair_inputs is None else ts.recipe.repair_inputs:
         spec = inputs_spec(kind, ts.name, ctx.data)
         n = plan.repair_n if kind == "task" else plan.repair_text_n
         key = (sha, lv["fingerprint"], kind, ts.name if kind == "task" else None, n, asdict(cfg))
 
         def make(p: Path, spec: str = spec, n: int = n, kind: str = kind) -> None:
             ctx.log(f"  repairing on {lv['label']} from {kind} inputs ...")
-            r = steps.repair_step(patch, lv["dir"], ctx.theta, p, inputs=spec, n=n, cfg=cfg, data=ctx.data)
+            r = steps.repair_step(
+                patch, lv["dir"], ctx.theta, p, inputs=spec, n=n, cfg=cfg, data=ctx.data, device=ctx.device
+            )
             (p / "repair_result.json").write_text(json.dumps(r.to_dict(), default=str))
 
         d = ctx.cache.directory("repaired", key, "repair_result.json", make)
@@ -80,6 +82,7 @@ def repairs(ctx: Any, ts: Any, lv: dict[str, Any], ported: list[dict]) -> dict[s
             "steps": rec["steps"],
             "wall_s": rec["wall_s"],
             "peak_rss_mb": rec["peak_rss_mb"],
+            "peak_gpu_mb": rec.get("peak_gpu_mb"),  # on CUDA
             "student_tokens": rec["student_tokens"],
             "heldout_agreement": [
                 (rec["before"] or {}).get("agreement"),

@@ -56,17 +56,17 @@ def projection_drift(sums: dict[str, tuple[float, float]], targets: tuple[str, .
     return math.sqrt(num / den) if den else 0.0
 
 
-def text_kl(old_dir: Path, new_dir: Path, data: Path, n: int, dtype: str) -> float:
+def text_kl(old_dir: Path, new_dir: Path, data: Path, n: int, dtype: str, device: str = "cpu") -> float:
     """Mean per-token KL(θ ‖ θ') on held-out text (wikitext-2 test lines): how much behaviour moved."""
     f = data / "text" / "wikitext-2" / "test.txt"
     lines = [x.strip() for x in f.read_text(errors="replace").splitlines() if len(x.strip()) > 40][:n]
     if not lines:
         return float("nan")
-    a, b = open_lm(old_dir, dtype=dtype), open_lm(new_dir, dtype=dtype)
+    a, b = open_lm(old_dir, dtype=dtype, device=device), open_lm(new_dir, dtype=dtype, device=device)
     total = count = 0.0
     with torch.inference_mode():
         for t in lines:
-            ids = a.tokenizer(t, return_tensors="pt").input_ids[:, :128]
+            ids = a.tokenizer(t, return_tensors="pt").input_ids[:, :128].to(device)
             la = torch.log_softmax(a.model(ids).logits[0].float(), -1)
             lb = torch.log_softmax(b.model(ids).logits[0].float(), -1)
             total += float((la.exp() * (la - lb)).sum())
@@ -97,16 +97,20 @@ class SweepContext:
     cache: SweepCache
     log: Log = print
     progress: bool = False
+    device: str = "cpu"  # a resolved device: training, scoring, signals and repairs run there (port/drift: CPU)
 
     @classmethod
     def open(
-        cls, plan: SweepPlan, base: str, data: Path, cache: str | Path | None, log: Log, progress: bool
-    ) -> SweepContext:
+        cls, plan: SweepPlan, base: str, data: Path, cache: str | Path | None, log: Log, progress: bool,
+        device: str = "cpu",
+    ) -> SweepContext:  # fmt: skip
         theta = resolve_base(base)
         fp = fingerprint(theta)
-        store = SweepCache(Path(cache) if cache else cache_root() / "sweep")
-        ctx = cls(plan, theta, fp, architecture_of(theta).lora_targets, data, store, log, progress)
-        log(f"θ = {base} ({fp}); plan {plan.name}: {len(plan.tasks)} tasks x {len(plan.seeds)} seeds")
+        root = Path(cache) if cache else cache_root() / "sweep"
+        # steps on another device give other bits (bf16 kernels, reduction order): their own entries, never mixed
+        store = SweepCache(root if device == "cpu" else root / f"on-{device.split(':')[0]}")
+        ctx = cls(plan, theta, fp, architecture_of(theta).lora_targets, data, store, log, progress, device)
+        log(f"θ = {base} ({fp}); plan {plan.name}: {len(plan.tasks)} tasks x {len(plan.seeds)} seeds on {device}")
         return ctx
 
     def evolved(self, ev: Evolution) -> Path:
@@ -120,7 +124,7 @@ class SweepContext:
             seed=0,
             dtype="float32",
             targets=self.targets,
-            device="cpu",  # every step of a sweep runs on the CPU (scoring is not threaded to a device yet)
+            device=self.device,
         )
 
         def make(d: Path) -> None:
@@ -138,7 +142,7 @@ class SweepContext:
             seed=seed,
             dtype=self.plan.dtype,
             target_modules=self.targets,
-            device="cpu",  # as every step of a sweep (not TrainConfig's auto: no GPU training, CPU scoring)
+            device=self.device,  # the sweep's, never TrainConfig's auto
         )
 
     def patch_on(self, model_dir: Path, model_fp: str, task: str, r: TaskRecipe, seed: int) -> Path:
@@ -163,11 +167,11 @@ class SweepContext:
                 tmp = self.cache.root / "ported" / d.name
                 self.log(f"  porting onto {model_fp[:12]} and scoring {task} ...")
                 steps.port_step(patch, model_dir, tmp)
-                steps.eval_step(tmp, None, task, limit, self.data, d, self.plan.eval_dtype)
+                steps.eval_step(tmp, None, task, limit, self.data, d, self.plan.eval_dtype, device=self.device)
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 self.log(f"  scoring {task} on {model_fp[:12]}" + (" + patch" if patch else "") + " ...")
-                steps.eval_step(model_dir, patch, task, limit, self.data, d, self.plan.eval_dtype)
+                steps.eval_step(model_dir, patch, task, limit, self.data, d, self.plan.eval_dtype, device=self.device)
 
         parts = (model_fp, sha, ported, task_key(task), limit, self.plan.eval_dtype)
         return read_run(self.cache.directory("evals", parts, "results.json", make))[1][get_task(task).name]
@@ -180,7 +184,7 @@ class SweepContext:
 
         def make() -> Records:
             self.log(f"  signals: {ts.name} on {model_fp[:12]} + patch ({len(idx)} {self.plan.signal_split} inputs)")
-            lm = open_lm(model_dir, patch, dtype=self.plan.eval_dtype)
+            lm = open_lm(model_dir, patch, dtype=self.plan.eval_dtype, device=self.device)
             return run_task(lm, ts.task, ts.signal_examples).records
 
         parts = (model_fp, sha, task_key(ts.name), self.plan.signal_split, idx, self.plan.eval_dtype)
@@ -228,10 +232,13 @@ def sweep(
     log: Log = print,
     progress: bool = False,
     join: tuple[str | Path, ...] = (),
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run (or resume) the grid and write OUT/report.json, OUT/report.md, OUT/*.png, OUT/calibration.json.
-    `join`: other base families' sweep report.json files whose cells join the validation and calibration."""
+    `join`: other base families' sweep report.json files whose cells join the validation and calibration.
+    `device`: a resolved device (device.resolve_device) for training, scoring, signals and repairs."""
     plan = PLANS[plan] if isinstance(plan, str) else plan
+    _runs_on(plan, device)
     data = data_dir(data)
     if data is None:
         raise PortLLMError("sweep needs the benchmark data: set --data-dir or PORTLLM_DATA")
@@ -245,7 +252,7 @@ def sweep(
 
         return generation_sweep(plan, base, out, data, cache, log, progress)
     t_start = time.perf_counter()
-    ctx = SweepContext.open(plan, base, data, cache, log, progress)
+    ctx = SweepContext.open(plan, base, data, cache, log, progress, device)
     results = SweepResults(build_bases(ctx))
     report: dict[str, Any] = {}
     for name, recipe in plan.tasks.items():
@@ -257,6 +264,18 @@ def sweep(
         # a report after every task, so a run stopped mid-way still shows what it measured
         report = write_report(ctx, results, base, out, t_start, join)
     return report
+
+
+def _runs_on(plan: SweepPlan, device: str) -> None:
+    """Refuse, before any work, what this plan would do on the CPU although `device` was asked for."""
+    if device == "cpu":
+        return
+    if plan.kind == "generation":
+        raise PortLLMError(f"sweep --device {device}: the generation plan runs on the CPU only (its signals are not "
+                           "threaded to a device); use --device cpu")  # fmt: skip
+    if any(r.correct for r in plan.tasks.values()) and (plan.correct_levels or plan.correct_real):
+        raise PortLLMError(f"sweep --device {device}: the rescale correction runs on the CPU only; pass --no-correct "
+                           "or use --device cpu")  # fmt: skip
 
 
 def build_bases(ctx: SweepContext) -> list[dict[str, Any]]:
@@ -292,7 +311,11 @@ def _measure_drift(ctx: SweepContext, lv: dict[str, Any]) -> None:
     lv["kl_text"] = ctx.cache.json(
         "kl_text",
         (ctx.fp, lv["fingerprint"], plan.kl_texts),
-        lambda: text_kl(ctx.theta, lv["dir"], ctx.data, plan.kl_texts, plan.eval_dtype) if plan.kl_texts else None,
+        lambda: (
+            text_kl(ctx.theta, lv["dir"], ctx.data, plan.kl_texts, plan.eval_dtype, ctx.device)
+            if plan.kl_texts
+            else None
+        ),
     )
     ctx.log(f"  {lv['label']}: projection drift {lv['drift']:.3%}, KL on text {lv['kl_text']}")
 
@@ -533,10 +556,16 @@ def write_report(
         "repair": repair_summary(cells, results.retunes),
         "forecast_validation": None,  # filled by report.finish
         "calibration": None,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(ctx.device),
         "wall_s": time.perf_counter() - t_start,
     }
     return finish(report, out, join)
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where the sweep ran: the host, and the accelerator its steps used (None on the CPU)."""
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "device": gpu}
 
 
 def on_grid(r: TaskRecipe, lv: dict[str, Any]) -> bool:
