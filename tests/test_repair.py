@@ -184,3 +184,16 @@ def test_repair_goals_are_counted_per_kind_of_inputs():
     assert g["task"]["recover_50pct"] == "1/1" and g["text"]["recover_50pct"] == "0/1"  # text never dilutes task
     assert g["self"]["recover_30pct"] == "1/1" and g["self"]["recover_50pct"] == "0/1"
     assert g["text"]["never_significantly_worse_small_drift"] == "0/1" and g["task"]["neg_flips_halved"] == "1/1"
+
+
+def test_a_repair_that_agrees_less_than_the_plain_port_says_so(tmp_path):
+    from portllm.repair import RepairResult
+    from portllm.repair.distill import Agreement
+
+    def result(before, after):
+        return RepairResult(tmp_path, "distill", {}, before=Agreement(51, before, 0.1), after=Agreement(51, after, 0.1))
+
+    fell = result(0.980, 0.922)
+    assert "98.0% -> 92.2%" in fell.warning and fell.to_dict()["warning"] == fell.warning and "\n" not in fell.warning
+    assert result(0.647, 0.922).warning is None and result(0.9, 0.9).warning is None
+    assert result(None, None).warning is None and RepairResult(tmp_path, "none", {}).warning is None

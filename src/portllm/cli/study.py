@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..device import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
@@ -374,6 +375,10 @@ def repair_cmd(
             t.add_row(f"{label}, n={a.n}", agree, f"{a.kl:.4f}")
     out.print(t)
     out.print(f"wrote {out_dir}: {r.steps} steps, {r.wall_s:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB; {r.detail}")
+    if r.warning:
+        out.print(f"[yellow]warning: {escape(r.warning)}[/yellow]")
     out.print(
-        "[dim]measure it on labelled data before relying on it: portllm eval " + f"{base} --patch {out_dir}[/dim]"
+        "[dim]measure it on labelled data before relying on it: "
+        + escape(f"portllm eval --model {base} --patch {out_dir} --tasks TASK")
+        + "[/dim]"
     )

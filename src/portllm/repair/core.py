@@ -51,8 +51,23 @@ class RepairResult:
     student_tokens: int = 0
     detail: dict[str, Any] = field(default_factory=dict)  # per-type scales, the forecast behind `auto`
 
+    @property
+    def warning(self) -> str | None:
+        """Set where the repair missed its own objective: on the held-out inputs the repaired patch agrees with
+        θ+Δθ less often than the plain port did (label-free; docs/sweep: it marked both Gemma cells where the
+        repaired patch scored 2.0-2.4 points under the plain port, and one SmolLM2 cell where it gained 3.7)."""
+        b, a = self.before, self.after
+        if b is None or a is None or b.agreement is None or a.agreement is None or a.agreement >= b.agreement:
+            return None
+        return (
+            f"on {a.n} held-out inputs the repaired patch agrees with θ+Δθ less than the plain port does "
+            f"({b.agreement:.1%} -> {a.agreement:.1%}): it may score under the plain port; compare both with "
+            "`portllm eval` on labelled data before choosing"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["warning"] = self.warning
         d["patch_dir"] = str(self.patch_dir)
         d["loss_first"] = self.losses[0] if self.losses else None
         d["loss_last"] = self.losses[-1] if self.losses else None

@@ -391,7 +391,9 @@ def _goals(v: dict[str, Any]) -> list[str]:
 def _footer(r: dict[str, Any]) -> list[str]:
     return [
         "",
-        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs; wall time of this run "
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs"
+        + (f", steps on an {r['machine']['device']}" if r["machine"].get("device") else "")
+        + "; wall time of this run "
         f"{r['wall_s'] / 60:.1f} min (cached steps are not re-run).",
         "",
         "![loss vs drift](loss.png)",
