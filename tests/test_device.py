@@ -109,3 +109,50 @@ def test_the_cuda_budget_is_measured_once_per_model(monkeypatch):
     m = Model()
     assert pack.token_budget(None, torch.device("cuda"), m) == pack.budget_for(8e9, 40_000) == 100_000
     assert pack.token_budget(None, torch.device("cuda"), m) == 100_000 and calls == [(1, pack.PROBE_TOKENS)]
+
+
+def test_a_study_trains_in_bf16_only_where_the_device_runs_it_natively(monkeypatch):
+    """On a CPU without AMX or AVX512-BF16 torch emulates bf16 (over 8x slower than fp32 on the 2-core AVX2 box):
+    `bfloat16-if-native` is fp32 there and bf16 where it is native; an explicit dtype is kept as asked."""
+    import torch
+
+    for amx, avx512_bf16, want in ((False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert dev.training_dtype(dev.BF16_IF_NATIVE, "cpu") == want, (amx, avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert dev.training_dtype("bfloat16", "cpu") == "bfloat16"  # asked for: kept
+    assert dev.training_dtype(dev.BF16_IF_NATIVE, "mps") == "float32"
+
+
+def test_the_sweep_and_the_reproduction_record_the_concrete_training_dtype(monkeypatch, tmp_path):
+    import torch
+
+    import tiny
+    from portllm.reproduce.profiles import PROFILES
+    from portllm.sweep import PLANS
+    from portllm.sweep.run import SweepContext
+
+    assert PLANS["full"].dtype == dev.BF16_IF_NATIVE and all(p.dtype == dev.BF16_IF_NATIVE for p in PROFILES.values())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    said: list[str] = []
+    base = tiny.make_base(tmp_path / "base")
+    ctx = SweepContext.open(PLANS["pilot"], str(base), tmp_path, tmp_path / "c", said.append, False)
+    assert ctx.plan.dtype == "float32" and ctx.train_config(ctx.plan.tasks["sst2_heldout"], 0).dtype == "float32"
+    assert any("training in float32" in m for m in said)
+    import portllm.reproduce.run as rr
+
+    class Stop(Exception):
+        pass
+
+    def evolve_base(ctx, base, timings):
+        said.append(f"profile trains in {ctx.prof.dtype}")
+        raise Stop
+
+    monkeypatch.setattr(rr, "evolve_base", evolve_base)
+    with pytest.raises(Stop):
+        rr.reproduce(str(base), "quick", out=tmp_path / "out", data=tmp_path, cache=tmp_path / "rc", log=said.append,
+               device="cpu")  # fmt: skip
+    assert said[-1] == "profile trains in float32" and "training in float32" in said[-2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..device import BF16_IF_NATIVE
+
 VARIANTS = ("base", "evolved", "base+patch", "evolved+patch", "evolved+retuned")
 LABELS = {
     "base": "θ (zero-shot)",
@@ -32,7 +34,7 @@ class Profile:
     evolve_lr: float = 1e-4
     evolve_max_length: int = 128
     batch_size: int = 8
-    dtype: str = "bfloat16"  # training; bf16 is faster on CPU and LoRA weights stay fp32
+    dtype: str = BF16_IF_NATIVE  # training: bf16 where native (AMX: faster than fp32), else fp32; LoRA stays fp32
     eval_dtype: str = "float32"
     gen_tokens: int = 128
     seed: int = 0

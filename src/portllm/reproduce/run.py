@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import steps
 from ..atomic import write_text_atomic
-from ..device import resolve_device, resolve_dtype
+from ..device import resolve_device, resolve_dtype, training_dtype
 from ..errors import PortLLMError
 from ..eval import DEFAULT_MARGIN, EvalResult, TaskFlips, accuracy, aligned_correct, flips, paired_records, read_run
 from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
@@ -183,6 +183,9 @@ def reproduce(
         raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
     dev = resolve_device(device)
     prof = select_profile(profile, tasks)
+    prof = replace(prof, dtype=training_dtype(prof.dtype, dev))  # what the report and cache keys record
+    if prof.dtype == "float32":
+        log(f"training in float32: {dev} has no native bf16 (AMX / AVX512-BF16), where bf16 runs many times slower")
     if dtype is not None:
         prof = replace(prof, eval_dtype=resolve_dtype(dtype, dev))  # the eval cache keys by it
     data = data_dir(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..device import BF16_IF_NATIVE
 from ..errors import PortLLMError
 
 
@@ -70,7 +71,7 @@ class SweepPlan:
     repair_text_n: int = 128
     repair_gen_tokens: int = 32
     batch_size: int = 8
-    dtype: str = "bfloat16"  # training; LoRA weights stay fp32
+    dtype: str = BF16_IF_NATIVE  # training: bf16 where native, else fp32 (the sweep resolves it); LoRA stays fp32
     eval_dtype: str = "float32"
     kl_texts: int = 64  # held-out wikitext lines for the KL of θ' against θ
     kind: str = "mc"  # "mc": multiple-choice tasks (sweep/run.py); "generation": generation task files (generation.py)

@@ -52,12 +52,15 @@ def repairs(ctx: Any, ts: Any, lv: dict[str, Any], ported: list[dict]) -> dict[s
         spec = inputs_spec(kind, ts.name, ctx.data)
         n = plan.repair_n if kind == "task" else plan.repair_text_n
         key = (sha, lv["fingerprint"], kind, ts.name if kind == "task" else None, n, asdict(cfg))
+        if plan.dtype != "bfloat16":  # the student's dtype (bf16, the committed studies', keeps their keys)
+            key += (plan.dtype,)
 
         def make(p: Path, spec: str = spec, n: int = n, kind: str = kind) -> None:
             ctx.log(f"  repairing on {lv['label']} from {kind} inputs ...")
             r = steps.repair_step(
-                patch, lv["dir"], ctx.theta, p, inputs=spec, n=n, cfg=cfg, data=ctx.data, device=ctx.device
-            )
+                patch, lv["dir"], ctx.theta, p, inputs=spec, n=n, cfg=cfg, data=ctx.data, dtype=plan.dtype,
+                device=ctx.device,
+            )  # fmt: skip
             (p / "repair_result.json").write_text(json.dumps(r.to_dict(), default=str))
 
         d = ctx.cache.directory("repaired", key, "repair_result.json", make)

@@ -21,13 +21,14 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import steps
+from ..device import training_dtype
 from ..errors import PortLLMError
 from ..eval import open_lm, read_run, run_task
 from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
@@ -104,6 +105,9 @@ class SweepContext:
         cls, plan: SweepPlan, base: str, data: Path, cache: str | Path | None, log: Log, progress: bool,
         device: str = "cpu",
     ) -> SweepContext:  # fmt: skip
+        plan = replace(plan, dtype=training_dtype(plan.dtype, device))  # the cache keys and the report: concrete
+        if plan.dtype == "float32":
+            log(f"training in float32: {device} has no native bf16 (AMX / AVX512-BF16)")
         theta = resolve_base(base)
         fp = fingerprint(theta)
         root = Path(cache) if cache else cache_root() / "sweep"
