@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import steps
 from ..atomic import write_text_atomic
-from ..device import resolve_device, resolve_dtype, training_dtype
+from ..device import BF16_IF_NATIVE, native_bf16, resolve_device, resolve_dtype, training_dtype
 from ..errors import PortLLMError
 from ..eval import DEFAULT_MARGIN, EvalResult, TaskFlips, accuracy, aligned_correct, flips, paired_records, read_run
 from ..evolve import LINEAGE, EvolveConfig, EvolveResult, corpus_files, evolve
@@ -183,9 +183,10 @@ def reproduce(
         raise PortLLMError(f"margin {margin} must be a fraction between 0 and 1 (0.01 = 1 point)")
     dev = resolve_device(device)
     prof = select_profile(profile, tasks)
+    if prof.dtype == BF16_IF_NATIVE and not native_bf16(dev):
+        log(f"bf16 is not native on {dev} (no AMX / AVX512-BF16; emulated it runs many times slower): the patches "
+            "train in float32")  # fmt: skip
     prof = replace(prof, dtype=training_dtype(prof.dtype, dev))  # what the report and cache keys record
-    if prof.dtype == "float32":
-        log(f"training in float32: {dev} has no native bf16 (AMX / AVX512-BF16), where bf16 runs many times slower")
     if dtype is not None:
         prof = replace(prof, eval_dtype=resolve_dtype(dtype, dev))  # the eval cache keys by it
     data = data_dir(data)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import steps
-from ..device import training_dtype
+from ..device import BF16_IF_NATIVE, native_bf16, training_dtype
 from ..errors import PortLLMError
 from ..eval import open_lm, read_run, run_task
 from ..evolve import EvolveConfig, EvolveResult, drift_sums, evolve
@@ -105,9 +105,9 @@ class SweepContext:
         cls, plan: SweepPlan, base: str, data: Path, cache: str | Path | None, log: Log, progress: bool,
         device: str = "cpu",
     ) -> SweepContext:  # fmt: skip
+        if plan.dtype == BF16_IF_NATIVE and not native_bf16(device):
+            log(f"bf16 is not native on {device} (no AMX / AVX512-BF16): the patches train in float32")
         plan = replace(plan, dtype=training_dtype(plan.dtype, device))  # the cache keys and the report: concrete
-        if plan.dtype == "float32":
-            log(f"training in float32: {device} has no native bf16 (AMX / AVX512-BF16)")
         theta = resolve_base(base)
         fp = fingerprint(theta)
         root = Path(cache) if cache else cache_root() / "sweep"
