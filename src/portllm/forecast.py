@@ -32,6 +32,7 @@ from .check import check
 from .errors import PortLLMError
 from .eval import generate_ids, open_lm, run_task
 from .eval.loglik import encode_requests
+from .head import logits_at
 from .models import EMBEDDED, family_of, fingerprint, resolve_base
 from .patch import Patch
 from .sft import completion_logliks, encode_rows, read_sft
@@ -321,7 +322,8 @@ def _next_token_probs(lm: Any, prompts: list[list[int]]) -> list[Any]:
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p[-lm.max_length :]], dtype=torch.long, device=device)
-            out.append(torch.softmax(lm.model(ids).logits[0, -1].float(), -1).cpu())
+            last = torch.tensor([ids.shape[1] - 1])
+            out.append(torch.softmax(logits_at(lm.model, ids, torch.ones_like(ids), last)[0, -1].float(), -1).cpu())
     return out
 
 

@@ -30,6 +30,7 @@ import torch
 
 from .errors import PortLLMError
 from .eval import encode_pair
+from .head import logits_at, predicting
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("prompt-completion", "messages")
@@ -217,8 +218,9 @@ def completion_logliks(
     per_row: list[float] = []
     for k in range(0, len(examples), batch):
         ids, labels, mask = collate(examples[k : k + batch], pad_id, str(device))
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        target = labels[:, 1:]
+        pos = predicting(labels)
+        logp = torch.log_softmax(logits_at(model, ids, mask, pos).float(), -1)
+        target = labels[:, pos + 1]
         keep = target != -100
         tok_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
         per_row += (tok_lp.sum(1) / keep.sum(1).clamp(min=1)).tolist()

@@ -37,6 +37,7 @@ from .check import check
 from .device import resolve_device
 from .errors import PortLLMError
 from .eval import LM, encode_pair, run_task
+from .head import lm_loss
 from .models import BaseRef, load_base
 from .patch import ADAPTER_WEIGHTS, Patch, new_manifest, read_adapter, sha256_file
 from .progress import Bar
@@ -513,7 +514,7 @@ def fit(
             ids, labels, mask = collate(batch, pad_id, device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = lm_loss(model, ids, mask, labels)
             if not torch.isfinite(loss):
                 raise PortLLMError(f"loss became {float(loss)} at step {step}; lower --lr")
             loss.backward()

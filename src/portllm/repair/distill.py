@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import PortLLMError
+from ..head import logits_at
 from ..train import example_order, lr_at
 from .teacher import ChoiceTargets, TextTargets
 
@@ -84,14 +85,19 @@ def option_logprobs(
 ) -> list[torch.Tensor]:
     """Per input: log-softmax over its options of the student's (normalised) option log-likelihoods; every
     option of every input in one forward pass."""
-    seqs = [c + x for options, _ in items for c, x in options]
+    pairs = [pair for options, _ in items for pair in options]
+    seqs = [c + x for c, x in pairs]
     ids, mask = _padded(seqs, pad, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    spans = [(len(c) - 1, len(c) + len(x) - 1) for c, x in pairs]  # the positions that predict x
+    pos = sorted({p for a, b in spans for p in range(a, b)})
+    col = {p: j for j, p in enumerate(pos)}
+    logits = logits_at(model, ids, mask, torch.tensor(pos))
     out, row = [], 0
     for options, norms in items:
         scores = []
-        for (c, x), norm in zip(options, norms):
-            rows = logits[row, len(c) - 1 : len(c) + len(x) - 1].float()  # the positions that predict x
+        for (_, x), norm in zip(options, norms):
+            a, b = spans[row]
+            rows = logits[row, col[a] : col[a] + b - a].float()
             lp = torch.log_softmax(rows, -1).gather(-1, torch.tensor(x, device=rows.device)[:, None]).sum()
             scores.append(lp / norm)
             row += 1

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import owned_temp
 from ..errors import PortLLMError
+from ..head import lm_loss
 from ..models import cache_root
 from ..progress import Bar
 from ..tasks import get_task
@@ -120,7 +121,7 @@ def _train(pset: PatchSet, i: int, cfg: GateConfig, examples: list, progress: bo
             for step in range(cfg.steps):
                 batch = [examples[j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
                 ids, labels, mask = collate(batch, pset.tokenizer.pad_token_id, device)
-                loss = pset.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                loss = lm_loss(pset.model, ids, mask, labels)
                 if not torch.isfinite(loss):
                     raise PortLLMError(f"gate training loss became {float(loss)} at step {step}; lower the gate lr")
                 loss.backward()
