@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _base_forward(model: Any) -> Any:
-    """The transformers model under PEFT's wrapper (whose forward takes **kwargs)."""
+def _model_class(model: Any) -> type:
+    """The class of the transformers model, under PEFT's wrapper if any (whose forward takes **kwargs)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return type(inner)
 
@@ -32,7 +32,7 @@ def logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torc
     """Logits [rows, len(positions), vocab] at the sorted sequence `positions` (the rows' common index set);
     a model whose forward cannot narrow its head computes every position and is sliced."""
     positions = positions.to(ids.device)
-    if _takes_keep(_base_forward(model)):
+    if _takes_keep(_model_class(model)):
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=positions, use_cache=False).logits
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, positions]
 
