@@ -433,3 +433,25 @@ def test_repair_inputs_narrow_the_plan_and_each_task_without_falling_back():
     assert keep.tasks == PLANS["gemma-repair"].tasks and keep.repair_inputs == ("task", "self")
     with pytest.raises(PortLLMError, match="repairs from task, text, self"):
         only_repair_inputs(PLANS["repair"], ("nope",))
+
+
+def test_no_retune_clears_every_task_recipes_retune_levels(monkeypatch, tmp_path):
+    """`sweep --no-retune` re-tunes nothing, also where a task's recipe names its own re-tune levels."""
+    from typer.testing import CliRunner
+
+    import portllm.sweep as sweep_pkg
+    from portllm.cli import app
+
+    seen = {}
+
+    def fake_sweep(plan, *a, **kw):
+        seen["plan"] = plan
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sweep_pkg, "sweep", fake_sweep)
+    args = ["sweep", "--plan", "gemma-repair", "--out", str(tmp_path), "--device", "cpu"]
+    assert sweep_pkg.PLANS["gemma-repair"].tasks["commonsense_qa"].retune_levels  # the case this guards
+    CliRunner().invoke(app, [*args, "--no-retune"])
+    assert seen["plan"].retune_levels == () and all(r.retune_levels == () for r in seen["plan"].tasks.values())
+    CliRunner().invoke(app, args)
+    assert seen["plan"].tasks["commonsense_qa"].retune_levels == (0.4,)

@@ -92,6 +92,8 @@ def sweep_cmd(
             raise PortLLMError(f"--levels must be numbers separated by commas, got {levels!r}") from None
     if repair_inputs:
         p = only_repair_inputs(p, tuple(k for k in repair_inputs.split(",") if k))
+    if not retune:  # a task recipe's own re-tune levels too
+        p = replace(p, tasks={k: replace(r, retune_levels=()) for k, r in p.tasks.items()})
     p = replace(
         p,
         real=p.real if real else (),
