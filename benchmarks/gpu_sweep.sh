@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A sweep plan on Gemma-3-270M run on this workplace's lent GPU machine (the sibling of gpu_device.sh). On a 2-core
-# AVX2 CPU Gemma trained at ~15-20 s a step (6-8 s with the head at answer positions only); on the GPU the gemma-repair plan is minutes. One call carries at most
+# AVX2 CPU Gemma trained at ~15-20 s a step (5.8-8.1 s a LoRA step with the head at answer positions only:
+# docs/benchmarks/train_step.txt); on the GPU the gemma-repair plan is minutes. One call carries at most
 # 64 MiB and Gemma's GGUF is 253 MB, so it travels in five pieces of <= 61 MB, the last one with the wheels the
 # machine's image lacks (transformers, peft, gguf, cryptography and its cffi/pycparser at our pins) and the data:
 #   prepare, here:   bash benchmarks/gpu_sweep.sh prepare            (fills the ignored .gpus/c1..c5)

@@ -219,8 +219,9 @@ PLANS: dict[str, SweepPlan] = {
     # the repair study on the second family (issue 22): the gemma plan's recipes, seed 0, its three largest levels
     # (1.30%, 2.59%, 5.18%) and its real text update (2.61%), `portllm repair` from the same kinds of inputs as the
     # repair plan, a cold re-tune at t = 0.4 for both tasks (the cost to compare with). Gemma trained at ~15-20 s a
-    # step on a 2-core AVX2 CPU (6-8 s since the head runs only at answer positions: docs/benchmarks/train_step.txt),
-    # so SST-2 ran on a lent GPU (--device cuda, benchmarks/gpu_sweep.sh; docs/sweep/gemma_repair). --base gemma3-270m.
+    # step on a 2-core AVX2 CPU (5.8-8.1 s since the head runs only at answer positions:
+    # docs/benchmarks/train_step.txt), so SST-2 ran on a lent GPU (--device cuda, benchmarks/gpu_sweep.sh;
+    # docs/sweep/gemma_repair) and CommonsenseQA's 5.18% cell on the CPU (gemma_repair/csqa_cpu). --base gemma3-270m.
     "gemma-repair": SweepPlan(
         "gemma-repair",
         {
