@@ -16,7 +16,7 @@ MEASURED = (
 COST = "85-257 s on a 135M model (1.3-1.8x a cold re-tune's wall time)"
 WON = (
     "41-87% (13% at 4.5% on CommonsenseQA; on Gemma-3-270M at 5.2% 74% (SST-2) and 55% (CommonsenseQA), "
-    "nothing where its port lost < 3 points)"
+    "24-29% at 2.6% on CommonsenseQA, nothing where its port lost < 5 points)"
 )
 
 
