@@ -7,7 +7,7 @@ from pathlib import Path
 from .core import DEFAULT_MARGIN
 
 # measured in docs/sweep/repair (SmolLM2-135M, 2-core CPU; SST-2, CommonsenseQA, ARC-Easy) and
-# docs/sweep/gemma_repair (Gemma-3-270M, SST-2 on an H200, CommonsenseQA at 5.2% on the CPU): what distill cost
+# docs/sweep/gemma_repair (Gemma-3-270M, SST-2 on an H200, CommonsenseQA on two CPUs): what distill cost
 # and won back there
 MEASURED = (
     "in docs/sweep/repair it cost {cost} and won back {won} of the plain port's loss at 2.3-4.5% drift, from "
@@ -15,8 +15,8 @@ MEASURED = (
 )
 COST = "85-257 s on a 135M model (1.3-1.8x a cold re-tune's wall time)"
 WON = (
-    "41-87% (13% at 4.5% on CommonsenseQA; on Gemma-3-270M at 5.2% 74% (SST-2) and 55% (CommonsenseQA), "
-    "24-29% at 2.6% on CommonsenseQA, nothing where its port lost < 5 points)"
+    "41-87% (13% at 4.5% on CommonsenseQA; on Gemma-3-270M at 5.2% 74% (SST-2) and 47-55% (CommonsenseQA, two "
+    "CPUs), 0-29% at 2.6% on CommonsenseQA, nothing where its port lost < 5 points)"
 )
 
 

@@ -221,7 +221,8 @@ PLANS: dict[str, SweepPlan] = {
     # repair plan, a cold re-tune at t = 0.4 for both tasks (the cost to compare with). Gemma trained at ~15-20 s a
     # step on a 2-core AVX2 CPU (5.8-8.1 s since the head runs only at answer positions:
     # docs/benchmarks/train_step.txt), so SST-2 ran on a lent GPU (--device cuda, benchmarks/gpu_sweep.sh;
-    # docs/sweep/gemma_repair) and CommonsenseQA on the CPU (gemma_repair/csqa_cpu, ~3.5 h). --base gemma3-270m.
+    # docs/sweep/gemma_repair) and CommonsenseQA on the CPU (gemma_repair/csqa_cpu, ~3.5 h on AVX2; task + self
+    # inputs in gemma_repair/csqa_xeon, 1.8 h on a 2-core AMX Xeon). --base gemma3-270m.
     "gemma-repair": SweepPlan(
         "gemma-repair",
         {
